@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): each prints JSON and measures the peer (transformers + PEFT) in the same run."""

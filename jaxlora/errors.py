@@ -1,0 +1,13 @@
+"""Error types of the core library.
+
+Each carries a message meant for the person who can fix the problem; the serving layer maps the
+types to HTTP status codes and passes the message through unchanged.
+"""
+
+
+class JaxLoraError(Exception):
+    """Base of every error the core library raises on purpose."""
+
+
+class ModelLoadError(JaxLoraError):
+    """A model directory cannot be loaded: a missing file, an unsupported architecture, a bad tensor."""

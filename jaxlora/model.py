@@ -1,0 +1,209 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2) as pure functions over a params pytree.
+
+    forward(params, tokens, positions, cfg, cache=None) -> (logits, cache)
+
+One function serves training (no cache: causal attention inside the given rows), prefill (many
+tokens per row, written into the cache at their positions) and decode (one token per row). The KV
+cache is a value that goes in and comes out; callers donate it under `jit` so XLA updates it in
+place. Cache index == token position, so a query at position p sees exactly the cache entries
+0..p: rows can be right-padded to a common length, and whatever padding writes past a row's true
+length is masked now and overwritten by that row's later decode steps.
+
+Weights are stored `[in, out]` so every projection reads `y = x @ W`; the checkpoint loader
+transposes Hugging Face's `[out, in]` once. Shape suffixes: B batch, T new tokens, S cache length,
+D hidden, N query heads, K kv heads, G = N // K query heads per kv head, H head dim, F MLP width,
+V vocab.
+
+What it deliberately does not do: sampling, batching policy, LoRA slot management (see the
+engine and the adapter modules), or any I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerParams:
+    attn_norm: jax.Array  # [D]
+    wq: jax.Array  # [D, N*H]
+    wk: jax.Array  # [D, K*H]
+    wv: jax.Array  # [D, K*H]
+    wo: jax.Array  # [N*H, D]
+    mlp_norm: jax.Array  # [D]
+    w_gate: jax.Array  # [D, F]
+    w_up: jax.Array  # [D, F]
+    w_down: jax.Array  # [F, D]
+    bq: jax.Array | None = None  # [N*H] (Qwen2, Llama attention_bias)
+    bk: jax.Array | None = None  # [K*H]
+    bv: jax.Array | None = None  # [K*H]
+    bo: jax.Array | None = None  # [D] (Llama attention_bias)
+    b_gate: jax.Array | None = None  # [F] (Llama mlp_bias)
+    b_up: jax.Array | None = None  # [F]
+    b_down: jax.Array | None = None  # [D]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Params:
+    embed: jax.Array  # [V, D]
+    layers: tuple[LayerParams, ...]
+    final_norm: jax.Array  # [D]
+    lm_head: jax.Array | None  # [D, V]; None when tied to `embed`
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Per-layer keys and values; entry s of a row holds the token at position s."""
+
+    k: tuple[jax.Array, ...]  # L x [B, S, K, H]
+    v: tuple[jax.Array, ...]  # L x [B, S, K, H]
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return cls(
+            k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies [H/2], with Llama 3's piecewise wavelength scaling when configured."""
+    h = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    rs = cfg.rope_scaling
+    if rs.rope_type == "linear":
+        return inv_freq / rs.factor
+    if rs.rope_type != "llama3":
+        return inv_freq
+    low_freq_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_freq_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotates pairs (i, i + H/2), the Hugging Face "rotate_half" convention."""
+    angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+    cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
+    sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
+    x = x_BxTxNxH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxH.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
+    y = x @ w
+    return y if b is None else y + b
+
+
+def attention(
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    q_pos_BxT: jax.Array,
+    k_pos_BxS: jax.Array,
+    sliding_window: int | None,
+) -> jax.Array:
+    """Grouped-query attention where a query at position p sees keys at positions <= p
+    (and > p - sliding_window when set). Softmax in float32."""
+    B, T, N, H = q_BxTxNxH.shape
+    K = k_BxSxKxH.shape[2]
+    q = q_BxTxNxH.reshape(B, T, K, N // K, H)
+    scores_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH).astype(jnp.float32)
+    scores_BxKxGxTxS = scores_BxKxGxTxS / math.sqrt(H)
+    visible_BxTxS = k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]
+    if sliding_window is not None:
+        visible_BxTxS &= k_pos_BxS[:, None, :] > q_pos_BxT[:, :, None] - sliding_window
+    scores_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None], scores_BxKxGxTxS, -jnp.inf)
+    probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
+    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+    return out_BxTxKxGxH.reshape(B, T, N, H)
+
+
+def _write_cache(cache_BxSxKxH: jax.Array, new_BxTxKxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+    """Writes each new token at its own position; positions past the cache end are dropped."""
+    rows_Bx1 = jnp.arange(cache_BxSxKxH.shape[0])[:, None]
+    return cache_BxSxKxH.at[rows_Bx1, positions_BxT].set(new_BxTxKxH.astype(cache_BxSxKxH.dtype), mode="drop")
+
+
+def decoder_layer(
+    lp: LayerParams,
+    x_BxTxD: jax.Array,
+    positions_BxT: jax.Array,
+    inv_freq: jax.Array,
+    cfg: ModelConfig,
+    k_cache: jax.Array | None,
+    v_cache: jax.Array | None,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    B, T, _ = x_BxTxD.shape
+    h = rms_norm(x_BxTxD, lp.attn_norm, cfg.rms_norm_eps)
+    q = _linear(h, lp.wq, lp.bq).reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = _linear(h, lp.wk, lp.bk).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v = _linear(h, lp.wv, lp.bv).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    q = apply_rope(q, positions_BxT, inv_freq)
+    k = apply_rope(k, positions_BxT, inv_freq)
+    if k_cache is None:
+        keys, values, k_pos_BxS = k, v, positions_BxT
+    else:
+        k_cache = _write_cache(k_cache, k, positions_BxT)
+        v_cache = _write_cache(v_cache, v, positions_BxT)
+        keys, values = k_cache, v_cache
+        k_pos_BxS = jnp.broadcast_to(jnp.arange(k_cache.shape[1]), (B, k_cache.shape[1]))
+    attn = attention(q, keys, values, positions_BxT, k_pos_BxS, cfg.sliding_window)
+    x_BxTxD = x_BxTxD + _linear(attn.reshape(B, T, cfg.q_size), lp.wo, lp.bo)
+    h = rms_norm(x_BxTxD, lp.mlp_norm, cfg.rms_norm_eps)
+    gate = _linear(h, lp.w_gate, lp.b_gate)
+    up = _linear(h, lp.w_up, lp.b_up)
+    x_BxTxD = x_BxTxD + _linear(jax.nn.silu(gate) * up, lp.w_down, lp.b_down)
+    return x_BxTxD, k_cache, v_cache
+
+
+def forward(
+    params: Params,
+    tokens_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    cfg: ModelConfig,
+    cache: KVCache | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+    """Returns float32 logits [B, T, V] and the updated cache (None in, None out)."""
+    inv_freq = rope_inv_freq(cfg)
+    x = params.embed[tokens_BxT]
+    new_k, new_v = [], []
+    for i, lp in enumerate(params.layers):
+        k_cache = None if cache is None else cache.k[i]
+        v_cache = None if cache is None else cache.v[i]
+        x, k_cache, v_cache = decoder_layer(lp, x, positions_BxT, inv_freq, cfg, k_cache, v_cache)
+        new_k.append(k_cache)
+        new_v.append(v_cache)
+    x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    head_DxV = params.embed.T if params.lm_head is None else params.lm_head
+    logits = (x @ head_DxV).astype(jnp.float32)
+    return logits, (None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v)))

@@ -1,0 +1,75 @@
+"""Tokenizer loading, chat rendering and incremental detokenization.
+
+The tokenizer is `transformers.AutoTokenizer` read from the model directory with local files only.
+Chat messages go through the tokenizer's own chat template when it has one, else through plain
+`role: content` lines. `IncrementalDetokenizer` turns a stream of token ids into text deltas that
+never end inside a UTF-8 character (a byte-level BPE token can hold half of one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from jaxlora.errors import ModelLoadError
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
+    model_dir = Path(model_dir)
+    if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ModelLoadError(
+            f"missing file {model_dir / 'tokenizer.json'}: the model directory needs a Hugging Face tokenizer "
+            "(tokenizer.json / tokenizer_config.json)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer in {model_dir}: {e}") from e
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> str:
+    """The prompt text for `messages`, ending where the assistant's reply begins."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    lines = [f"{m['role']}: {m['content']}" for m in messages]
+    return "\n".join(lines + ["assistant:"])
+
+
+class IncrementalDetokenizer:
+    """Feeds token ids one at a time and returns the text each one completes.
+
+    Decodes a short window (the last emitted token(s) plus the new ones) rather than the whole
+    sequence, and holds text back while it ends in U+FFFD, the mark of an incomplete UTF-8
+    character. `"".join(deltas) + flush()` equals `tokenizer.decode(all_ids)`.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool = True):
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # start of the context window re-decoded with each new token
+        self._read_offset = 0  # tokens before this have been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=self._skip, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHAR):
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+            return new_text[len(prefix_text) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end of the stream (possibly an incomplete character)."""
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return new_text[len(prefix_text) :]
