@@ -11,3 +11,15 @@ class JaxLoraError(Exception):
 
 class ModelLoadError(JaxLoraError):
     """A model directory cannot be loaded: a missing file, an unsupported architecture, a bad tensor."""
+
+
+class AdapterFormatError(JaxLoraError):
+    """Adapter files that cannot be served: damaged, pickled, unsupported PEFT features, or made for another model."""
+
+
+class AdapterNotFoundError(JaxLoraError):
+    """No such adapter (or version) for this tenant; another tenant's adapter is reported the same way."""
+
+
+class InvalidAdapterRef(JaxLoraError):
+    """An adapter name, version or path that is malformed or would leave the tenant's folder."""

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora.config import ModelConfig
+from jaxlora.lora import LoraModule, LoraStack, lora_delta
 
 
 @jax.tree_util.register_dataclass
@@ -119,9 +120,25 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
-def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class _RowLora:
+    """The LoRA modules of one layer plus what selects a row's adapter; None means no LoRA."""
+
+    modules: dict[str, LoraModule]
+    scale_S: jax.Array
+    slots_B: jax.Array
+
+    def delta(self, name: str, x: jax.Array) -> jax.Array | None:
+        mod = self.modules.get(name)
+        return None if mod is None else lora_delta(x, mod, self.scale_S, self.slots_B)
+
+
+def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None, lora: _RowLora | None, name: str) -> jax.Array:
     y = x @ w
-    return y if b is None else y + b
+    if b is not None:
+        y = y + b
+    delta = None if lora is None else lora.delta(name, x)
+    return y if delta is None else y + delta
 
 
 def attention(
@@ -162,12 +179,13 @@ def decoder_layer(
     cfg: ModelConfig,
     k_cache: jax.Array | None,
     v_cache: jax.Array | None,
+    lora: _RowLora | None = None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     B, T, _ = x_BxTxD.shape
     h = rms_norm(x_BxTxD, lp.attn_norm, cfg.rms_norm_eps)
-    q = _linear(h, lp.wq, lp.bq).reshape(B, T, cfg.num_heads, cfg.head_dim)
-    k = _linear(h, lp.wk, lp.bk).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    v = _linear(h, lp.wv, lp.bv).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    q = _linear(h, lp.wq, lp.bq, lora, "q_proj").reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = _linear(h, lp.wk, lp.bk, lora, "k_proj").reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v = _linear(h, lp.wv, lp.bv, lora, "v_proj").reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     q = apply_rope(q, positions_BxT, inv_freq)
     k = apply_rope(k, positions_BxT, inv_freq)
     if k_cache is None:
@@ -178,11 +196,11 @@ def decoder_layer(
         keys, values = k_cache, v_cache
         k_pos_BxS = jnp.broadcast_to(jnp.arange(k_cache.shape[1]), (B, k_cache.shape[1]))
     attn = attention(q, keys, values, positions_BxT, k_pos_BxS, cfg.sliding_window)
-    x_BxTxD = x_BxTxD + _linear(attn.reshape(B, T, cfg.q_size), lp.wo, lp.bo)
+    x_BxTxD = x_BxTxD + _linear(attn.reshape(B, T, cfg.q_size), lp.wo, lp.bo, lora, "o_proj")
     h = rms_norm(x_BxTxD, lp.mlp_norm, cfg.rms_norm_eps)
-    gate = _linear(h, lp.w_gate, lp.b_gate)
-    up = _linear(h, lp.w_up, lp.b_up)
-    x_BxTxD = x_BxTxD + _linear(jax.nn.silu(gate) * up, lp.w_down, lp.b_down)
+    gate = _linear(h, lp.w_gate, lp.b_gate, lora, "gate_proj")
+    up = _linear(h, lp.w_up, lp.b_up, lora, "up_proj")
+    x_BxTxD = x_BxTxD + _linear(jax.nn.silu(gate) * up, lp.w_down, lp.b_down, lora, "down_proj")
     return x_BxTxD, k_cache, v_cache
 
 
@@ -192,15 +210,23 @@ def forward(
     positions_BxT: jax.Array,
     cfg: ModelConfig,
     cache: KVCache | None = None,
+    lora: LoraStack | None = None,
+    slots_B: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
-    """Returns float32 logits [B, T, V] and the updated cache (None in, None out)."""
+    """Returns float32 logits [B, T, V] and the updated cache (None in, None out).
+
+    With `lora`, row b adds the adapter in slot `slots_B[b]` to every projection it targets.
+    """
+    if (lora is None) != (slots_B is None):
+        raise ValueError("pass both `lora` and `slots_B`, or neither")
     inv_freq = rope_inv_freq(cfg)
     x = params.embed[tokens_BxT]
     new_k, new_v = [], []
     for i, lp in enumerate(params.layers):
         k_cache = None if cache is None else cache.k[i]
         v_cache = None if cache is None else cache.v[i]
-        x, k_cache, v_cache = decoder_layer(lp, x, positions_BxT, inv_freq, cfg, k_cache, v_cache)
+        row_lora = None if lora is None else _RowLora(lora.layers[i], lora.scale, slots_B)
+        x, k_cache, v_cache = decoder_layer(lp, x, positions_BxT, inv_freq, cfg, k_cache, v_cache, row_lora)
         new_k.append(k_cache)
         new_v.append(v_cache)
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)

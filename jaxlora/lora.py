@@ -1,0 +1,111 @@
+"""LoRA as a few pure functions: a stack of adapters with a leading slot axis, applied per row.
+
+A `LoraStack` holds, for each decoder layer and each adapted projection, `a` [S, in, R] and
+`b` [S, R, out] for S adapter slots, plus `scale` [S]. Every row of a batch carries the slot it
+uses; one call computes every row's delta at once, the JAX form of Punica's BGMV. Semantics:
+
+    for i in range(batch):
+        s = slots[i]
+        y[i] = x[i] @ W + scale[s] * ((x[i] @ a[s]) @ b[s])
+
+Adapters of lower rank are zero-padded to R (the extra rank columns contribute exact zeros), and
+projections an adapter does not target are zero in its slot. Who owns which slot (slot 0 = base
+model, all zeros, in serving) is the slot manager's business, not this module's; training uses a
+one-slot stack whose slot 0 is the adapter being trained.
+
+`scale` is `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA (see `lora_scale`). `b` is kept
+unscaled so that the arrays are exactly PEFT's (transposed) and gradients match PEFT's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from jaxlora.model import Params
+
+# PEFT module name -> (LayerParams weight field, whether it lives under self_attn or mlp).
+LORA_MODULES: dict[str, tuple[str, str]] = {
+    "q_proj": ("wq", "self_attn"),
+    "k_proj": ("wk", "self_attn"),
+    "v_proj": ("wv", "self_attn"),
+    "o_proj": ("wo", "self_attn"),
+    "gate_proj": ("w_gate", "mlp"),
+    "up_proj": ("w_up", "mlp"),
+    "down_proj": ("w_down", "mlp"),
+}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraModule:
+    a: jax.Array  # [S, in, R]
+    b: jax.Array  # [S, R, out]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraStack:
+    layers: tuple[dict[str, LoraModule], ...]  # per layer: PEFT module name -> slots of that projection
+    scale: jax.Array  # [S] float32
+
+    @property
+    def num_slots(self) -> int:
+        return self.scale.shape[0]
+
+    @property
+    def max_rank(self) -> int:
+        return next(iter(self.layers[0].values())).a.shape[-1]
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def module_shape(params: "Params", layer: int, module: str) -> tuple[int, int]:
+    """(in, out) of a base projection."""
+    return getattr(params.layers[layer], LORA_MODULES[module][0]).shape
+
+
+def zeros_stack(
+    params: "Params", num_slots: int, max_rank: int, modules: tuple[str, ...] = tuple(LORA_MODULES), dtype=jnp.float32
+) -> LoraStack:
+    layers = []
+    for i in range(len(params.layers)):
+        layer = {}
+        for m in modules:
+            d_in, d_out = module_shape(params, i, m)
+            layer[m] = LoraModule(a=jnp.zeros((num_slots, d_in, max_rank), dtype), b=jnp.zeros((num_slots, max_rank, d_out), dtype))
+        layers.append(layer)
+    return LoraStack(layers=tuple(layers), scale=jnp.zeros((num_slots,), jnp.float32))
+
+
+def lora_delta(x_BxTxD: jax.Array, mod: LoraModule, scale_S: jax.Array, slots_B: jax.Array) -> jax.Array:
+    """scale[slot] * (x @ a[slot]) @ b[slot] for each row, gathered by the row's slot."""
+    a_BxDxR = mod.a[slots_B]
+    b_BxRxO = mod.b[slots_B]
+    xa_BxTxR = jnp.einsum("btd,bdr->btr", x_BxTxD.astype(a_BxDxR.dtype), a_BxDxR)
+    xa_BxTxR = xa_BxTxR * scale_S[slots_B][:, None, None].astype(xa_BxTxR.dtype)
+    return jnp.einsum("btr,bro->bto", xa_BxTxR, b_BxRxO).astype(x_BxTxD.dtype)
+
+
+def merge(params: "Params", stack: LoraStack, slot: int) -> "Params":
+    """The base params with one slot's adapter folded into the weights, W + scale * a @ b, for a
+    replica that serves a single adapter. The merged model needs no LoRA stack at all."""
+    scale = stack.scale[slot]
+    layers = []
+    for lp, lora_layer in zip(params.layers, stack.layers):
+        updates = {}
+        for m, mod in lora_layer.items():
+            field = LORA_MODULES[m][0]
+            w = getattr(lp, field)
+            delta = scale * (mod.a[slot].astype(jnp.float32) @ mod.b[slot].astype(jnp.float32))
+            updates[field] = (w.astype(jnp.float32) + delta).astype(w.dtype)
+        layers.append(dataclasses.replace(lp, **updates))
+    return dataclasses.replace(params, layers=tuple(layers))
