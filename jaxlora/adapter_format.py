@@ -26,6 +26,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from jaxlora.adapter_store import sha256_of
 from jaxlora.config import ModelConfig
 from jaxlora.errors import AdapterFormatError
 from jaxlora.lora import LORA_MODULES, lora_scale
@@ -116,6 +117,14 @@ def _check_peft_config(c: dict, path: Path) -> None:
     for key in ("layer_replication", "target_parameters", "trainable_token_indices"):
         if c.get(key):
             refuse(key, f"remove {key} from the adapter")
+    targets = c.get("target_modules")
+    if isinstance(targets, list):  # a string is a regex; the tensor names are checked either way
+        lacking = [t for t in targets if t.rsplit(".", 1)[-1] not in LORA_MODULES]
+        if lacking:
+            raise AdapterFormatError(
+                f"adapter {path}: target_modules {lacking} are not in this model; LoRA is supported on "
+                f"{', '.join(LORA_MODULES)}"
+            )
     for key in ("r", "lora_alpha"):
         if not isinstance(c.get(key), (int, float)) or c[key] <= 0:
             raise AdapterFormatError(f"adapter {path}: {PEFT_CONFIG} needs a positive number {key!r}")
@@ -206,6 +215,30 @@ def read_adapter(path: str | Path, cfg: ModelConfig, max_rank: int) -> LoraAdapt
         raise AdapterFormatError(f"adapter {path}: no {PEFT_CONFIG} + {PEFT_WEIGHTS} (PEFT) or {LEGACY_PARAMS} found")
     validate(adapter, cfg, max_rank, source=str(path))
     return adapter
+
+
+def read_published(path: Path, cfg: ModelConfig, max_rank: int, base_fingerprint: str | None = None) -> LoraAdapter:
+    """Reads a version published by the adapter store, checking its manifest first: the weights
+    must hash to what the manifest recorded (a damaged copy is refused) and, when both sides know
+    it, the base model the adapter was trained on must be the one being served."""
+    manifest_path = path / "manifest.json"
+    manifest = {}
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise AdapterFormatError(f"adapter {path}: manifest.json is not valid JSON ({e})") from e
+    base = manifest.get("base_model") or {}
+    if base_fingerprint and base.get("fingerprint") and base["fingerprint"] != base_fingerprint:
+        raise AdapterFormatError(
+            f"adapter {path} was trained for base model {base.get('name', '?')} (fingerprint {base['fingerprint']}); "
+            f"this server runs a different one (fingerprint {base_fingerprint}): retrain it on this base model"
+        )
+    for name, digest in (manifest.get("weights_sha256") or {}).items():
+        f = path / name
+        if not f.is_file() or sha256_of(f) != digest:
+            raise AdapterFormatError(f"adapter {path}: {name} does not match the sha256 in manifest.json (damaged copy?)")
+    return read_adapter(path, cfg, max_rank)
 
 
 def validate(adapter: LoraAdapter, cfg: ModelConfig, max_rank: int, source: str = "adapter") -> None:

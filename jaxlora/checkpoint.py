@@ -9,6 +9,7 @@ a directory holding only `pytorch_model.bin` is refused with a note on convertin
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from pathlib import Path
 
@@ -136,6 +137,18 @@ def read_tensors(model_dir: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
                 f"tensor {name} has shape {tuple(out[name].shape)} but config.json implies {shape}"
             )
     return out
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """A short identity of a checkpoint that adapters record and are checked against: its config
+    plus the first 4 MiB of every weights file (header and leading tensor bytes), cheap to compute
+    even for a large model and different for two random checkpoints of the same shape."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256(json.dumps(json.loads((model_dir / "config.json").read_text()), sort_keys=True).encode())
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            h.update(path.name.encode() + f.read(4 << 20))
+    return h.hexdigest()[:16]
 
 
 def load_params(model_dir: str | Path, dtype=jnp.float32) -> tuple[Params, ModelConfig]:

@@ -85,7 +85,7 @@ class AdapterVersions:
             if new.key == tracked.current.key:
                 tracked.pointer = pointer
                 continue
-            self.slots.prefetch(new.key).add_done_callback(
+            self.slots.prefetch(new).add_done_callback(
                 lambda fut, k=(user_id, adapter_id), new=new, pointer=pointer: self._loaded(k, new, pointer, fut)
             )
             tracked.failed_pointer = pointer  # until the load succeeds, do not start it again

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.adapter_format import LoraAdapter
+from jaxlora.adapter_store import ResolvedAdapter
 from jaxlora.errors import JaxLoraError
 from jaxlora.lora import LoraModule, LoraStack
 
@@ -80,7 +81,7 @@ def padded_slot_arrays(adapter: LoraAdapter, stack: LoraStack) -> tuple[dict[str
 
 
 class SlotCache:
-    def __init__(self, stack: LoraStack, loader: Callable[[AdapterKey], LoraAdapter], host_capacity: int = 64):
+    def __init__(self, stack: LoraStack, loader: Callable[[ResolvedAdapter], LoraAdapter], host_capacity: int = 64):
         if stack.num_slots < 2:
             raise ValueError("need at least 2 slots: slot 0 is the base model")
         self.stack = stack
@@ -98,9 +99,10 @@ class SlotCache:
 
     # -- host side (any thread) -------------------------------------------------------------------
 
-    def prefetch(self, key: AdapterKey) -> concurrent.futures.Future:
-        """Starts reading `key` into host memory unless it is there or on its way; the future
-        resolves to the adapter or raises the load error."""
+    def prefetch(self, adapter: ResolvedAdapter) -> concurrent.futures.Future:
+        """Starts reading `adapter` into host memory unless it is there or on its way; the future
+        resolves to the weights or raises the load error."""
+        key = adapter.key
         with self._lock:
             if key in self._host:
                 self._host.move_to_end(key)
@@ -108,12 +110,13 @@ class SlotCache:
                 fut.set_result(self._host[key])
                 return fut
             if key not in self._pending:
-                self._pending[key] = self._pool.submit(self._load, key)
+                self._pending[key] = self._pool.submit(self._load, adapter)
             return self._pending[key]
 
-    def _load(self, key: AdapterKey) -> LoraAdapter:
+    def _load(self, resolved: ResolvedAdapter) -> LoraAdapter:
+        key = resolved.key
         try:
-            adapter = self._loader(key)
+            adapter = self._loader(resolved)
         except BaseException:
             with self._lock:
                 self._pending.pop(key, None)
@@ -139,15 +142,16 @@ class SlotCache:
 
     # -- device side (the model thread) -----------------------------------------------------------
 
-    def acquire(self, key: AdapterKey) -> int:
-        """The slot holding `key`, loading it (waiting for the host read if needed) into a free or
-        evicted slot; pins the slot until `release`. Raises the load error, or NoFreeSlot."""
+    def acquire(self, resolved: ResolvedAdapter) -> int:
+        """The slot holding `resolved`, loading it (waiting for the host read if needed) into a free
+        or evicted slot; pins the slot until `release`. Raises the load error, or NoFreeSlot."""
+        key = resolved.key
         slot = self._slot_of.get(key)
         if slot is not None:
             self.stats.hits += 1
         else:
             self.stats.misses += 1
-            adapter = self.prefetch(key).result()
+            adapter = self.prefetch(resolved).result()
             slot = self._free_slot()
             self.stack = _write_slot(self.stack, jnp.int32(slot), padded_slot_arrays(adapter, self.stack),
                                      jnp.float32(adapter.scale))

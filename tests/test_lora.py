@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 import jax.numpy as jnp
 
+from jaxlora.adapter_store import ResolvedAdapter
 from jaxlora.adapter_format import LoraAdapter, random_adapter, read_adapter, write_peft
 from jaxlora.checkpoint import load_params
 from jaxlora.lora import LoraModule, lora_delta, merge, zeros_stack
@@ -34,8 +36,8 @@ def peft_adapters(tiny_checkpoints, tmp_path_factory):
 
 def _slots_for(params, cfg, adapters: dict[str, LoraAdapter]) -> tuple[SlotCache, dict[str, int]]:
     cache = SlotCache(zeros_stack(params, num_slots=len(adapters) + 1, max_rank=MAX_RANK),
-                      loader=lambda key: adapters[key[1]])
-    return cache, {name: cache.acquire(("test", name, "v0001")) for name in adapters}
+                      loader=lambda r: adapters[r.adapter_id])
+    return cache, {name: cache.acquire(ResolvedAdapter("test", name, "v0001", Path("/nowhere"))) for name in adapters}
 
 
 def _batch(prompts):
