@@ -179,6 +179,12 @@ class SlotCache:
         self.stats.evictions += 1
         return slot
 
+    def warm_up(self) -> None:
+        """Compiles the slot write by writing zeros into the last slot (free, and zero, at start)."""
+        empty = LoraAdapter(r=1, alpha=1.0, use_rslora=False, weights={})
+        last = self.stack.num_slots - 1
+        self.stack = _write_slot(self.stack, jnp.int32(last), padded_slot_arrays(empty, self.stack), jnp.float32(0.0))
+
     def resident(self) -> dict[AdapterKey, int]:
         return dict(self._slot_of)
 

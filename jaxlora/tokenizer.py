@@ -73,3 +73,42 @@ class IncrementalDetokenizer:
         new_text = self._decode(self._ids[self._prefix_offset :])
         self._prefix_offset = self._read_offset = len(self._ids)
         return new_text[len(prefix_text) :]
+
+
+class TextStream:
+    """Token ids in, text deltas out: incremental detokenization plus OpenAI-style stop strings.
+
+    Text that could be the beginning of a stop string is held back until it is clearly not one;
+    when a stop string appears, the text before it is released and `stopped` turns true (the stop
+    string itself is never emitted, as in OpenAI's API).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str] = ()):
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._stop = [s for s in stop if s]
+        self._pending = ""
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        self._pending += self._detok.add(token_id)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text once generation has ended."""
+        if self.stopped:
+            return ""
+        self._pending += self._detok.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        hits = [i for i in (self._pending.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            out, self._pending, self.stopped = self._pending[: min(hits)], "", True
+            return out
+        hold = 0 if final else max(
+            (k for s in self._stop for k in range(min(len(s) - 1, len(self._pending)), 0, -1)
+             if self._pending.endswith(s[:k])), default=0)
+        out, self._pending = self._pending[: len(self._pending) - hold], self._pending[len(self._pending) - hold :]
+        return out

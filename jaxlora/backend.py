@@ -1,0 +1,209 @@
+"""`LocalJaxLoRABackend`: one model replica as a plain Python object.
+
+Built from a model directory (default: the demo model) and an adapter store root, it owns the
+engine, the scheduler loop, the adapter slots and the hot-reload watcher. The Ray model deployment
+wraps exactly this; scripts, notebooks and tests use it directly:
+
+    backend = LocalJaxLoRABackend(fs_root="/data/lora")
+    out = backend.generate(messages=[{"role": "user", "content": "Hi"}], adapter="faq", max_tokens=32)
+    for chunk in backend.stream(prompt="Once upon", adapter="faq@v0002", temperature=0.7, seed=1): ...
+
+The serving layer tokenizes in its own deployment and calls `submit` with token ids; `generate`
+and `stream` add tokenization, chat templates, detokenization and stop strings on top of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from jaxlora.adapter_format import read_published
+from jaxlora.adapter_store import AdapterStore, ResolvedAdapter
+from jaxlora.checkpoint import load_params, model_fingerprint
+from jaxlora.demo import ensure_demo_model
+from jaxlora.engine import Engine, EngineConfig, compile_count
+from jaxlora.hot_reload import AdapterVersions
+from jaxlora.lora import zeros_stack
+from jaxlora.metrics import peak_memory_bytes
+from jaxlora.sampling import InvalidRequest, SamplingParams
+from jaxlora.scheduler import Finished, RequestHandle, Scheduler, TokenEvent
+from jaxlora.slots import SlotCache
+from jaxlora.tokenizer import TextStream, load_tokenizer, render_chat
+
+
+def default_fs_root() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "jaxlora" / "fs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    ttft_ms: float | None
+    model: str
+    adapter: str | None
+    adapter_version: str | None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """A piece of a streamed completion; the last one has `finish_reason` and `usage`."""
+
+    text: str
+    token_id: int | None = None
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    seed: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    seed: int
+    logprobs: list[TokenEvent] | None
+
+
+class LocalJaxLoRABackend:
+    def __init__(
+        self,
+        model_dir: str | Path | None = None,
+        fs_root: str | Path | None = None,
+        engine_config: EngineConfig = EngineConfig(),
+        registered_adapters: dict[str, str] | None = None,
+        allowed_roots: Sequence[str | Path] = (),
+        poll_interval_s: float = 1.0,
+        warm_up: bool = True,
+        model_id: str | None = None,
+    ):
+        self.model_dir = Path(model_dir) if model_dir else ensure_demo_model()
+        self.model_id = model_id or self.model_dir.name
+        self.config = engine_config
+        params, self.cfg = load_params(self.model_dir, engine_config.jnp_dtype)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.fingerprint = model_fingerprint(self.model_dir)
+        self.store = AdapterStore(fs_root or default_fs_root(), registered_adapters, tuple(allowed_roots))
+        stack = zeros_stack(params, engine_config.num_adapter_slots, engine_config.max_lora_rank,
+                            dtype=engine_config.jnp_dtype)
+        self.slots = SlotCache(stack, self._load_adapter, engine_config.host_adapter_cache)
+        self.versions = AdapterVersions(self.store, self.slots, poll_interval_s)
+        self.engine = Engine(params, self.cfg, engine_config)
+        if warm_up:
+            self.slots.warm_up()
+            self.engine.warm_up(self.slots.stack)
+        eos = set(self.cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.scheduler = Scheduler(self.engine, self.slots, tuple(sorted(eos)))
+        self.scheduler.start()
+        self.versions.start()
+
+    def _load_adapter(self, resolved: ResolvedAdapter):
+        return read_published(resolved.path, self.cfg, self.config.max_lora_rank, self.fingerprint)
+
+    # -- token-level API (what the serving layer uses) --------------------------------------------
+
+    def resolve_adapter(self, adapter: str | None, user: str = "local") -> ResolvedAdapter | None:
+        """None (or the base model id) means the base model; else the version new requests get."""
+        if not adapter or adapter == self.model_id:
+            return None
+        return self.versions.current(user, adapter)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
+               user: str = "local") -> RequestHandle:
+        return self.scheduler.submit(prompt_ids, params, self.resolve_adapter(adapter, user))
+
+    def usage(self, fin: Finished) -> Usage:
+        return Usage(
+            prompt_tokens=fin.prompt_tokens, completion_tokens=fin.completion_tokens,
+            latency_ms=fin.latency_s * 1000, ttft_ms=None if fin.ttft_s is None else fin.ttft_s * 1000,
+            model=self.model_id,
+            adapter=fin.adapter.adapter_id if fin.adapter else None,
+            adapter_version=fin.adapter.version if fin.adapter else None,
+        )
+
+    # -- text-level API ---------------------------------------------------------------------------
+
+    def encode(self, prompt: str | None = None, messages: Sequence[dict] | None = None) -> list[int]:
+        if (prompt is None) == (messages is None):
+            raise InvalidRequest("give exactly one of prompt or messages", param="messages")
+        if messages is not None:
+            if not messages:
+                raise InvalidRequest("messages is empty", param="messages")
+            text = render_chat(self.tokenizer, messages)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(prompt)["input_ids"]
+
+    def stream(self, prompt: str | None = None, messages: Sequence[dict] | None = None, adapter: str | None = None,
+               user: str = "local", stop: Sequence[str] = (), **sampling) -> Iterator[Chunk]:
+        """Yields text chunks as tokens are produced; the last chunk carries finish_reason and usage.
+        Stopping early (closing the generator) cancels the request and frees its row."""
+        handle = self.submit(self.encode(prompt, messages), SamplingParams(**sampling), adapter, user)
+        text = TextStream(self.tokenizer, stop)
+        finished = False
+        try:
+            for event in handle:
+                if isinstance(event, TokenEvent):
+                    delta = text.add(event.token_id)
+                    yield Chunk(delta, event.token_id, event.logprob, event.top_logprobs)
+                    if text.stopped:
+                        handle.cancel()
+                        for tail in handle:  # wait for the engine to free the row
+                            if isinstance(tail, Finished):
+                                finished = True
+                                yield Chunk("", finish_reason="stop", usage=self.usage(tail), seed=tail.seed)
+                        return
+                else:
+                    finished = True
+                    if event.error is not None:
+                        raise event.error
+                    yield Chunk(text.finish(), finish_reason=event.reason, usage=self.usage(event), seed=event.seed)
+        finally:
+            if not finished:
+                handle.cancel()
+
+    def generate(self, prompt: str | None = None, messages: Sequence[dict] | None = None, adapter: str | None = None,
+                 user: str = "local", stop: Sequence[str] = (), **sampling) -> Completion:
+        parts, ids, events, last = [], [], [], None
+        for chunk in self.stream(prompt, messages, adapter, user, stop, **sampling):
+            parts.append(chunk.text)
+            if chunk.token_id is not None:
+                ids.append(chunk.token_id)
+                events.append(TokenEvent(chunk.token_id, chunk.logprob, chunk.top_logprobs))
+            last = chunk
+        return Completion("".join(parts), ids, last.finish_reason, last.usage, last.seed,
+                          events if sampling.get("logprobs") is not None else None)
+
+    # -- operations -------------------------------------------------------------------------------
+
+    def list_adapters(self, user: str = "local"):
+        return self.store.list(user)
+
+    @property
+    def healthy(self) -> bool:
+        return self.scheduler.healthy
+
+    def metrics(self) -> dict:
+        out = self.scheduler.metrics.snapshot()
+        out["adapter_cache"] = dataclasses.asdict(self.slots.stats)
+        out["adapter_reload"] = dataclasses.asdict(self.versions.stats)
+        out["compilations"] = compile_count()
+        out["memory"] = peak_memory_bytes()
+        return out
+
+    def close(self) -> None:
+        self.versions.stop()
+        self.scheduler.stop()
+        self.slots.close()

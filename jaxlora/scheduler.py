@@ -1,0 +1,362 @@
+"""The host half of the engine: one sequential loop doing continuous batching.
+
+Each turn of the loop, in order:
+  1. drop cancelled requests (waiting ones, and running ones, whose rows free at once);
+  2. admit waiting requests into free rows: pin the adapter's slot, prefill, insert;
+     a request whose adapter is still being read from disk waits without blocking the others;
+  3. run `decode_steps` decode steps for all rows in one device call;
+  4. hand each running request its new tokens, and retire those that hit EOS, a stop token or
+     `max_tokens` (their rows are free for the next turn).
+One thread, no per-stage queues: the order of events is the order of this code. Requests talk to
+the loop through `submit` / `cancel` and read their tokens from a `TokenStream` (sync or async).
+
+Errors: a bad request is refused in `submit` (InvalidRequest, Overloaded) before it queues; an
+adapter that fails to load fails only its requests; an exception in a device step fails every
+request that was running and stops the loop, and `healthy` turns false so the replica is replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import jax
+import numpy as np
+
+from jaxlora.adapter_store import ResolvedAdapter
+from jaxlora.engine import Engine
+from jaxlora.errors import JaxLoraError
+from jaxlora.metrics import EngineMetrics
+from jaxlora.sampling import InvalidRequest, SamplingParams
+from jaxlora.slots import BASE_SLOT, NoFreeSlot, SlotCache
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(JaxLoraError):
+    """The waiting queue is full (HTTP 503): try again later."""
+
+
+class EngineDead(JaxLoraError):
+    """The engine loop has stopped after an internal error; the replica must be replaced."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...]  # up to `logprobs` alternatives, best first
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" (EOS or a stop token), "length", "cancelled" or "error"
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    ttft_s: float | None
+    seed: int
+    adapter: ResolvedAdapter | None
+    error: BaseException | None = None
+
+
+class TokenStream:
+    """Events of one request, pushed by the engine thread, read by a thread or a coroutine."""
+
+    def __init__(self):
+        self._items: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    def put(self, item) -> None:
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify_all()
+            waiters, self._async_waiters = self._async_waiters, []
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
+
+    def get(self, timeout: float | None = None):
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._items, timeout):
+                raise TimeoutError("no event from the engine in time")
+            return self._items.popleft()
+
+    async def aget(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cond:
+                if self._items:
+                    return self._items.popleft()
+                event = asyncio.Event()
+                self._async_waiters.append((loop, event))
+            await event.wait()
+
+
+class RequestHandle:
+    """A submitted request: iterate it (sync or async) for TokenEvents, ending with Finished."""
+
+    def __init__(self, scheduler: "Scheduler", request: "_Request"):
+        self._scheduler = scheduler
+        self._request = request
+        self.seed = request.seed
+        self.adapter = request.adapter
+
+    def cancel(self) -> None:
+        self._scheduler.cancel(self._request)
+
+    def __iter__(self) -> Iterator[TokenEvent | Finished]:
+        while True:
+            item = self._request.stream.get()
+            yield item
+            if isinstance(item, Finished):
+                return
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent | Finished]:
+        while True:
+            item = await self._request.stream.aget()
+            yield item
+            if isinstance(item, Finished):
+                return
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    adapter: ResolvedAdapter | None
+    stream: TokenStream
+    submitted_at: float
+    stop_ids: frozenset[int]
+    row: int | None = None
+    slot: int = BASE_SLOT
+    generated: int = 0
+    first_token_at: float | None = None
+    cancelled: bool = False
+    done: bool = False
+    adapter_ready: concurrent.futures.Future | None = None  # the host read of the adapter
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, slots: SlotCache, eos_token_ids: tuple[int, ...] = ()):
+        self.engine = engine
+        self.slots = slots
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.metrics = EngineMetrics()
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._to_cancel: list[_Request] = []
+        self._rows: list[_Request | None] = [None] * engine.config.max_batch_size
+        self._ids = itertools.count()
+        self._seed_rng = random.Random()
+        self._state = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+
+    # -- any thread -------------------------------------------------------------------------------
+
+    def submit(self, prompt: list[int], params: SamplingParams, adapter: ResolvedAdapter | None = None) -> RequestHandle:
+        """Queues a request, or refuses it at once (InvalidRequest, Overloaded, EngineDead)."""
+        params.validate()
+        limit = self.engine.config.max_seq_len
+        if not prompt:
+            raise InvalidRequest("the prompt is empty: give at least one token", param="prompt")
+        if len(prompt) + params.max_tokens > limit:
+            raise InvalidRequest(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {len(prompt) + params.max_tokens} "
+                f"exceeds this model's max_seq_len of {limit}; shorten the prompt or lower max_tokens",
+                param="max_tokens",
+            )
+        vocab = self.engine.cfg.vocab_size
+        if any(not (0 <= t < vocab) for t in prompt):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        seed = params.seed if params.seed is not None else self._seed_rng.randrange(2**63)
+        with self._cond:
+            if self.error is not None or self._stopping:
+                raise EngineDead(f"the engine has stopped: {self.error!r}")
+            if len(self._waiting) >= self.engine.config.max_queue:
+                self.metrics.requests_rejected_overload += 1
+                raise Overloaded(f"the server is at capacity ({len(self._waiting)} requests waiting); retry shortly")
+            req = _Request(next(self._ids), list(prompt), params, seed, adapter, TokenStream(), time.monotonic(),
+                           frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids))
+            if adapter is not None:
+                req.adapter_ready = self.slots.prefetch(adapter)
+            self._waiting.append(req)
+            self.metrics.requests_submitted += 1
+            self.metrics.prompt_tokens += len(prompt)
+            self.metrics.queue_depth = len(self._waiting)
+            self._cond.notify_all()
+        if req.adapter_ready is not None:
+            req.adapter_ready.add_done_callback(lambda _: self._wake())
+        return RequestHandle(self, req)
+
+    def cancel(self, req: _Request) -> None:
+        with self._cond:
+            if not req.cancelled:
+                req.cancelled = True
+                self._to_cancel.append(req)
+                self._cond.notify_all()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    def free_rows(self) -> int:
+        return sum(r is None for r in self._rows)
+
+    def start(self) -> None:
+        self._state = self.engine.init_state()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # -- the engine thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._has_work():
+                        self._cond.wait(timeout=0.5)
+                    if self._stopping:
+                        break
+                    cancelled, self._to_cancel = self._to_cancel, []
+                for req in cancelled:
+                    self._retire(req, "cancelled")
+                self._admit()
+                if any(r is not None for r in self._rows):
+                    self._decode()
+        except BaseException as e:  # noqa: BLE001 - every request must hear about it
+            log.exception("engine loop failed; failing all requests")
+            self.error = e
+        finally:
+            self._fail_all(self.error or EngineDead("the engine was stopped"))
+
+    def _has_work(self) -> bool:
+        if self._to_cancel or any(r is not None for r in self._rows):
+            return True
+        return bool(self._waiting) and any(self._admissible(r) for r in self._waiting)
+
+    @staticmethod
+    def _admissible(req: _Request) -> bool:
+        return req.adapter_ready is None or req.adapter_ready.done()
+
+    def _admit(self) -> None:
+        while None in self._rows:
+            req = self._next_admissible()
+            if req is None:
+                return
+            if req.adapter is not None:
+                if req.adapter_ready.exception() is not None:  # the adapter failed to load: this request only
+                    self._finish(req, "error", req.adapter_ready.exception())
+                    continue
+                try:
+                    req.slot = self.slots.acquire(req.adapter)
+                except NoFreeSlot:
+                    with self._cond:
+                        self._waiting.appendleft(req)  # keeps its place; rows finishing free slots
+                    return
+                except JaxLoraError as e:  # e.g. evicted from the host cache and then unreadable
+                    self._finish(req, "error", e)
+                    continue
+            row = self._rows.index(None)
+            req.row = row
+            self._rows[row] = req
+            prefix = self.engine.prefill(self.slots.stack, req.prompt, req.slot, req.params, req.seed)
+            self._state = self.engine.insert(prefix, self._state, row)
+            first = jax.device_get(prefix.first)
+            req.first_token_at = time.monotonic()
+            self._accept(req, int(first.token[0]), float(first.logprob[0]), first.top_ids[0], first.top_logprobs[0])
+
+    def _next_admissible(self) -> _Request | None:
+        """The oldest waiting request that can start now; those whose adapter is still loading
+        keep their place but do not hold up the ones behind them."""
+        with self._cond:
+            for i, req in enumerate(self._waiting):
+                if req.cancelled:
+                    continue
+                if self._admissible(req):
+                    del self._waiting[i]
+                    self.metrics.queue_depth = len(self._waiting)
+                    return req
+        return None
+
+    def _decode(self) -> None:
+        t0 = time.monotonic()
+        self._state, out = self.engine.generate(self.slots.stack, self._state)
+        out = jax.device_get(out)
+        busy = [r for r in self._rows if r is not None]
+        steps = out.token.shape[0]
+        accepted = 0
+        for req in busy:
+            for s in range(steps):
+                if req.done:
+                    break  # finished at an earlier step of this call
+                b = req.row
+                self._accept(req, int(out.token[s, b]), float(out.logprob[s, b]), out.top_ids[s, b], out.top_logprobs[s, b])
+                accepted += 1
+        self.metrics.record_decode(time.monotonic() - t0, len(busy), len(self._rows), steps, accepted)
+        self.metrics.active_rows = sum(r is not None for r in self._rows)
+
+    def _accept(self, req: _Request, token: int, logprob: float, top_ids: np.ndarray, top_lps: np.ndarray) -> None:
+        req.generated += 1
+        n_top = req.params.logprobs or 0
+        top = tuple((int(top_ids[i]), float(top_lps[i])) for i in range(n_top))
+        req.stream.put(TokenEvent(token, logprob, top))
+        if token in req.stop_ids:
+            self._retire(req, "stop")
+        elif req.generated >= req.params.max_tokens:
+            self._retire(req, "length")
+
+    def _retire(self, req: _Request, reason: str, error: BaseException | None = None) -> None:
+        if req.done:
+            return
+        if req.row is not None:
+            self._rows[req.row] = None
+            if req.adapter is not None:
+                self.slots.release(req.slot)
+        else:
+            with self._cond:
+                if req in self._waiting:
+                    self._waiting.remove(req)
+                    self.metrics.queue_depth = len(self._waiting)
+        self._finish(req, reason, error)
+
+    def _finish(self, req: _Request, reason: str, error: BaseException | None = None) -> None:
+        now = time.monotonic()
+        ttft = None if req.first_token_at is None else req.first_token_at - req.submitted_at
+        self.metrics.record_finish(ttft, now - req.submitted_at, req.generated, "error" if error else reason)
+        req.done = True
+        req.stream.put(Finished(reason if error is None else "error", len(req.prompt), req.generated,
+                                now - req.submitted_at, ttft, req.seed, req.adapter, error))
+
+    def _fail_all(self, error: BaseException) -> None:
+        for row, req in enumerate(self._rows):
+            if req is not None:
+                self._rows[row] = None
+                self._finish(req, "error", error)
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for req in waiting:
+            self._finish(req, "error", error)

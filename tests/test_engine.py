@@ -1,0 +1,283 @@
+"""The engine and its scheduler: parity with transformers + PEFT, determinism inside any batch,
+no recompilation after warm-up, nothing lost under many requests, cancellation and limits."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from jaxlora.engine import compile_count
+from jaxlora.sampling import InvalidRequest, SamplingParams
+from jaxlora.scheduler import Overloaded, Scheduler
+from tests.engine_fixtures import build_tiny_engine, collect
+from tests.peft_adapters import load_peft
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoints, tmp_path_factory):
+    return build_tiny_engine(tiny_checkpoints["llama_gqa"], tmp_path_factory.mktemp("engine"))
+
+
+def _prompt(rng, n, vocab=211):
+    return rng.integers(3, vocab, size=n).tolist()
+
+
+def test_concurrent_greedy_equals_peft_generate_alone(tiny):
+    rng = np.random.default_rng(0)
+    jobs = [(None, 5), ("a_qv_r4", 12), ("b_all_r8_rslora", 3), ("c_mlp_r2", 20), ("a_qv_r4", 7), (None, 16)]
+    prompts = [_prompt(rng, n) for _, n in jobs]
+    sched = tiny.scheduler()
+    try:
+        handles = [sched.submit(p, SamplingParams(max_tokens=24, **GREEDY), tiny.adapters.get(a)) for (a, _), p in zip(jobs, prompts)]
+        results = [collect(h)[0] for h in handles]
+    finally:
+        sched.stop()
+    peft_model = load_peft(tiny.base_dir, tiny.peft_dirs)
+    peft_model.generation_config.eos_token_id = None
+    for (adapter, _), p, got in zip(jobs, prompts, results):
+        with torch.no_grad():
+            if adapter is None:
+                with peft_model.disable_adapter():
+                    out = peft_model.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=24, pad_token_id=0)
+            else:
+                peft_model.set_adapter(adapter)
+                out = peft_model.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=24, pad_token_id=0)
+        assert got == out[0, len(p):].tolist(), adapter
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.9, top_p=0.9, top_k=40, seed=1234)],
+                         ids=["greedy", "seeded"])
+def test_needle_is_bitwise_identical_alone_and_in_any_batch(tiny, sampling):
+    rng = np.random.default_rng(1)
+    needle = (_prompt(rng, 11), SamplingParams(max_tokens=20, ignore_eos=True, logprobs=5, **sampling), tiny.adapters["b_all_r8_rslora"])
+    alone = tiny.scheduler()
+    try:
+        expected = collect(alone.submit(*needle))
+    finally:
+        alone.stop()
+    names = [None, *tiny.adapters]
+    for trial in range(5):
+        position = int(rng.integers(0, 8))
+        fillers = [(_prompt(rng, int(rng.integers(1, 30))),
+                    SamplingParams(max_tokens=int(rng.integers(4, 30)), temperature=float(rng.choice([0.0, 1.0])),
+                                   seed=int(rng.integers(0, 2**31)), ignore_eos=True),
+                    tiny.adapters.get(names[int(rng.integers(0, len(names)))])) for _ in range(10)]
+        sched = tiny.scheduler(start=False)  # queue everything first so the needle lands in row `position`
+        try:
+            before = [sched.submit(*f) for f in fillers[:position]]
+            handle = sched.submit(*needle)
+            after = [sched.submit(*f) for f in fillers[position:]]
+            sched.start()
+            got = collect(handle)
+            for h in before + after:
+                collect(h)
+        finally:
+            sched.stop()
+        assert got[0] == expected[0], f"trial {trial}: tokens differ at row {position}"
+        assert got[1] == expected[1], f"trial {trial}: logprobs differ"  # bitwise: float equality
+        assert got[2] == expected[2]
+
+
+def test_no_compilation_after_warm_up(tiny):
+    rng = np.random.default_rng(2)
+    names = [None, *tiny.adapters]
+    sched = tiny.scheduler()
+    try:
+        before = compile_count()
+        handles = [sched.submit(_prompt(rng, int(rng.integers(1, 40))),
+                                SamplingParams(max_tokens=int(rng.integers(1, 20)), temperature=float(rng.choice([0.0, 0.7])),
+                                               top_k=int(rng.integers(0, 50)), logprobs=int(rng.integers(0, 6))),
+                                tiny.adapters.get(names[int(rng.integers(0, len(names)))]))
+                   for _ in range(50)]
+        for h in handles:
+            assert collect(h)[3].reason in ("stop", "length")
+        assert compile_count() - before == 0
+    finally:
+        sched.stop()
+
+
+def test_200_requests_through_8_rows_none_lost_or_duplicated(tiny):
+    rng = np.random.default_rng(3)
+    names = [None, *tiny.adapters]
+    sched = tiny.scheduler()
+    try:
+        wanted, handles = [], []
+        for _ in range(200):
+            n = int(rng.integers(1, 12))
+            wanted.append(n)
+            handles.append(sched.submit(_prompt(rng, int(rng.integers(1, 20))), SamplingParams(max_tokens=n, **GREEDY),
+                                        tiny.adapters.get(names[int(rng.integers(0, len(names)))])))
+        results = [collect(h) for h in handles]
+        assert [len(r[0]) for r in results] == wanted
+        assert all(r[3].reason == "length" and r[3].completion_tokens == n for r, n in zip(results, wanted))
+        assert sched.free_rows() == 8
+        m = sched.metrics.snapshot()
+        assert m["requests_finished"] == 200 and m["queue_depth"] == 0 and m["active_rows"] == 0
+    finally:
+        sched.stop()
+
+
+def test_cancel_frees_the_row_at_once(tiny):
+    sched = tiny.scheduler()
+    try:
+        h = sched.submit([5, 6, 7], SamplingParams(max_tokens=60, **GREEDY))
+        first = next(iter(h))
+        assert sched.free_rows() == 7
+        h.cancel()
+        rest = list(h)
+        assert rest[-1].reason == "cancelled" and rest[-1].completion_tokens < 60
+        assert sched.free_rows() == 8
+        queued = [sched.submit([5], SamplingParams(max_tokens=60, **GREEDY)) for _ in range(10)]
+        queued[-1].cancel()  # still waiting: leaves the queue
+        assert list(queued[-1])[-1].reason == "cancelled"
+        for q in queued[:-1]:
+            q.cancel()
+        assert all(list(q)[-1].reason == "cancelled" for q in queued[:-1])
+        assert sched.free_rows() == 8
+        assert first.token_id >= 0
+    finally:
+        sched.stop()
+
+
+def test_stop_tokens_and_eos(tiny):
+    sched = tiny.scheduler()
+    try:
+        tokens, *_ = collect(sched.submit([9, 8, 7], SamplingParams(max_tokens=12, **GREEDY)))
+        stop_at = tokens[5]
+        cut, _, _, fin = collect(sched.submit([9, 8, 7], SamplingParams(max_tokens=12, stop_token_ids=(stop_at,), **GREEDY)))
+        assert cut == tokens[: tokens.index(stop_at) + 1] and fin.reason == "stop"
+    finally:
+        sched.stop()
+    eos_sched = Scheduler(tiny.engine, tiny.slots, eos_token_ids=(stop_at,))
+    eos_sched.start()
+    try:
+        cut, _, _, fin = collect(eos_sched.submit([9, 8, 7], SamplingParams(max_tokens=12, temperature=0.0)))
+        assert cut[-1] == stop_at and fin.reason == "stop"
+        full, _, _, fin = collect(eos_sched.submit([9, 8, 7], SamplingParams(max_tokens=12, **GREEDY)))
+        assert full == tokens and fin.reason == "length"  # ignore_eos
+    finally:
+        eos_sched.stop()
+
+
+def test_sampling_semantics(tiny):
+    sched = tiny.scheduler()
+    p = [3, 14, 15, 92, 65]
+    try:
+        def run(**kw):
+            return collect(sched.submit(p, SamplingParams(max_tokens=16, ignore_eos=True, **kw)))[0]
+
+        greedy = run(temperature=0.0)
+        assert run(temperature=1.0, top_k=1, seed=5) == greedy
+        assert run(temperature=1.0, top_p=1e-6, seed=5) == greedy
+        assert run(temperature=1.3, seed=7) == run(temperature=1.3, seed=7)
+        assert run(temperature=1.3, seed=7) != run(temperature=1.3, seed=8)
+        h = sched.submit(p, SamplingParams(max_tokens=3, temperature=1.0))
+        assert collect(h)[3].seed == h.seed  # the server picked a seed and reports it
+        tokens, logprobs, tops, _ = collect(sched.submit(p, SamplingParams(max_tokens=4, temperature=0.0, logprobs=3)))
+        for tok, lp, top in zip(tokens, logprobs, tops):
+            assert len(top) == 3 and top[0][0] == tok and top[0][1] == lp  # greedy takes the best alternative
+            assert top[0][1] >= top[1][1] >= top[2][1]
+    finally:
+        sched.stop()
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-2), "top_k"), (dict(seed=-1), "seed"),
+    (dict(logprobs=6), "logprobs"), (dict(max_tokens="8"), "max_tokens"), (dict(max_tokens=True), "max_tokens"),
+])
+def test_invalid_sampling_parameters_are_named(tiny, kwargs, param):
+    sched = tiny.scheduler(start=False)
+    with pytest.raises(InvalidRequest, match=f"invalid {param}") as e:
+        sched.submit([1, 2, 3], SamplingParams(**kwargs))
+    assert e.value.param == param
+
+
+def test_limits_refuse_at_once_and_the_engine_keeps_serving(tiny):
+    sched = tiny.scheduler(start=False)
+    with pytest.raises(InvalidRequest, match=r"prompt \(40 tokens\) \+ max_tokens \(30\) = 70 exceeds this model's max_seq_len of 64"):
+        sched.submit([1] * 40, SamplingParams(max_tokens=30))
+    with pytest.raises(InvalidRequest, match="prompt is empty"):
+        sched.submit([], SamplingParams())
+    with pytest.raises(InvalidRequest, match=r"token ids must be in \[0, 211\)"):
+        sched.submit([5, 999], SamplingParams())
+    small = Scheduler(tiny.engine, tiny.slots)  # not started: nothing leaves the queue
+    queued = []
+    with pytest.raises(Overloaded, match="at capacity"):
+        for _ in range(tiny.engine.config.max_queue + 1):
+            queued.append(small.submit([1, 2], SamplingParams(max_tokens=2, **GREEDY)))
+    assert len(queued) == tiny.engine.config.max_queue
+    small.start()
+    try:
+        assert all(collect(h)[3].reason == "length" for h in queued)
+        assert len(collect(small.submit([1, 2], SamplingParams(max_tokens=5, **GREEDY)))[0]) == 5
+    finally:
+        small.stop()
+
+
+def test_adapter_loading_does_not_stall_running_rows(tiny):
+    gate = threading.Event()
+    loader = tiny.slots._loader
+
+    def slow_loader(resolved):
+        gate.wait(timeout=30)
+        return loader(resolved)
+
+    tiny.slots._loader = slow_loader
+    fresh = tiny.store.publish("alice", "slow", lambda d: [(d / f.name).write_bytes(f.read_bytes())
+                                                           for f in tiny.peft_dirs["a_qv_r4"].iterdir()])
+    sched = tiny.scheduler()
+    try:
+        waiting = sched.submit([4, 5, 6], SamplingParams(max_tokens=5, **GREEDY), fresh)
+        running = sched.submit([7, 8, 9], SamplingParams(max_tokens=40, **GREEDY))
+        tokens, _, _, fin = collect(running)  # finishes while the adapter is still being read
+        assert len(tokens) == 40 and fin.reason == "length" and not gate.is_set()
+        gate.set()
+        assert collect(waiting)[3].reason == "length"
+    finally:
+        tiny.slots._loader = loader
+        sched.stop()
+
+
+def test_failed_adapter_fails_only_its_requests(tiny):
+    def write_broken(d):
+        (d / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8}')
+        (d / "adapter_model.safetensors").write_bytes(b"garbage")
+
+    broken = tiny.store.publish("alice", "broken", write_broken)
+    sched = tiny.scheduler()
+    try:
+        bad = sched.submit([1, 2, 3], SamplingParams(max_tokens=3), broken)
+        good = sched.submit([1, 2, 3], SamplingParams(max_tokens=3, **GREEDY))
+        fin = collect(bad)[3]
+        assert fin.reason == "error" and "truncated or corrupt" in str(fin.error)
+        assert collect(good)[3].reason == "length" and sched.healthy
+    finally:
+        sched.stop()
+
+
+def test_engine_step_failure_fails_every_request_and_health(tiny):
+    sched = tiny.scheduler()
+    real = tiny.engine.generate
+
+    def boom(*a, **k):
+        raise RuntimeError("device fell over")
+
+    try:
+        tiny.engine.generate = boom
+        handles = [sched.submit([1, 2, 3], SamplingParams(max_tokens=10, **GREEDY)) for _ in range(3)]
+        for h in handles:
+            fin = collect(h)[3]
+            assert fin.reason == "error" and "device fell over" in str(fin.error)
+        sched._thread.join(timeout=10)
+        assert not sched.healthy
+        with pytest.raises(Exception, match="engine has stopped"):
+            sched.submit([1], SamplingParams())
+    finally:
+        tiny.engine.generate = real
+        sched.stop()
