@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxlora.config import ModelConfig
 from jaxlora.lora import LoraStack
-from jaxlora.model import KVCache, Params, forward
+from jaxlora.model import KVCache, Params, forward, hidden_states, lm_head
 from jaxlora.sampling import SamplingParams, sample, split_seed
 
 
@@ -80,6 +80,7 @@ class RowSampling:
     top_p: jax.Array  # [B] float32
     seed_hi: jax.Array  # [B] uint32
     seed_lo: jax.Array  # [B] uint32
+    want_logprobs: jax.Array  # [B] bool
 
     @classmethod
     def of(cls, p: SamplingParams, seed: int) -> "RowSampling":
@@ -90,6 +91,7 @@ class RowSampling:
             top_p=jnp.array([p.top_p], jnp.float32),
             seed_hi=jnp.array([hi], jnp.uint32),
             seed_lo=jnp.array([lo], jnp.uint32),
+            want_logprobs=jnp.array([p.logprobs is not None], jnp.bool_),
         )
 
 
@@ -131,10 +133,10 @@ def _prefill(params: Params, lora: LoraStack, tokens_1xT, true_len, slot, sampli
     T = tokens_1xT.shape[1]
     cache = KVCache.zeros(cfg, 1, T, params.embed.dtype)
     positions_1xT = jnp.arange(T, dtype=jnp.int32)[None]
-    logits_1xTxV, cache = forward(params, tokens_1xT, positions_1xT, cfg, cache, lora, slot[None])
-    last_1xV = jax.lax.dynamic_slice_in_dim(logits_1xTxV[0], true_len - 1, 1, axis=0)
+    x_1xTxD, cache = hidden_states(params, tokens_1xT, positions_1xT, cfg, cache, lora, slot[None])
+    last_1xV = lm_head(params, jax.lax.dynamic_slice_in_dim(x_1xTxD, true_len - 1, 1, axis=1))[0]  # only what is sampled
     first = StepTokens(*sample(last_1xV, sampling.temperature, sampling.top_k, sampling.top_p,
-                               sampling.seed_hi, sampling.seed_lo, jnp.zeros((1,), jnp.int32)))
+                               sampling.seed_hi, sampling.seed_lo, jnp.zeros((1,), jnp.int32), sampling.want_logprobs))
     return Prefix(cache=cache, true_len=true_len, slot=slot, sampling=sampling, first=first)
 
 
@@ -160,7 +162,8 @@ def _generate(params: Params, lora: LoraStack, state: DecodeState, cfg: ModelCon
     def step(state: DecodeState, _):
         logits_Bx1xV, cache = forward(params, state.tokens[:, None], state.positions[:, None], cfg, state.cache, lora, state.slots)
         s = state.sampling
-        out = StepTokens(*sample(logits_Bx1xV[:, 0], s.temperature, s.top_k, s.top_p, s.seed_hi, s.seed_lo, state.index))
+        out = StepTokens(*sample(logits_Bx1xV[:, 0], s.temperature, s.top_k, s.top_p, s.seed_hi, s.seed_lo, state.index,
+                                 s.want_logprobs))
         state = dataclasses.replace(state, cache=cache, tokens=out.token, positions=state.positions + 1, index=state.index + 1)
         return state, out
 
@@ -220,7 +223,7 @@ class Engine:
             tokens=zeros(), positions=zeros(), index=zeros(), slots=zeros(),
             sampling=RowSampling(
                 temperature=zeros(jnp.float32), top_k=zeros(), top_p=jnp.ones((B,), jnp.float32),
-                seed_hi=zeros(jnp.uint32), seed_lo=zeros(jnp.uint32),
+                seed_hi=zeros(jnp.uint32), seed_lo=zeros(jnp.uint32), want_logprobs=zeros(jnp.bool_),
             ),
         )
 

@@ -204,7 +204,7 @@ def decoder_layer(
     return x_BxTxD, k_cache, v_cache
 
 
-def forward(
+def hidden_states(
     params: Params,
     tokens_BxT: jax.Array,
     positions_BxT: jax.Array,
@@ -213,10 +213,7 @@ def forward(
     lora: LoraStack | None = None,
     slots_B: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
-    """Returns float32 logits [B, T, V] and the updated cache (None in, None out).
-
-    With `lora`, row b adds the adapter in slot `slots_B[b]` to every projection it targets.
-    """
+    """The final normed hidden states [B, T, D] and the updated cache; `forward` without the head."""
     if (lora is None) != (slots_B is None):
         raise ValueError("pass both `lora` and `slots_B`, or neither")
     inv_freq = rope_inv_freq(cfg)
@@ -230,6 +227,27 @@ def forward(
         new_k.append(k_cache)
         new_v.append(v_cache)
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    return x, (None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v)))
+
+
+def lm_head(params: Params, x_BxTxD: jax.Array) -> jax.Array:
+    """Float32 logits [B, T, V] of final hidden states."""
     head_DxV = params.embed.T if params.lm_head is None else params.lm_head
-    logits = (x @ head_DxV).astype(jnp.float32)
-    return logits, (None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v)))
+    return (x_BxTxD @ head_DxV).astype(jnp.float32)
+
+
+def forward(
+    params: Params,
+    tokens_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    cfg: ModelConfig,
+    cache: KVCache | None = None,
+    lora: LoraStack | None = None,
+    slots_B: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+    """Returns float32 logits [B, T, V] and the updated cache (None in, None out).
+
+    With `lora`, row b adds the adapter in slot `slots_B[b]` to every projection it targets.
+    """
+    x, cache = hidden_states(params, tokens_BxT, positions_BxT, cfg, cache, lora, slots_B)
+    return lm_head(params, x), cache

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxlora.errors import JaxLoraError
 
 MAX_LOGPROBS = 5
+MAX_TOP_K = 256  # top_k above this is refused: the sampler keeps at most this many candidates
 MAX_SEED = 2**63 - 1
 
 
@@ -61,8 +62,8 @@ class SamplingParams:
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
         number("top_k", self.top_k, int)
-        if self.top_k < 0:
-            raise bad("top_k", f"must be 0 (off) or positive, got {self.top_k}")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise bad("top_k", f"must be 0 (off) or between 1 and {MAX_TOP_K}, got {self.top_k}")
         if self.seed is not None:
             number("seed", self.seed, int)
             if not 0 <= self.seed <= MAX_SEED:
@@ -86,6 +87,40 @@ def split_seed(seed: int) -> tuple[int, int]:
     return (seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF
 
 
+def _top_p_cutoff(scaled_BxV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
+    """The smallest scaled logit inside each row's nucleus (the shortest prefix of the sorted
+    tokens, after the top-k cut, whose probability reaches top_p); -inf for rows with top_p = 1."""
+    V = scaled_BxV.shape[-1]
+    sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)  # descending
+    k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, V), V)
+    in_top_k_BxV = jnp.arange(V)[None, :] < k_B[:, None]
+    probs_BxV = jax.nn.softmax(jnp.where(in_top_k_BxV, sorted_BxV, -jnp.inf), axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    keep_BxV = in_top_k_BxV & (mass_before_BxV < top_p_B[:, None])
+    cutoff_B = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1)
+    return jnp.where(top_p_B < 1.0, cutoff_B, -jnp.inf)
+
+
+def _sampled_tokens(scaled_BxV, temperature_B, top_k_B, top_p_B, seed_hi_B, seed_lo_B, index_B, greedy_B):
+    V = scaled_BxV.shape[-1]
+
+    def kth_largest():
+        top_vals_BxK, _ = jax.lax.top_k(scaled_BxV, min(MAX_TOP_K, V))
+        k_B = jnp.clip(top_k_B, 1, top_vals_BxK.shape[1])
+        kth_B = jnp.take_along_axis(top_vals_BxK, (k_B - 1)[:, None], axis=-1)[:, 0]
+        return jnp.where(top_k_B > 0, kth_B, -jnp.inf)
+
+    no_cut = lambda: jnp.full(top_p_B.shape, -jnp.inf, jnp.float32)  # noqa: E731
+    kth_B = jax.lax.cond(jnp.any(top_k_B > 0), kth_largest, no_cut)
+    top_p_cut_B = jax.lax.cond(jnp.any(top_p_B < 1.0), lambda: _top_p_cutoff(scaled_BxV, top_k_B, top_p_B), no_cut)
+    cutoff_B = jnp.maximum(kth_B, top_p_cut_B)
+    masked_BxV = jnp.where(scaled_BxV >= cutoff_B[:, None], scaled_BxV, -jnp.inf)
+    keys = jax.vmap(row_key)(seed_hi_B, seed_lo_B, index_B)
+    gumbel_BxV = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)
+    sampled_B = jnp.argmax(masked_BxV + gumbel_BxV, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature_B > 0, sampled_B, greedy_B)
+
+
 def sample(
     logits_BxV: jax.Array,
     temperature_B: jax.Array,
@@ -94,31 +129,36 @@ def sample(
     seed_hi_B: jax.Array,
     seed_lo_B: jax.Array,
     index_B: jax.Array,
+    want_logprobs_B: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Returns (token [B], its logprob [B], top-5 token ids [B, 5], their logprobs [B, 5])."""
-    V = logits_BxV.shape[-1]
+    """Returns (token [B], its logprob [B], top-5 token ids [B, 5], their logprobs [B, 5]).
+
+    Each stage runs only when some row of the batch needs it (`lax.cond` on the batch): the random
+    draw when a row samples, top-k (`lax.top_k` over at most MAX_TOP_K candidates) when a row sets
+    top_k, the full sort for top-p when a row sets top_p < 1, log-probabilities when a row asks for
+    them. A stage gives a row that does not use it exactly what skipping it gives, so a row's
+    output never depends on what its neighbours asked for. Logprobs are zeros for rows that did
+    not ask.
+    """
     logits_BxV = logits_BxV.astype(jnp.float32)
-    logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
-    greedy_B = jnp.argmax(logits_BxV, axis=-1)
-
+    greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     scaled_BxV = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
-    sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)  # descending
-    k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, V), V)
-    kth_B = jnp.take_along_axis(sorted_BxV, (k_B - 1)[:, None], axis=-1)[:, 0]
-    in_top_k_BxV = jnp.arange(V)[None, :] < k_B[:, None]
-    # top-p over what top-k kept: the smallest prefix of the sorted tokens whose mass reaches top_p.
-    probs_BxV = jax.nn.softmax(jnp.where(in_top_k_BxV, sorted_BxV, -jnp.inf), axis=-1)
-    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    keep_BxV = in_top_k_BxV & (mass_before_BxV < top_p_B[:, None])
-    cutoff_B = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1)
-    cutoff_B = jnp.maximum(cutoff_B, kth_B)
-    masked_BxV = jnp.where(scaled_BxV >= cutoff_B[:, None], scaled_BxV, -jnp.inf)
+    token_B = jax.lax.cond(
+        jnp.any(temperature_B > 0),
+        lambda: _sampled_tokens(scaled_BxV, temperature_B, top_k_B, top_p_B, seed_hi_B, seed_lo_B, index_B, greedy_B),
+        lambda: greedy_B,
+    )
 
-    keys = jax.vmap(row_key)(seed_hi_B, seed_lo_B, index_B)
-    gumbel_BxV = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)
-    sampled_B = jnp.argmax(masked_BxV + gumbel_BxV, axis=-1)
+    def logprobs():
+        logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+        token_logprob_B = jnp.take_along_axis(logprobs_BxV, token_B[:, None], axis=-1)[:, 0]
+        top_logprobs_Bx5, top_ids_Bx5 = jax.lax.top_k(logprobs_BxV, MAX_LOGPROBS)
+        return token_logprob_B, top_ids_Bx5.astype(jnp.int32), top_logprobs_Bx5
 
-    token_B = jnp.where(temperature_B > 0, sampled_B, greedy_B).astype(jnp.int32)
-    token_logprob_B = jnp.take_along_axis(logprobs_BxV, token_B[:, None], axis=-1)[:, 0]
-    top_logprobs_Bx5, top_ids_Bx5 = jax.lax.top_k(logprobs_BxV, MAX_LOGPROBS)
-    return token_B, token_logprob_B, top_ids_Bx5.astype(jnp.int32), top_logprobs_Bx5
+    def no_logprobs():
+        B = token_B.shape[0]
+        return (jnp.zeros((B,), jnp.float32), jnp.zeros((B, MAX_LOGPROBS), jnp.int32),
+                jnp.zeros((B, MAX_LOGPROBS), jnp.float32))
+
+    token_logprob_B, top_ids_Bx5, top_logprobs_Bx5 = jax.lax.cond(jnp.any(want_logprobs_B), logprobs, no_logprobs)
+    return token_B, token_logprob_B, top_ids_Bx5, top_logprobs_Bx5

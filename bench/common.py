@@ -1,0 +1,53 @@
+"""The benchmark model: an 8-layer, 512-wide Llama (vocab 8192) and rank-16 PEFT adapters on all
+seven projections, built with transformers + peft so that both sides load the very same files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+BENCH_LLAMA = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_model(out: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if (out / "model.safetensors").is_file():
+        return out
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**BENCH_LLAMA, architectures=["LlamaForCausalLM"])
+    AutoModelForCausalLM.from_config(cfg).float().save_pretrained(out)
+    return out
+
+
+def build_adapters(model_dir: Path, out: Path, n: int, r: int = 16) -> list[Path]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dirs = []
+    for i in range(n):
+        d = out / f"adapter{i}"
+        if not (d / "adapter_model.safetensors").is_file():
+            torch.manual_seed(100 + i)
+            base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL_MODULES,
+                                                    init_lora_weights=False))
+            model.save_pretrained(d)
+        dirs.append(d)
+    return dirs
+
+
+def machine() -> dict:
+    return {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine()}
+
+
+def emit(result: dict) -> None:
+    """The last line of every benchmark: one JSON object."""
+    print(json.dumps(result, sort_keys=True))
