@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.config import ModelConfig
-from jaxlora.lora import LoraStack
+from jaxlora.lora import LoraStack, gather_rows
 from jaxlora.model import KVCache, Params, forward, hidden_states, lm_head
 from jaxlora.sampling import SamplingParams, sample, split_seed
 
@@ -159,8 +159,10 @@ def _insert(prefix: Prefix, state: DecodeState, row) -> DecodeState:
 
 
 def _generate(params: Params, lora: LoraStack, state: DecodeState, cfg: ModelConfig, steps: int):
+    rows_lora = gather_rows(lora, state.slots)  # once per call, not once per step: a row's slot is fixed here
+
     def step(state: DecodeState, _):
-        logits_Bx1xV, cache = forward(params, state.tokens[:, None], state.positions[:, None], cfg, state.cache, lora, state.slots)
+        logits_Bx1xV, cache = forward(params, state.tokens[:, None], state.positions[:, None], cfg, state.cache, rows_lora)
         s = state.sampling
         out = StepTokens(*sample(logits_Bx1xV[:, 0], s.temperature, s.top_k, s.top_p, s.seed_hi, s.seed_lo, state.index,
                                  s.want_logprobs))

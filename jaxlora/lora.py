@@ -86,13 +86,24 @@ def zeros_stack(
     return LoraStack(layers=tuple(layers), scale=jnp.zeros((num_slots,), jnp.float32))
 
 
-def lora_delta(x_BxTxD: jax.Array, mod: LoraModule, scale_S: jax.Array, slots_B: jax.Array) -> jax.Array:
-    """scale[slot] * (x @ a[slot]) @ b[slot] for each row, gathered by the row's slot."""
-    a_BxDxR = mod.a[slots_B]
-    b_BxRxO = mod.b[slots_B]
+def lora_delta(x_BxTxD: jax.Array, mod: LoraModule, scale_S: jax.Array, slots_B: jax.Array | None) -> jax.Array:
+    """scale[slot] * (x @ a[slot]) @ b[slot] for each row, gathered by the row's slot.
+
+    With `slots_B=None` the stack is already per row (see `gather_rows`): row b uses entry b.
+    """
+    if slots_B is None:
+        a_BxDxR, b_BxRxO, scale_B = mod.a, mod.b, scale_S
+    else:
+        a_BxDxR, b_BxRxO, scale_B = mod.a[slots_B], mod.b[slots_B], scale_S[slots_B]
     xa_BxTxR = jnp.einsum("btd,bdr->btr", x_BxTxD.astype(a_BxDxR.dtype), a_BxDxR)
-    xa_BxTxR = xa_BxTxR * scale_S[slots_B][:, None, None].astype(xa_BxTxR.dtype)
+    xa_BxTxR = xa_BxTxR * scale_B[:, None, None].astype(xa_BxTxR.dtype)
     return jnp.einsum("btr,bro->bto", xa_BxTxR, b_BxRxO).astype(x_BxTxD.dtype)
+
+
+def gather_rows(stack: LoraStack, slots_B: jax.Array) -> LoraStack:
+    """The stack re-indexed by row: entry b holds row b's adapter. Decoding gathers once per
+    device call with this instead of once per step (the slots of a row do not change inside it)."""
+    return jax.tree.map(lambda leaf: leaf[slots_B], stack)
 
 
 def merge(params: "Params", stack: LoraStack, slot: int) -> "Params":

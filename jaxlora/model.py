@@ -126,7 +126,7 @@ class _RowLora:
 
     modules: dict[str, LoraModule]
     scale_S: jax.Array
-    slots_B: jax.Array
+    slots_B: jax.Array | None
 
     def delta(self, name: str, x: jax.Array) -> jax.Array | None:
         mod = self.modules.get(name)
@@ -214,8 +214,8 @@ def hidden_states(
     slots_B: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """The final normed hidden states [B, T, D] and the updated cache; `forward` without the head."""
-    if (lora is None) != (slots_B is None):
-        raise ValueError("pass both `lora` and `slots_B`, or neither")
+    if lora is None and slots_B is not None:
+        raise ValueError("slots_B without a LoRA stack")
     inv_freq = rope_inv_freq(cfg)
     x = params.embed[tokens_BxT]
     new_k, new_v = [], []
@@ -247,7 +247,8 @@ def forward(
 ) -> tuple[jax.Array, KVCache | None]:
     """Returns float32 logits [B, T, V] and the updated cache (None in, None out).
 
-    With `lora`, row b adds the adapter in slot `slots_B[b]` to every projection it targets.
+    With `lora`, row b adds the adapter in slot `slots_B[b]` to every projection it targets;
+    with `lora` and no `slots_B`, `lora` is per row already (`lora.gather_rows`).
     """
     x, cache = hidden_states(params, tokens_BxT, positions_BxT, cfg, cache, lora, slots_B)
     return lm_head(params, x), cache
