@@ -90,6 +90,12 @@ class TokenStream:
                 raise TimeoutError("no event from the engine in time")
             return self._items.popleft()
 
+    def drain(self) -> list:
+        """Every event already waiting, without blocking."""
+        with self._cond:
+            items, self._items = list(self._items), collections.deque()
+            return items
+
     async def aget(self):
         loop = asyncio.get_running_loop()
         while True:
@@ -121,10 +127,17 @@ class RequestHandle:
                 return
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent | Finished]:
+        async for batch in self.batches():
+            for item in batch:
+                yield item
+
+    async def batches(self) -> AsyncIterator[list[TokenEvent | Finished]]:
+        """Events in batches: whatever arrived while the consumer was busy comes at once, which
+        keeps per-message overhead (e.g. one Ray streaming item each) off the per-token path."""
         while True:
-            item = await self._request.stream.aget()
-            yield item
-            if isinstance(item, Finished):
+            batch = [await self._request.stream.aget()] + self._request.stream.drain()
+            yield batch
+            if isinstance(batch[-1], Finished):
                 return
 
 

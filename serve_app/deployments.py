@@ -1,0 +1,137 @@
+"""The two inner deployments: Tokenizer (CPU, scales out) and LoRAModel (one engine per replica).
+
+LoRAModel is a thin shim over `jaxlora.backend.LocalJaxLoRABackend`: it resolves the adapter for the
+caller's tenant, submits token ids, and streams events back as plain dicts:
+    {"start": {"adapter": {"id", "version"} | None, "seed"}}   first, once the request is accepted
+    {"tokens": [[token_id, logprob, [[alt_id, alt_logprob], ...]], ...]}   as they are produced
+    {"done": {"reason", "prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms"}}   last
+or {"error": {...OpenAI error...}, "status": code} instead of "start" when the request is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from ray import serve
+from ray.serve.metrics import Gauge
+
+from jaxlora.backend import LocalJaxLoRABackend
+from jaxlora.demo import ensure_demo_model
+from jaxlora.errors import JaxLoraError
+from jaxlora.sampling import SamplingParams
+from jaxlora.scheduler import Finished
+from jaxlora.tokenizer import load_tokenizer, render_chat
+from serve_app.config import AppArgs
+from serve_app.errors import ApiError, api_error_for
+
+log = logging.getLogger("ray.serve")
+
+
+def model_dir_of(args: AppArgs) -> Path:
+    """The checkpoint to serve; the demo model (built on first use, identical on every node) by default."""
+    return Path(args.model_dir) if args.model_dir else ensure_demo_model()
+
+
+def base_model_id(args: AppArgs) -> str:
+    return args.model_id or model_dir_of(args).name
+
+
+@serve.deployment(name="Tokenizer", ray_actor_options={"num_cpus": 0})
+class Tokenizer:
+    def __init__(self, args: dict):
+        self.tokenizer = load_tokenizer(model_dir_of(AppArgs(**args)))
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        text = render_chat(self.tokenizer, messages)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@serve.deployment(name="LoRAModel", ray_actor_options={"num_cpus": 0}, health_check_period_s=2,
+                  health_check_timeout_s=30)
+class LoRAModel:
+    def __init__(self, args: dict):
+        a = AppArgs(**args)
+        self.backend = LocalJaxLoRABackend(
+            model_dir_of(a), a.fs_root, a.engine.engine_config(), a.registered_adapters, a.allowed_roots,
+            a.poll_interval_s, model_id=base_model_id(a))
+        self._gauges = {name: Gauge(f"jaxlora_{name}", description=desc) for name, desc in {
+            "queue_depth": "requests waiting for a decode row",
+            "batch_occupancy": "share of decode rows doing useful work",
+            "decode_tokens_per_s": "generated tokens per second of decode time",
+            "active_rows": "decode rows in use",
+            "compilations": "XLA compilations in this replica",
+            "adapter_loads": "adapters read from the store",
+            "adapter_evictions": "adapters evicted from device slots",
+            "adapter_reload_failures": "new adapter versions that failed to load",
+        }.items()}
+        self._stop = threading.Event()
+        threading.Thread(target=self._export_metrics, name="metrics-export", daemon=True).start()
+
+    def _export_metrics(self) -> None:
+        while not self._stop.wait(1.0):
+            m = self.backend.metrics()
+            values = {"queue_depth": m["queue_depth"], "batch_occupancy": m["batch_occupancy"],
+                      "decode_tokens_per_s": m["decode_tokens_per_s"], "active_rows": m["active_rows"],
+                      "compilations": m["compilations"], "adapter_loads": m["adapter_cache"]["loads"],
+                      "adapter_evictions": m["adapter_cache"]["evictions"],
+                      "adapter_reload_failures": m["adapter_reload"]["reload_failures"]}
+            for name, value in values.items():
+                self._gauges[name].set(value)
+
+    @serve.multiplexed(max_num_models_per_replica=64)
+    async def _adapter_affinity(self, model_id: str) -> str:
+        """Registers `tenant/adapter` with Serve's router so later requests for it prefer this
+        replica (its slots and host cache already hold it). The adapter itself travels in the payload."""
+        return model_id
+
+    async def generate(self, request: dict):
+        if serve.get_multiplexed_model_id():
+            await self._adapter_affinity(serve.get_multiplexed_model_id())
+        try:
+            handle = self.backend.submit(request["prompt_ids"], SamplingParams(**request["sampling"]),
+                                         request.get("adapter"), request.get("user", "local"))
+        except JaxLoraError as e:
+            err = api_error_for(e) or ApiError(500, "internal error", type_="internal_error")
+            yield {"error": err.body(), "status": err.status}
+            return
+        adapter = handle.adapter
+        yield {"start": {"seed": handle.seed,
+                         "adapter": None if adapter is None else {"id": adapter.adapter_id, "version": adapter.version}}}
+        finished = False
+        try:
+            async for batch in handle.batches():
+                tokens = [[e.token_id, e.logprob, [list(t) for t in e.top_logprobs]] for e in batch if not isinstance(e, Finished)]
+                if tokens:
+                    yield {"tokens": tokens}
+                if isinstance(batch[-1], Finished):
+                    finished = True
+                    fin = batch[-1]
+                    if fin.error is not None:
+                        err = api_error_for(fin.error) or ApiError(500, "the engine failed on this request", type_="internal_error")
+                        yield {"error": err.body(), "status": err.status}
+                    else:
+                        yield {"done": {"reason": fin.reason, "prompt_tokens": fin.prompt_tokens,
+                                        "completion_tokens": fin.completion_tokens, "latency_ms": fin.latency_s * 1000,
+                                        "ttft_ms": None if fin.ttft_s is None else fin.ttft_s * 1000}}
+        finally:
+            if not finished:  # the caller went away (client disconnect): free the row now
+                handle.cancel()
+
+    def list_adapters(self, user: str) -> list[dict]:
+        return [{"id": a.adapter_id, "owner": a.owner, "versions": list(a.versions), "latest": a.latest}
+                for a in self.backend.list_adapters(user)]
+
+    def check_health(self) -> None:
+        if not self.backend.healthy:
+            raise RuntimeError(f"engine loop is not running: {self.backend.scheduler.error!r}")
+
+    def __del__(self):
+        if hasattr(self, "_stop"):
+            self._stop.set()
+        if hasattr(self, "backend"):
+            self.backend.close()

@@ -1,0 +1,311 @@
+"""The HTTP ingress: OpenAI's API on FastAPI, in front of the Tokenizer and LoRAModel deployments.
+
+Per request: authenticate (API key -> tenant), validate the body (a 400 naming the field), encode
+through the Tokenizer deployment, stream token ids from a LoRAModel replica (routed by the
+multiplexed id `tenant/adapter` for cache affinity; the adapter itself is in the payload), and turn
+them into text on the way out: incremental detokenization, stop strings, logprobs, SSE. Errors keep
+OpenAI's JSON shape; nothing a client sends can produce a 500.
+"""
+
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Histogram
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jaxlora.adapter_store import AdapterStore
+from jaxlora.tokenizer import TextStream, load_tokenizer
+from serve_app.config import AppArgs
+from serve_app.deployments import base_model_id, model_dir_of
+from serve_app.errors import ApiError
+from serve_app.keys import ApiKeys
+from serve_app.openai_api import (ChatCompletionRequest, CompletionRequest, LogprobsBuilder, adapter_fields, new_id,
+                                  now, usage_dict)
+
+log = logging.getLogger("ray.serve")
+app = FastAPI(title="jaxlora", description="OpenAI-compatible multi-tenant LoRA serving")
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_request: Request, e: ApiError) -> JSONResponse:
+    return e.response()
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_request: Request, e: RequestValidationError) -> JSONResponse:
+    first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return ApiError(400, f"the body is not valid JSON: {first.get('msg')}", code="invalid_json").response()
+    where = ".".join(loc) or "body"
+    return ApiError(400, f"{where}: {first.get('msg')}", param=loc[0] if loc else None).response()
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
+    return ApiError(e.status_code, str(e.detail), code="http_error").response()
+
+
+@app.exception_handler(Exception)
+async def _internal_error(_request: Request, e: Exception) -> JSONResponse:
+    log.exception("unhandled error in the ingress")
+    return ApiError(500, "internal error", type_="internal_error").response()
+
+
+class BodyLimit:
+    """Refuses request bodies over `limit` bytes with 413, whether or not they declare a length."""
+
+    def __init__(self, asgi, limit: int):
+        self.asgi, self.limit = asgi, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.asgi(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = ApiError(413, f"request body over {self.limit} bytes", code="body_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await too_big.response()(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.asgi(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await too_big.response()(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, tokenizer: DeploymentHandle, model: DeploymentHandle, args: dict):
+        self.args = AppArgs(**args)
+        app.add_middleware(BodyLimit, limit=self.args.max_request_bytes)
+        self.tokenizer_handle = tokenizer
+        self.model = model
+        self.tokenizer = load_tokenizer(model_dir_of(self.args))
+        self.base_model = base_model_id(self.args)
+        self.store = AdapterStore(self.args.fs_root, self.args.registered_adapters, tuple(self.args.allowed_roots))
+        self.keys = ApiKeys.load(self.args.api_keys_file) if self.args.auth else None
+        self.requests = Counter("jaxlora_http_requests", description="requests by route and status",
+                                tag_keys=("route", "status"))
+        self.ttft = Histogram("jaxlora_ttft_ms", description="time to first token at the ingress",
+                              boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000], tag_keys=("route",))
+        self.tokens = Counter("jaxlora_generated_tokens", description="completion tokens sent", tag_keys=("route",))
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _user(self, request: Request) -> str:
+        if self.keys is None:
+            return "local"
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        user = self.keys.user_for(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+        if user is None:
+            raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           type_="authentication_error", code="invalid_api_key")
+        return user
+
+    def _count(self, route: str, status: int) -> None:
+        self.requests.inc(tags={"route": route, "status": str(status)})
+
+    async def _start(self, route: str, user: str, body, prompt_ids: list[int], max_tokens: int | None,
+                     logprobs: int | None):
+        """Submits to a model replica and waits for its first message: an error or the start."""
+        limit = self.args.engine.max_seq_len
+        sampling = {
+            "max_tokens": max_tokens if max_tokens is not None else max(1, limit - len(prompt_ids)),
+            "temperature": body.temperature, "top_p": body.top_p, "top_k": max(0, body.top_k), "seed": body.seed,
+            "ignore_eos": body.ignore_eos, "logprobs": logprobs,
+        }
+        adapter = None if body.model == self.base_model else body.model
+        affinity = f"{user}/{adapter.split('@')[0]}" if adapter else ""
+        gen = self.model.options(stream=True, multiplexed_model_id=affinity).generate.remote(
+            {"prompt_ids": prompt_ids, "sampling": sampling, "adapter": adapter, "user": user})
+        try:
+            first = await gen.__anext__()
+        except BackPressureError:
+            raise ApiError(503, "the model deployment is at capacity; retry shortly", type_="overloaded_error",
+                           code="overloaded") from None
+        if "error" in first:
+            gen.cancel()
+            e = first["error"]["error"]
+            raise ApiError(first["status"], e["message"], e["type"], e.get("param"), e.get("code"))
+        return gen, first["start"]
+
+    async def _events(self, gen, stop: list[str], logprobs: LogprobsBuilder | None):
+        """(text delta, logprobs delta, usage-so-far, finish reason) as tokens arrive."""
+        text = TextStream(self.tokenizer, stop)
+        emitted, produced = 0, 0
+        try:
+            async for msg in gen:
+                if "tokens" in msg:
+                    for token_id, lp, top in msg["tokens"]:
+                        produced += 1
+                        delta = text.add(token_id)
+                        lp_delta = None if logprobs is None else logprobs.add(token_id, lp, top, emitted)
+                        emitted += len(delta)
+                        if text.stopped:
+                            yield delta, lp_delta, produced, "stop"
+                            return
+                        if delta or lp_delta:
+                            yield delta, lp_delta, produced, None
+                elif "done" in msg:
+                    yield text.finish(), None, msg["done"]["completion_tokens"], msg["done"]["reason"]
+                    return
+                elif "error" in msg:
+                    e = msg["error"]["error"]
+                    raise ApiError(msg["status"], e["message"], e["type"], e.get("param"), e.get("code"))
+        finally:
+            gen.cancel()  # no-op when finished; frees the engine row when the client went away
+
+    # -- routes -----------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        user = self._user(request)
+        created = now()
+        data = [{"id": self.base_model, "object": "model", "created": created, "owned_by": "jaxlora", "root": self.base_model}]
+        for a in self.store.list(user):
+            data.append({"id": a.adapter_id, "object": "model", "created": created, "owned_by": a.owner,
+                         "root": self.base_model, "parent": self.base_model, "versions": list(a.versions),
+                         "latest_version": a.latest})
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        route = "completions"
+        try:
+            user = self._user(request)
+            if isinstance(body.prompt, str) or (isinstance(body.prompt, list) and isinstance(body.prompt[0], str)):
+                prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+                prompt_ids = await self.tokenizer_handle.encode_prompt.remote(prompt)
+            else:
+                prompt_ids = list(body.prompt)
+            started = time.monotonic()
+            gen, start = await self._start(route, user, body, prompt_ids, body.max_tokens, body.logprobs)
+        except ApiError as e:
+            self._count(route, e.status)
+            raise
+        logprobs = None if body.logprobs is None else LogprobsBuilder(self._decode_one, chat=False)
+        rid, created = new_id("cmpl"), now()
+        extra = adapter_fields(start["adapter"], self.base_model)
+
+        def chunk(text, lp, finish, usage=None):
+            out = {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                   "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}], **extra}
+            if usage is not None:
+                out["usage"] = usage
+            return out
+
+        return await self._respond(route, body, gen, logprobs, len(prompt_ids), started, chunk, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        route = "chat"
+        try:
+            user = self._user(request)
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            prompt_ids = await self.tokenizer_handle.encode_chat.remote(messages)
+            n_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            started = time.monotonic()
+            gen, start = await self._start(route, user, body, prompt_ids, body.token_limit(), n_logprobs)
+        except ApiError as e:
+            self._count(route, e.status)
+            raise
+        logprobs = None if n_logprobs is None else LogprobsBuilder(self._decode_one, chat=True)
+        rid, created = new_id("chatcmpl"), now()
+        extra = adapter_fields(start["adapter"], self.base_model)
+
+        def chunk(text, lp, finish, usage=None, first=False):
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}], **extra}
+            if usage is not None:
+                out["usage"] = usage
+            return out
+
+        return await self._respond(route, body, gen, logprobs, len(prompt_ids), started, chunk, chat=True)
+
+    def _decode_one(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    async def _respond(self, route, body, gen, logprobs, prompt_tokens, started, chunk, chat: bool):
+        events = self._events(gen, body.stop_strings(), logprobs)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._stream(route, events, chunk, prompt_tokens, started, include_usage, chat),
+                                     media_type="text/event-stream")
+        parts, completion_tokens, finish, first_at = [], 0, None, None
+        try:
+            async for delta, _lp, produced, reason in events:
+                first_at = first_at or time.monotonic()
+                parts.append(delta)
+                completion_tokens, finish = produced, reason or finish
+        except ApiError as e:
+            self._count(route, e.status)
+            raise
+        self._observe(route, started, first_at, completion_tokens, 200)
+        text = "".join(parts)
+        usage = usage_dict(prompt_tokens, completion_tokens)
+        out = chunk(text, None if logprobs is None else logprobs.result(), finish, usage)
+        if chat:
+            out["object"] = "chat.completion"
+            choice = out["choices"][0]
+            choice["message"] = {"role": "assistant", "content": text}
+            del choice["delta"]
+        return out
+
+    async def _stream(self, route, events, chunk, prompt_tokens, started, include_usage, chat) -> AsyncIterator[str]:
+        completion_tokens, first_at, status = 0, None, 200
+        try:
+            if chat:
+                yield _sse(chunk("", None, None, first=True))
+            async for delta, lp, produced, reason in events:
+                first_at = first_at or time.monotonic()
+                completion_tokens = produced
+                if delta or lp or reason:
+                    yield _sse(chunk(delta, lp, reason))
+            if include_usage:
+                final = chunk("", None, None, usage_dict(prompt_tokens, completion_tokens))
+                final["choices"] = []
+                yield _sse(final)
+        except ApiError as e:
+            status = e.status
+            yield _sse(e.body())
+        finally:
+            self._observe(route, started, first_at, completion_tokens, status)
+        yield _sse("[DONE]")
+
+    def _observe(self, route, started, first_at, completion_tokens, status) -> None:
+        self._count(route, status)
+        if first_at is not None:
+            self.ttft.observe((first_at - started) * 1000, tags={"route": route})
+        self.tokens.inc(completion_tokens, tags={"route": route})
