@@ -159,18 +159,42 @@ def ensure_demo_model(path: str | Path | None = None) -> Path:
     return path
 
 
+DEMO_ADAPTERS = {"demo-concise": 1, "demo-verbose": 2}  # shared adapter id -> seed
+
+
+def publish_demo_adapters(fs_root: str | Path, model_dir: str | Path) -> list[str]:
+    """Publishes the demo adapters (random rank-8 LoRA, shared with every tenant) unless present;
+    random weights, so each steers the demo model to different text. Returns their ids."""
+    from jaxlora.adapter_format import random_adapter, write_peft
+    from jaxlora.adapter_store import AdapterStore
+    from jaxlora.checkpoint import model_fingerprint
+    from jaxlora.config import ModelConfig
+
+    store = AdapterStore(fs_root)
+    cfg = ModelConfig.from_dir(model_dir)
+    base = {"name": Path(model_dir).name, "fingerprint": model_fingerprint(model_dir)}
+    for adapter_id, seed in DEMO_ADAPTERS.items():
+        if not AdapterStore.versions(store.adapters_dir(None) / adapter_id):
+            adapter = random_adapter(cfg, r=8, alpha=16, seed=seed, std=0.5)
+            store.publish(None, adapter_id, lambda d, a=adapter: write_peft(a, d, base_model=base["name"]), base_model=base)
+    return list(DEMO_ADAPTERS)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help=f"directory to build into (default: {default_demo_dir()})")
     parser.add_argument("--force", action="store_true", help="rebuild even if the directory exists")
     parser.add_argument("--prompt", help="continue this prompt greedily with the demo model")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--adapters", metavar="FS_ROOT", help="also publish the demo adapters into this store")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else default_demo_dir()
     if args.force and out.exists():
         shutil.rmtree(out)
     model_dir = ensure_demo_model(out)
     print(f"demo model: {model_dir}")
+    if args.adapters:
+        print(f"demo adapters in {args.adapters}: {', '.join(publish_demo_adapters(args.adapters, model_dir))}")
     if args.prompt is not None:
         from jaxlora.generate import greedy_generate
         from jaxlora.checkpoint import load_params

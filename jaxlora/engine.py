@@ -43,7 +43,7 @@ class EngineConfig:
     decode_steps: int = 8
     """Tokens per row per generate call: more is faster, fewer streams sooner."""
     max_queue: int = 256
-    """Waiting requests beyond this are refused at once (overload)."""
+    """Requests waiting for a row beyond this are refused at once (overload)."""
     num_adapter_slots: int = 8
     """Device adapter slots, including slot 0 (the base model)."""
     max_lora_rank: int = 16

@@ -198,7 +198,8 @@ class Scheduler:
         with self._cond:
             if self.error is not None or self._stopping:
                 raise EngineDead(f"the engine has stopped: {self.error!r}")
-            if len(self._waiting) >= self.engine.config.max_queue:
+            # max_queue counts requests that must wait: those a free row will take at once do not.
+            if len(self._waiting) >= self.engine.config.max_queue + self.free_rows():
                 self.metrics.requests_rejected_overload += 1
                 raise Overloaded(f"the server is at capacity ({len(self._waiting)} requests waiting); retry shortly")
             req = _Request(next(self._ids), list(prompt), params, seed, adapter, TokenStream(), time.monotonic(),
@@ -296,6 +297,7 @@ class Scheduler:
             row = self._rows.index(None)
             req.row = row
             self._rows[row] = req
+            self.metrics.active_rows += 1
             prefix = self.engine.prefill(self.slots.stack, req.prompt, req.slot, req.params, req.seed)
             self._state = self.engine.insert(prefix, self._state, row)
             first = jax.device_get(prefix.first)
@@ -330,7 +332,6 @@ class Scheduler:
                 self._accept(req, int(out.token[s, b]), float(out.logprob[s, b]), out.top_ids[s, b], out.top_logprobs[s, b])
                 accepted += 1
         self.metrics.record_decode(time.monotonic() - t0, len(busy), len(self._rows), steps, accepted)
-        self.metrics.active_rows = sum(r is not None for r in self._rows)
 
     def _accept(self, req: _Request, token: int, logprob: float, top_ids: np.ndarray, top_lps: np.ndarray) -> None:
         req.generated += 1
@@ -347,6 +348,7 @@ class Scheduler:
             return
         if req.row is not None:
             self._rows[req.row] = None
+            self.metrics.active_rows -= 1
             if req.adapter is not None:
                 self.slots.release(req.slot)
         else:
@@ -368,6 +370,7 @@ class Scheduler:
         for row, req in enumerate(self._rows):
             if req is not None:
                 self._rows[row] = None
+                self.metrics.active_rows -= 1
                 self._finish(req, "error", error)
         with self._cond:
             waiting, self._waiting = list(self._waiting), collections.deque()

@@ -9,6 +9,8 @@ GPU-reservable). Deployment options set here are defaults; `serve_config.yaml` o
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ray.serve import Application
 
 from serve_app.config import AppArgs
@@ -18,7 +20,8 @@ from serve_app.ingress import Ingress
 
 def build_app(args: dict) -> Application:
     a = AppArgs(**(args or {}))
-    plain = a.model_dump()
+    # Every replica must see the same store, whatever its working directory.
+    plain = a.model_dump() | {"fs_root": str(Path(a.fs_root).resolve())}
     tokenizer = Tokenizer.options(num_replicas=a.tokenizer_replicas).bind(plain)
     model = LoRAModel.options(
         num_replicas=a.model_replicas,

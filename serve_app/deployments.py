@@ -126,6 +126,10 @@ class LoRAModel:
         return [{"id": a.adapter_id, "owner": a.owner, "versions": list(a.versions), "latest": a.latest}
                 for a in self.backend.list_adapters(user)]
 
+    def stats(self) -> dict:
+        """The engine's metrics snapshot (the same numbers the gauges export)."""
+        return self.backend.metrics()
+
     def check_health(self) -> None:
         if not self.backend.healthy:
             raise RuntimeError(f"engine loop is not running: {self.backend.scheduler.error!r}")

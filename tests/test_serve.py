@@ -1,0 +1,316 @@
+"""The serving app on real Ray Serve (localhost), driven over HTTP by the official `openai` client
+and by httpx: API shapes, tenants, errors, back-pressure, disconnects and hot reload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from jaxlora.adapter_format import random_adapter, write_peft  # noqa: E402
+from jaxlora.adapter_store import AdapterStore  # noqa: E402
+from jaxlora.checkpoint import model_fingerprint  # noqa: E402
+from jaxlora.config import ModelConfig  # noqa: E402
+from serve_app.app import build_app  # noqa: E402
+from serve_app.keys import add_key  # noqa: E402
+
+ENGINE = {"max_batch_size": 8, "max_seq_len": 128, "prefill_buckets": [16, 32, 64], "decode_steps": 4, "max_queue": 64,
+          "num_adapter_slots": 4, "max_lora_rank": 8}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, store: AdapterStore, model_dir, keys: dict[str, str]):
+        self.url, self.store, self.model_dir, self.keys = url, store, model_dir, keys
+        self.cfg = ModelConfig.from_dir(model_dir)
+        self.fingerprint = model_fingerprint(model_dir)
+        self.base = model_dir.name
+
+    def publish(self, user, adapter_id, seed):
+        ad = random_adapter(self.cfg, r=8, alpha=16, seed=seed, std=0.5)
+        return self.store.publish(user, adapter_id, lambda d: write_peft(ad, d),
+                                  base_model={"name": self.base, "fingerprint": self.fingerprint})
+
+    def client(self, user="alice", prefix="") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}{prefix}/v1", api_key=self.keys.get(user, "none"), max_retries=0, timeout=120)
+
+    def aclient(self, user="alice") -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=self.keys[user], max_retries=0, timeout=120)
+
+    def post(self, path, body, user="alice", **kw):
+        headers = {"Authorization": f"Bearer {self.keys[user]}"} if user else {}
+        return httpx.post(f"{self.url}{path}", json=body, headers=headers, timeout=120, **kw)
+
+
+@pytest.fixture(scope="module")
+def server(demo_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    keys_file = root / "keys.json"
+    keys = {u: add_key(keys_file, u) for u in ("alice", "bob")}
+    store = AdapterStore(root / "fs")
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    srv = Server(f"http://127.0.0.1:{port}", store, demo_model_dir, keys)
+    for i in range(4):
+        srv.publish("alice", f"a{i}", seed=i)
+    srv.publish("bob", "secret", seed=10)
+    srv.publish(None, "common", seed=11)
+    common = {"model_dir": str(demo_model_dir), "fs_root": str(root / "fs"), "poll_interval_s": 0.25}
+    serve.run(build_app({**common, "auth": True, "api_keys_file": str(keys_file), "engine": ENGINE,
+                         "max_request_bytes": 65536}), name="main", route_prefix="/")
+    # A deliberately tiny deployment for back-pressure: one row, no engine queue, two queued at the handle.
+    serve.run(build_app({**common, "engine": {**ENGINE, "max_batch_size": 1, "max_queue": 0},
+                         "model_max_queued_requests": 2}), name="bp", route_prefix="/bp")
+    yield srv
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_openai_client_completions_and_chat(server):
+    client = server.client()
+    c = client.completions.create(model=server.base, prompt="Hello", max_tokens=6, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert isinstance(c, openai.types.Completion)
+    assert c.usage.completion_tokens == 6 and c.choices[0].finish_reason == "length"
+    assert c.system_fingerprint == server.base
+    chat = client.chat.completions.create(model="a1", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                          temperature=0, extra_body={"ignore_eos": True})
+    assert isinstance(chat, openai.types.chat.ChatCompletion)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 5
+    assert chat.model_extra["adapter"] == {"id": "a1", "version": "v0001"}
+    base_chat = client.chat.completions.create(model=server.base, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    assert base_chat.choices[0].message.content != chat.choices[0].message.content
+    ids = client.completions.create(model="a2@v0001", prompt=[5, 6, 7, 8], max_tokens=3, extra_body={"ignore_eos": True})
+    assert ids.usage.prompt_tokens == 4 and ids.system_fingerprint == "a2@v0001"
+
+
+def test_openai_client_streaming(server):
+    client = server.client()
+    chunks = list(client.chat.completions.create(
+        model="a0", messages=[{"role": "user", "content": "Tell me"}], max_tokens=10, temperature=0.7, seed=3,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "top_k": 20}))
+    assert all(isinstance(c, openai.types.chat.ChatCompletionChunk) for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].choices == []
+    assert [c for c in chunks if c.choices and c.choices[0].finish_reason == "length"]
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    again = client.chat.completions.create(model="a0", messages=[{"role": "user", "content": "Tell me"}], max_tokens=10,
+                                           temperature=0.7, seed=3, extra_body={"ignore_eos": True, "top_k": 20})
+    assert streamed == again.choices[0].message.content  # same seed, same text, streamed or not
+    text = "".join(c.choices[0].text for c in server.client().completions.create(
+        model=server.base, prompt="Once", max_tokens=8, stream=True, extra_body={"ignore_eos": True}))
+    assert isinstance(text, str)
+
+
+def test_logprobs_and_stop_strings(server):
+    client = server.client()
+    c = client.completions.create(model=server.base, prompt="Hello", max_tokens=4, temperature=0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == 4 and len(lp.top_logprobs) == 4 and all(len(t) <= 2 for t in lp.top_logprobs)
+    chat = client.chat.completions.create(model="a1", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                          logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    assert len(chat.choices[0].logprobs.content) == 3 and len(chat.choices[0].logprobs.content[0].top_logprobs) == 3
+    full = client.completions.create(model=server.base, prompt="Hello", max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[4:6]
+    cut = client.completions.create(model=server.base, prompt="Hello", max_tokens=16, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
+
+
+def test_32_concurrent_streams_over_4_adapters(server):
+    async def one(i):
+        stream = await server.aclient().completions.create(
+            model=f"a{i % 4}", prompt=f"request {i}", max_tokens=8 + i % 5, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        usage, fingerprint = None, None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+            fingerprint = chunk.system_fingerprint
+        return usage.completion_tokens, fingerprint
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(32)))
+
+    results = asyncio.run(main())
+    assert [n for n, _ in results] == [8 + i % 5 for i in range(32)]
+    assert [f for _, f in results] == [f"a{i % 4}@v0001" for i in range(32)]
+
+
+def test_tenants_see_their_own_and_shared_adapters(server):
+    alice = {m.id for m in server.client("alice").models.list()}
+    bob = {m.id for m in server.client("bob").models.list()}
+    assert alice == {server.base, "a0", "a1", "a2", "a3", "common"}
+    assert bob == {server.base, "secret", "common"}
+    missing = server.post("/v1/completions", {"model": "nope", "prompt": "x"})
+    other = server.post("/v1/completions", {"model": "secret", "prompt": "x"})  # bob's, asked by alice
+    assert missing.status_code == other.status_code == 404
+    assert other.json()["error"]["message"] == "adapter 'secret' does not exist"
+    assert other.json()["error"]["code"] == missing.json()["error"]["code"] == "model_not_found"
+    assert server.post("/v1/completions", {"model": "secret", "prompt": "x", "max_tokens": 2}, user="bob").status_code == 200
+
+
+@pytest.mark.parametrize("body,status,words", [
+    ({"model": "BASE", "prompt": "x", "max_tokens": 500}, 400, "exceeds this model's max_seq_len of 128"),
+    ({"model": "BASE", "prompt": "x", "temperature": 5}, 400, "temperature"),
+    ({"model": "BASE", "prompt": "x", "temperature": "hot"}, 400, "temperature: Input should be a valid number"),
+    ({"model": "BASE", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": "BASE", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"model": "BASE", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "BASE"}, 400, "prompt: Field required"),
+    ({"model": "BASE", "prompt": [1, 99999]}, 400, "token ids must be in"),
+    ({"model": "../etc", "prompt": "x"}, 400, "invalid adapter id"),
+    ({"model": "a1@latest", "prompt": "x"}, 400, "invalid version"),
+    ({"model": "a1@v0042", "prompt": "x"}, 404, "has no version v0042"),
+])
+def test_errors_have_openai_shape_and_name_the_problem(server, body, status, words):
+    body = {k: (server.base if v == "BASE" else v) for k, v in body.items()}
+    r = server.post("/v1/completions", body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and words in err["message"]
+
+
+def test_malformed_bodies_auth_and_size(server):
+    headers = {"Authorization": f"Bearer {server.keys['alice']}", "Content-Type": "application/json"}
+    bad_json = httpx.post(f"{server.url}/v1/chat/completions", content=b'{"model": ', headers=headers)
+    assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
+    bad_utf8 = httpx.post(f"{server.url}/v1/completions", content=b'{"model": "\xff\xfe", "prompt": "x"}', headers=headers)
+    assert bad_utf8.status_code == 400
+    huge = httpx.post(f"{server.url}/v1/completions", json={"model": server.base, "prompt": "x" * 100_000}, headers=headers)
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
+    nokey = server.post("/v1/completions", {"model": server.base, "prompt": "x"}, user=None)
+    wrong = httpx.post(f"{server.url}/v1/completions", json={"model": server.base, "prompt": "x"},
+                       headers={"Authorization": "Bearer sk-wrong"})
+    assert nokey.status_code == wrong.status_code == 401
+    assert wrong.json()["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-nope", max_retries=0).models.list()
+    ok = server.post("/v1/completions", {"model": server.base, "prompt": "still serving", "max_tokens": 2})
+    assert ok.status_code == 200 and httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_back_pressure_answers_503_quickly(server):
+    body = {"model": server.base, "prompt": "x", "max_tokens": 100, "ignore_eos": True, "temperature": 0}
+    results = []
+
+    def call():
+        t0 = time.monotonic()
+        r = httpx.post(f"{server.url}/bp/v1/completions", json=body, timeout=120)
+        results.append((r.status_code, time.monotonic() - t0, r))
+
+    threads = [threading.Thread(target=call) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(c for c, _, _ in results)
+    assert set(codes) == {200, 503} and codes.count(200) >= 1, codes
+    for code, seconds, r in results:
+        if code == 503:
+            assert r.json()["error"]["type"] == "overloaded_error" and r.headers.get("retry-after") == "1"
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 100
+    slowest_503 = max(s for c, s, _ in results if c == 503)
+    fastest_200 = min(s for c, s, _ in results if c == 200)
+    assert slowest_503 < fastest_200  # refused at once, not after waiting
+
+
+def _model_stats(app: str) -> dict:
+    return serve.get_deployment_handle("LoRAModel", app_name=app).stats.remote().result()
+
+
+def test_client_disconnect_frees_the_engine_row(server):
+    before = _model_stats("main")["requests_cancelled"]
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
+                      headers={"Authorization": f"Bearer {server.keys['alice']}"},
+                      json={"model": server.base, "prompt": "x", "max_tokens": 120, "stream": True, "ignore_eos": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # one token, then hang up
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = _model_stats("main")
+        if stats["requests_cancelled"] > before and stats["active_rows"] == 0:
+            break
+        time.sleep(0.2)
+    assert stats["requests_cancelled"] > before and stats["active_rows"] == 0, (before, stats)
+
+
+def test_hot_reload_switches_within_2_seconds_without_failures(server):
+    client = server.client()
+    seen, published_at, switched_at = [], None, None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        r = client.completions.create(model="a3", prompt="Hello", max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        seen.append((time.monotonic(), r.system_fingerprint, r.choices[0].text))
+        if len(seen) == 3:
+            server.publish("alice", "a3", seed=99)
+            published_at = time.monotonic()
+        if published_at and r.system_fingerprint == "a3@v0002":
+            switched_at = time.monotonic()
+            break
+    assert switched_at is not None, seen
+    assert switched_at - published_at < 2.0
+    old = {text for _, fp, text in seen if fp == "a3@v0001"}
+    assert seen[-1][2] not in old  # the new version really answers differently
+
+
+def test_serve_config_is_a_valid_deploy_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    with open("serve_config.yaml") as f:
+        config = ServeDeploySchema.model_validate(yaml.safe_load(f))
+    app = config.applications[0]
+    assert app.import_path == "serve_app.app:build_app"
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {"Ingress", "Tokenizer", "LoRAModel"}
+    assert deployments["LoRAModel"].ray_actor_options.num_gpus == 0  # documented: 1 on a GPU cluster
+    assert deployments["LoRAModel"].max_ongoing_requests >= app.args["engine"]["max_batch_size"]
+    from serve_app.config import AppArgs
+
+    AppArgs(**app.args)  # the args block is valid for the builder too
+
+
+def test_health_check_fails_when_the_engine_loop_died():
+    from serve_app.deployments import LoRAModel
+
+    class DeadBackend:
+        healthy = False
+
+        class scheduler:
+            error = RuntimeError("device fell over")
+
+    replica = LoRAModel.func_or_class.__new__(LoRAModel.func_or_class)
+    replica.backend = DeadBackend()
+    with pytest.raises(RuntimeError, match="engine loop is not running.*device fell over"):
+        replica.check_health()
+    replica.backend.healthy = True
+    replica.check_health()
+    del replica.backend  # nothing to close
+
+
+def test_metrics_are_exported_from_the_model_replica(server):
+    stats = _model_stats("main")
+    assert stats["requests_finished"] > 0 and stats["compilations"] > 0
+    assert stats["adapter_cache"]["loads"] >= 4 and 0 < stats["batch_occupancy"] <= 1
+    assert json.dumps(stats)  # plain numbers, exportable
