@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_NAME = "demo-llama-v1"
+DEMO_NAME = "demo-llama-v2"
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|start|>", "<|end|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|end|>\n{% endfor %}"
@@ -115,7 +115,10 @@ def _build_weights(out: Path, vocab_size: int, seed: int = 0) -> None:
         if name.endswith("norm.weight"):
             tensors[name] = np.ones(shape, np.float32)
         else:
-            tensors[name] = rng.normal(0.0, 0.02, size=shape).astype(np.float32)
+            # The head is drawn wider than the rest so that logits can become confident: with the
+            # usual 0.02 a fine-tuned adapter could never push a token's probability past a few %.
+            std = 0.1 if name == "lm_head.weight" else 0.02
+            tensors[name] = rng.normal(0.0, std, size=shape).astype(np.float32)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 

@@ -127,10 +127,17 @@ class _RowLora:
     modules: dict[str, LoraModule]
     scale_S: jax.Array
     slots_B: jax.Array | None
+    dropout: tuple[jax.Array, float] | None = None  # (PRNG key of this layer, rate): training only
 
     def delta(self, name: str, x: jax.Array) -> jax.Array | None:
         mod = self.modules.get(name)
-        return None if mod is None else lora_delta(x, mod, self.scale_S, self.slots_B)
+        if mod is None:
+            return None
+        if self.dropout is not None and self.dropout[1] > 0:  # PEFT: B(A(dropout(x)))
+            key, rate = self.dropout
+            keep = jax.random.bernoulli(jax.random.fold_in(key, sorted(self.modules).index(name)), 1 - rate, x.shape)
+            x = jnp.where(keep, x / (1 - rate), 0).astype(x.dtype)
+        return lora_delta(x, mod, self.scale_S, self.slots_B)
 
 
 def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None, lora: _RowLora | None, name: str) -> jax.Array:
@@ -212,8 +219,10 @@ def hidden_states(
     cache: KVCache | None = None,
     lora: LoraStack | None = None,
     slots_B: jax.Array | None = None,
+    lora_dropout: tuple[jax.Array, float] | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
-    """The final normed hidden states [B, T, D] and the updated cache; `forward` without the head."""
+    """The final normed hidden states [B, T, D] and the updated cache; `forward` without the head.
+    `lora_dropout` = (key, rate) drops LoRA inputs as PEFT does when training."""
     if lora is None and slots_B is not None:
         raise ValueError("slots_B without a LoRA stack")
     inv_freq = rope_inv_freq(cfg)
@@ -222,7 +231,8 @@ def hidden_states(
     for i, lp in enumerate(params.layers):
         k_cache = None if cache is None else cache.k[i]
         v_cache = None if cache is None else cache.v[i]
-        row_lora = None if lora is None else _RowLora(lora.layers[i], lora.scale, slots_B)
+        dropout = None if lora_dropout is None else (jax.random.fold_in(lora_dropout[0], i), lora_dropout[1])
+        row_lora = None if lora is None else _RowLora(lora.layers[i], lora.scale, slots_B, dropout)
         x, k_cache, v_cache = decoder_layer(lp, x, positions_BxT, inv_freq, cfg, k_cache, v_cache, row_lora)
         new_k.append(k_cache)
         new_v.append(v_cache)
@@ -244,11 +254,12 @@ def forward(
     cache: KVCache | None = None,
     lora: LoraStack | None = None,
     slots_B: jax.Array | None = None,
+    lora_dropout: tuple[jax.Array, float] | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Returns float32 logits [B, T, V] and the updated cache (None in, None out).
 
     With `lora`, row b adds the adapter in slot `slots_B[b]` to every projection it targets;
     with `lora` and no `slots_B`, `lora` is per row already (`lora.gather_rows`).
     """
-    x, cache = hidden_states(params, tokens_BxT, positions_BxT, cfg, cache, lora, slots_B)
+    x, cache = hidden_states(params, tokens_BxT, positions_BxT, cfg, cache, lora, slots_B, lora_dropout)
     return lm_head(params, x), cache

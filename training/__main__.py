@@ -1,0 +1,5 @@
+import sys
+
+from training.ray_entry import main
+
+sys.exit(main())

@@ -1,0 +1,200 @@
+"""Training data: JSONL rows -> tokenized examples -> fixed-shape, bucketed batches.
+
+Row kinds (one per line):
+    {"prompt": ..., "completion": ...}                  SFT: loss on the completion (+ EOS)
+    {"messages": [{"role", "content"}, ...]}            SFT: loss on assistant turns only
+    {"prompt": ..., "chosen": ..., "rejected": ...}     DPO pairs, or SFT on `chosen`
+
+Everything is checked before any compute: the file must exist, hold at least one row, and every
+row must be a JSON object of one kind with string fields; the first bad row is reported with its
+line number. Sequences longer than `max_length` are refused the same way (never silently cut).
+
+Batches are padded to a small set of lengths (powers of two up to max_length) so the training step
+compiles once per bucket. The order is a seeded permutation per epoch, so batch i is the same in a
+run that was interrupted and resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from jaxlora.errors import JaxLoraError
+from jaxlora.tokenizer import render_chat
+
+
+class DataError(JaxLoraError):
+    """The training data cannot be used; the message names the file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    ids: tuple[int, ...]  # the whole sequence
+    loss_mask: tuple[int, ...]  # 1 where ids[t] is a trained (predicted) token
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    tokens: np.ndarray  # [B, T] int32 inputs
+    targets: np.ndarray  # [B, T] int32 next tokens
+    mask: np.ndarray  # [B, T] float32, 1 where the target is trained on
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_rows(path: str | Path) -> list[tuple[int, dict]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"training data {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text: {e}") from e
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: each line must be a JSON object")
+        rows.append((n, row))
+    if not rows:
+        raise DataError(f"{path} holds no rows: give one JSON object per line")
+    return rows
+
+
+def row_kind(row: dict, where: str) -> str:
+    def need_str(*keys: str) -> None:
+        for k in keys:
+            if not isinstance(row.get(k), str):
+                raise DataError(f"{where}: field {k!r} must be a string")
+
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: messages[{i}] needs string 'role' and 'content'")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(f"{where}: the conversation has no assistant turn to learn from")
+        return "chat"
+    if "chosen" in row or "rejected" in row:
+        need_str("prompt", "chosen", "rejected")
+        return "preference"
+    if "prompt" in row or "completion" in row:
+        need_str("prompt", "completion")
+        return "completion"
+    raise DataError(f"{where}: expected 'prompt'+'completion', 'messages', or 'prompt'+'chosen'+'rejected'; "
+                    f"got fields {sorted(row)}")
+
+
+def _prompt_answer(tokenizer, prompt: str, answer: str) -> Example:
+    p = tokenizer(prompt)["input_ids"]
+    a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return Example(tuple(p + a), tuple([0] * len(p) + [1] * len(a)))
+
+
+def _chat(tokenizer, messages: list[dict], where: str) -> Example:
+    """Renders the conversation with the chat template; only assistant turns (and the EOS that
+    closes each) are trained. Each assistant turn is appended after the template's rendering of
+    everything before it, so the prompt side is exactly what serving will send."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = tokenizer(render_chat(tokenizer, messages[:i]), add_special_tokens=False)["input_ids"]
+        if prefix[: len(ids)] != ids:
+            raise DataError(f"{where}: the chat template renders earlier turns differently once later turns "
+                            "follow, so turns cannot be masked; split the conversation into one row per reply")
+        new_prompt = prefix[len(ids):]
+        answer = tokenizer(m["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids += new_prompt + answer
+        mask += [0] * len(new_prompt) + [1] * len(answer)
+    return Example(tuple(ids), tuple(mask))
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    examples: list[Example] | list[tuple[Example, Example]]  # pairs for DPO (chosen, rejected)
+    sha256: str
+    pairs: bool
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def load_dataset(path: str | Path, tokenizer, objective: str, max_length: int) -> Dataset:
+    """Reads, validates and tokenizes every row before training starts."""
+    path = Path(path)
+    examples: list = []
+    for n, row in read_rows(path):
+        where = f"{path}:{n}"
+        kind = row_kind(row, where)
+        if objective == "dpo":
+            if kind != "preference":
+                raise DataError(f"{where}: DPO needs 'prompt', 'chosen' and 'rejected'")
+            item = (_prompt_answer(tokenizer, row["prompt"], row["chosen"]),
+                    _prompt_answer(tokenizer, row["prompt"], row["rejected"]))
+        elif kind == "chat":
+            item = _chat(tokenizer, row["messages"], where)
+        elif kind == "preference":
+            item = _prompt_answer(tokenizer, row["prompt"], row["chosen"])
+        else:
+            item = _prompt_answer(tokenizer, row["prompt"], row["completion"])
+        for ex in item if isinstance(item, tuple) else (item,):
+            if len(ex.ids) > max_length + 1:
+                raise DataError(f"{where}: {len(ex.ids)} tokens, more than max_length={max_length} + 1; "
+                                "shorten the row or raise max_length")
+        examples.append(item)
+    return Dataset(examples, sha256_file(path), pairs=objective == "dpo")
+
+
+def buckets(max_length: int) -> list[int]:
+    out, b = [], 16
+    while b < max_length:
+        out.append(b)
+        b *= 2
+    return out + [max_length]
+
+
+def make_batch(examples: list[Example], max_length: int) -> Batch:
+    longest = max(len(e.ids) - 1 for e in examples)
+    T = next(b for b in buckets(max_length) if b >= longest)
+    B = len(examples)
+    tokens = np.zeros((B, T), np.int32)
+    targets = np.zeros((B, T), np.int32)
+    mask = np.zeros((B, T), np.float32)
+    for i, e in enumerate(examples):
+        n = len(e.ids) - 1
+        tokens[i, :n] = e.ids[:-1]
+        targets[i, :n] = e.ids[1:]
+        mask[i, :n] = e.loss_mask[1:]
+    return Batch(tokens, targets, mask)
+
+
+class BatchStream:
+    """Micro-batch i of the run, reproducibly: epoch i // per_epoch, a seeded permutation per epoch."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, max_length: int, seed: int):
+        self.dataset, self.batch_size, self.max_length, self.seed = dataset, batch_size, max_length, seed
+        self.per_epoch = max(1, len(dataset) // batch_size)
+
+    def __getitem__(self, i: int) -> Batch:
+        epoch, k = divmod(i, self.per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        idx = [int(order[(k * self.batch_size + j) % len(order)]) for j in range(self.batch_size)]
+        items = [self.dataset.examples[j] for j in idx]
+        if self.dataset.pairs:  # chosen rows first, then their rejected twins: one forward for both
+            return make_batch([c for c, _ in items] + [r for _, r in items], self.max_length)
+        return make_batch(items, self.max_length)
