@@ -209,7 +209,7 @@ def test_limits_refuse_at_once_and_the_engine_keeps_serving(tiny):
     small = Scheduler(tiny.engine, tiny.slots)  # not started: nothing leaves the queue
     queued = []
     with pytest.raises(Overloaded, match="at capacity"):
-        for _ in range(tiny.engine.config.max_queue + 1):
+        for _ in range(tiny.engine.config.max_queue + tiny.engine.config.max_batch_size + 1):
             queued.append(small.submit([1, 2], SamplingParams(max_tokens=2, **GREEDY)))
     assert len(queued) == tiny.engine.config.max_queue + tiny.engine.config.max_batch_size  # free rows take some at once
     small.start()
