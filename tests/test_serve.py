@@ -275,6 +275,29 @@ def test_hot_reload_switches_within_2_seconds_without_failures(server):
     assert seen[-1][2] not in old  # the new version really answers differently
 
 
+def test_training_through_ray_is_served_without_restart(server, tmp_path):
+    from training.ray_entry import submit
+    from training.spec import TrainSpec
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}:", "completion": f" answer {i}"}) + "\n" for i in range(8)))
+    spec = TrainSpec(user_id="alice", adapter_id="trained", data=str(data), model_dir=str(server.model_dir),
+                     fs_root=str(server.store.fs_root), steps=4, batch_size=4, max_length=32, lora={"r": 4, "alpha": 8})
+    before = {m.id for m in server.client().models.list()}
+    result = ray.get(submit([spec])[0], timeout=300)
+    assert result["version"] == "v0001" and "trained" not in before
+    r = server.client().completions.create(model="trained", prompt="Q1:", max_tokens=3, extra_body={"ignore_eos": True})
+    assert r.system_fingerprint == "trained@v0001"
+    result = ray.get(submit([spec])[0], timeout=300)  # train again: a new version, served within the poll interval
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        r = server.client().completions.create(model="trained", prompt="Q1:", max_tokens=3, extra_body={"ignore_eos": True})
+        if r.system_fingerprint == "trained@v0002":
+            break
+        time.sleep(0.2)
+    assert r.system_fingerprint == "trained@v0002"
+
+
 def test_serve_config_is_a_valid_deploy_config():
     from ray.serve.schema import ServeDeploySchema
 
