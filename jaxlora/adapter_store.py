@@ -282,8 +282,12 @@ class AdapterStore:
             with self._publish_lock(adapter_dir):
                 version = self._rename_to_next_version(tmp, adapter_dir)
                 link_tmp = adapter_dir / f".latest-{uuid.uuid4().hex}"
-                os.symlink(version, link_tmp)
-                os.replace(link_tmp, adapter_dir / LATEST)
+                try:
+                    os.symlink(version, link_tmp)
+                    os.replace(link_tmp, adapter_dir / LATEST)
+                finally:
+                    if link_tmp.is_symlink():
+                        link_tmp.unlink()
                 _fsync(adapter_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -94,6 +94,12 @@ class _BodyTooLarge(Exception):
     pass
 
 
+def _replica_failed(e: BaseException) -> ApiError:
+    log.warning("model replica failed during a request: %r", e)
+    return ApiError(503, "the model replica serving this request failed; retry the request",
+                    type_="overloaded_error", code="replica_failed")
+
+
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -150,6 +156,8 @@ class Ingress:
         except BackPressureError:
             raise ApiError(503, "the model deployment is at capacity; retry shortly", type_="overloaded_error",
                            code="overloaded") from None
+        except Exception as e:  # the replica died or is unreachable: the client may retry elsewhere
+            raise _replica_failed(e) from None
         if "error" in first:
             gen.cancel()
             e = first["error"]["error"]
@@ -179,6 +187,10 @@ class Ingress:
                 elif "error" in msg:
                     e = msg["error"]["error"]
                     raise ApiError(msg["status"], e["message"], e["type"], e.get("param"), e.get("code"))
+        except ApiError:
+            raise
+        except Exception as e:  # the replica died mid-request (Ray replaces it): say so instead of hanging
+            raise _replica_failed(e) from None
         finally:
             gen.cancel()  # no-op when finished; frees the engine row when the client went away
 

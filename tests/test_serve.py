@@ -75,7 +75,7 @@ def server(demo_model_dir, tmp_path_factory):
     serve.run(build_app({**common, "auth": True, "api_keys_file": str(keys_file), "engine": ENGINE,
                          "max_request_bytes": 65536}), name="main", route_prefix="/")
     # A deliberately tiny deployment for back-pressure: one row, no engine queue, two queued at the handle.
-    serve.run(build_app({**common, "engine": {**ENGINE, "max_batch_size": 1, "max_queue": 0},
+    serve.run(build_app({**common, "engine": {**ENGINE, "max_batch_size": 1, "max_queue": 0, "max_seq_len": 512},
                          "model_max_queued_requests": 2}), name="bp", route_prefix="/bp")
     yield srv
     serve.shutdown()
@@ -298,6 +298,42 @@ def test_training_through_ray_is_served_without_restart(server, tmp_path):
     assert r.system_fingerprint == "trained@v0002"
 
 
+def test_corrupt_new_version_leaves_the_old_one_serving(server):
+    server.publish("alice", "fragile", seed=21)
+    client = server.client()
+    assert client.completions.create(model="fragile", prompt="x", max_tokens=2).system_fingerprint == "fragile@v0001"
+    failures_before = _model_stats("main")["adapter_reload"]["reload_failures"]
+
+    def corrupt(folder):
+        (folder / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
+        (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 64)  # a truncated upload
+
+    server.store.publish("alice", "fragile", corrupt, base_model={"name": server.base, "fingerprint": server.fingerprint})
+    deadline, served = time.monotonic() + 2.5, []
+    while time.monotonic() < deadline:
+        r = client.completions.create(model="fragile", prompt="x", max_tokens=2)  # raises on any failure
+        served.append(r.system_fingerprint)
+    assert set(served) == {"fragile@v0001"}
+    assert _model_stats("main")["adapter_reload"]["reload_failures"] > failures_before
+
+
+def test_deleted_adapter_becomes_404_and_others_are_unaffected(server):
+    import shutil
+
+    server.publish("alice", "doomed", seed=22)
+    client = server.client()
+    client.completions.create(model="doomed", prompt="x", max_tokens=2)
+    shutil.rmtree(server.store.adapters_dir("alice") / "doomed")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        r = server.post("/v1/completions", {"model": "doomed", "prompt": "x", "max_tokens": 2})
+        if r.status_code == 404:
+            break
+        time.sleep(0.1)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert client.completions.create(model="a0", prompt="x", max_tokens=2).system_fingerprint == "a0@v0001"
+
+
 def test_serve_config_is_a_valid_deploy_config():
     from ray.serve.schema import ServeDeploySchema
 
@@ -337,3 +373,33 @@ def test_metrics_are_exported_from_the_model_replica(server):
     assert stats["requests_finished"] > 0 and stats["compilations"] > 0
     assert stats["adapter_cache"]["loads"] >= 4 and 0 < stats["batch_occupancy"] <= 1
     assert json.dumps(stats)  # plain numbers, exportable
+
+
+def test_killed_model_replica_fails_in_flight_requests_clearly_and_recovers(server):
+    """Last in this file: it kills the back-pressure app's model replica."""
+    from ray.util import list_named_actors
+
+    body = {"model": server.base, "prompt": "x", "max_tokens": 500, "ignore_eos": True, "temperature": 0}
+    result = {}
+
+    def call():
+        t0 = time.monotonic()
+        r = httpx.post(f"{server.url}/bp/v1/completions", json=body, timeout=120)
+        result.update(status=r.status_code, body=r.json(), seconds=time.monotonic() - t0)
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.5)  # the request is decoding now (500 tokens take seconds)
+    replicas = [a for a in list_named_actors(all_namespaces=True) if "bp#LoRAModel" in a["name"]]
+    assert len(replicas) == 1, replicas
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    t.join(timeout=60)
+    assert not t.is_alive(), "the in-flight request hung"
+    assert result["status"] == 503 and result["body"]["error"]["code"] == "replica_failed", result
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # Serve starts a new replica; requests succeed again
+        r = httpx.post(f"{server.url}/bp/v1/completions", json={**body, "max_tokens": 3}, timeout=120)
+        if r.status_code == 200:
+            break
+        time.sleep(1)
+    assert r.status_code == 200

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from jaxlora.adapter_store import check_id
+from jaxlora.errors import InvalidAdapterRef
 from jaxlora.lora import LORA_MODULES
 
 
@@ -59,8 +60,11 @@ class TrainSpec(BaseModel):
 
     @field_validator("user_id", "adapter_id")
     @classmethod
-    def _ids(cls, v: str) -> str:
-        return check_id(v)
+    def _ids(cls, v: str, info: ValidationInfo) -> str:
+        try:
+            return check_id(v, info.field_name.replace("_id", " id"))
+        except InvalidAdapterRef as e:  # pydantic reports ValueErrors as validation errors
+            raise ValueError(str(e)) from None
 
     @model_validator(mode="after")
     def _length(self) -> "TrainSpec":
