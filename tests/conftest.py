@@ -23,3 +23,12 @@ def demo_model_dir(tmp_path_factory):
     from jaxlora.demo import build_demo_model
 
     return build_demo_model(tmp_path_factory.mktemp("demo") / "model")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for every test that needs it (started on first use)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

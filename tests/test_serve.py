@@ -58,13 +58,12 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(demo_model_dir, tmp_path_factory):
+def server(ray_local, demo_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     keys_file = root / "keys.json"
     keys = {u: add_key(keys_file, u) for u in ("alice", "bob")}
     store = AdapterStore(root / "fs")
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     srv = Server(f"http://127.0.0.1:{port}", store, demo_model_dir, keys)
     for i in range(4):
@@ -79,7 +78,6 @@ def server(demo_model_dir, tmp_path_factory):
                          "model_max_queued_requests": 2}), name="bp", route_prefix="/bp")
     yield srv
     serve.shutdown()
-    ray.shutdown()
 
 
 def test_openai_client_completions_and_chat(server):
