@@ -42,6 +42,8 @@ class EngineConfig:
     """Prompt lengths are padded up to the smallest bucket that holds them (one compile each)."""
     decode_steps: int = 8
     """Tokens per row per generate call: more is faster, fewer streams sooner."""
+    prefill_batch: int = 4
+    """Prompts of the same length bucket prefilled together in one call (unused places are padding)."""
     max_queue: int = 256
     """Requests waiting for a row beyond this are refused at once (overload)."""
     num_adapter_slots: int = 8
@@ -53,8 +55,8 @@ class EngineConfig:
     """Weights, activations and KV cache: float32 or bfloat16 (norms, softmax and logits stay float32)."""
 
     def __post_init__(self):
-        if self.max_batch_size < 1 or self.decode_steps < 1 or self.max_queue < 0:
-            raise ValueError("max_batch_size and decode_steps must be >= 1 and max_queue >= 0")
+        if self.max_batch_size < 1 or self.decode_steps < 1 or self.prefill_batch < 1 or self.max_queue < 0:
+            raise ValueError("max_batch_size, decode_steps and prefill_batch must be >= 1 and max_queue >= 0")
         if self.num_adapter_slots < 2:
             raise ValueError("num_adapter_slots must be >= 2 (slot 0 is the base model)")
         if self.dtype not in ("float32", "bfloat16"):
@@ -83,15 +85,16 @@ class RowSampling:
     want_logprobs: jax.Array  # [B] bool
 
     @classmethod
-    def of(cls, p: SamplingParams, seed: int) -> "RowSampling":
-        hi, lo = split_seed(seed)
+    def of(cls, items: list[tuple[SamplingParams, int]]) -> "RowSampling":
+        """One row per (params, seed)."""
+        seeds = [split_seed(seed) for _, seed in items]
         return cls(
-            temperature=jnp.array([p.temperature], jnp.float32),
-            top_k=jnp.array([p.top_k], jnp.int32),
-            top_p=jnp.array([p.top_p], jnp.float32),
-            seed_hi=jnp.array([hi], jnp.uint32),
-            seed_lo=jnp.array([lo], jnp.uint32),
-            want_logprobs=jnp.array([p.logprobs is not None], jnp.bool_),
+            temperature=jnp.array([p.temperature for p, _ in items], jnp.float32),
+            top_k=jnp.array([p.top_k for p, _ in items], jnp.int32),
+            top_p=jnp.array([p.top_p for p, _ in items], jnp.float32),
+            seed_hi=jnp.array([hi for hi, _ in seeds], jnp.uint32),
+            seed_lo=jnp.array([lo for _, lo in seeds], jnp.uint32),
+            want_logprobs=jnp.array([p.logprobs is not None for p, _ in items], jnp.bool_),
         )
 
 
@@ -109,13 +112,13 @@ class StepTokens:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Prefix:
-    """One prefilled prompt: its KV cache (bucket length) and its first generated token."""
+    """P prefilled prompts of one length bucket: their KV caches and first generated tokens."""
 
-    cache: KVCache  # L x [1, T, K, H]
-    true_len: jax.Array  # [] int32
-    slot: jax.Array  # [] int32
-    sampling: RowSampling  # [1] per field
-    first: StepTokens  # [1] per field
+    cache: KVCache  # L x [P, T, K, H]
+    true_len: jax.Array  # [P] int32
+    slot: jax.Array  # [P] int32
+    sampling: RowSampling  # [P] per field
+    first: StepTokens  # [P] per field
 
 
 @jax.tree_util.register_dataclass
@@ -129,33 +132,40 @@ class DecodeState:
     sampling: RowSampling
 
 
-def _prefill(params: Params, lora: LoraStack, tokens_1xT, true_len, slot, sampling: RowSampling, cfg: ModelConfig) -> Prefix:
-    T = tokens_1xT.shape[1]
-    cache = KVCache.zeros(cfg, 1, T, params.embed.dtype)
-    positions_1xT = jnp.arange(T, dtype=jnp.int32)[None]
-    x_1xTxD, cache = hidden_states(params, tokens_1xT, positions_1xT, cfg, cache, lora, slot[None])
-    last_1xV = lm_head(params, jax.lax.dynamic_slice_in_dim(x_1xTxD, true_len - 1, 1, axis=1))[0]  # only what is sampled
-    first = StepTokens(*sample(last_1xV, sampling.temperature, sampling.top_k, sampling.top_p,
-                               sampling.seed_hi, sampling.seed_lo, jnp.zeros((1,), jnp.int32), sampling.want_logprobs))
-    return Prefix(cache=cache, true_len=true_len, slot=slot, sampling=sampling, first=first)
+def _prefill(params: Params, lora: LoraStack, tokens_PxT, true_len_P, slot_P, sampling: RowSampling,
+             cfg: ModelConfig) -> Prefix:
+    P, T = tokens_PxT.shape
+    cache = KVCache.zeros(cfg, P, T, params.embed.dtype)
+    positions_PxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
+    x_PxTxD, cache = hidden_states(params, tokens_PxT, positions_PxT, cfg, cache, lora, slot_P)
+    last_Px1xD = jnp.take_along_axis(x_PxTxD, (true_len_P - 1)[:, None, None], axis=1)
+    last_PxV = lm_head(params, last_Px1xD)[:, 0]  # only what is sampled
+    first = StepTokens(*sample(last_PxV, sampling.temperature, sampling.top_k, sampling.top_p,
+                               sampling.seed_hi, sampling.seed_lo, jnp.zeros((P,), jnp.int32), sampling.want_logprobs))
+    return Prefix(cache=cache, true_len=true_len_P, slot=slot_P, sampling=sampling, first=first)
 
 
-def _insert(prefix: Prefix, state: DecodeState, row) -> DecodeState:
-    def put(dst_B, src_1):
-        return jax.lax.dynamic_update_slice_in_dim(dst_B, src_1.astype(dst_B.dtype), row, axis=0)
+def _insert(prefix: Prefix, state: DecodeState, rows_P) -> DecodeState:
+    """Prefix p goes into decode row rows_P[p]; a negative row marks padding, which writes back
+    what the (clamped) row already holds, so it changes nothing and needs no branch."""
+    for p in range(rows_P.shape[0]):
+        valid = rows_P[p] >= 0
+        row = jnp.maximum(rows_P[p], 0)
 
-    cache = KVCache(
-        k=tuple(jax.lax.dynamic_update_slice(d, s, (row, 0, 0, 0)) for d, s in zip(state.cache.k, prefix.cache.k)),
-        v=tuple(jax.lax.dynamic_update_slice(d, s, (row, 0, 0, 0)) for d, s in zip(state.cache.v, prefix.cache.v)),
-    )
-    return DecodeState(
-        cache=cache,
-        tokens=put(state.tokens, prefix.first.token),
-        positions=put(state.positions, prefix.true_len[None]),
-        index=put(state.index, jnp.ones((1,), jnp.int32)),
-        slots=put(state.slots, prefix.slot[None]),
-        sampling=jax.tree.map(put, state.sampling, prefix.sampling),
-    )
+        def put(dst, src, p=p, valid=valid, row=row):
+            start = (row,) + (0,) * (dst.ndim - 1)
+            current = jax.lax.dynamic_slice(dst, start, (1,) + src.shape[1:])
+            return jax.lax.dynamic_update_slice(dst, jnp.where(valid, src[p][None].astype(dst.dtype), current), start)
+
+        state = DecodeState(
+            cache=KVCache(k=tuple(map(put, state.cache.k, prefix.cache.k)), v=tuple(map(put, state.cache.v, prefix.cache.v))),
+            tokens=put(state.tokens, prefix.first.token),
+            positions=put(state.positions, prefix.true_len),
+            index=put(state.index, jnp.ones_like(prefix.true_len)),
+            slots=put(state.slots, prefix.slot),
+            sampling=jax.tree.map(put, state.sampling, prefix.sampling),
+        )
+    return state
 
 
 def _generate(params: Params, lora: LoraStack, state: DecodeState, cfg: ModelConfig, steps: int):
@@ -235,14 +245,26 @@ class Engine:
                 return b
         raise ValueError(f"prompt of {n} tokens is longer than max_seq_len={self.config.max_seq_len}")
 
-    def prefill(self, lora: LoraStack, prompt: list[int], slot: int, params: SamplingParams, seed: int) -> Prefix:
-        T = self.bucket(len(prompt))
-        tokens = np.zeros((1, T), np.int32)
-        tokens[0, : len(prompt)] = prompt
-        return self._prefill(self.params, lora, tokens, jnp.int32(len(prompt)), jnp.int32(slot), RowSampling.of(params, seed))
+    def prefill(self, lora: LoraStack, items: list[tuple[list[int], int, SamplingParams, int]]) -> Prefix:
+        """Prefills up to `prefill_batch` (prompt, slot, params, seed) of one length bucket, padded
+        with dummy prompts to exactly `prefill_batch`, so the shape depends on the bucket alone."""
+        P = self.config.prefill_batch
+        T = self.bucket(max(len(prompt) for prompt, *_ in items))
+        if len(items) > P or any(self.bucket(len(prompt)) != T for prompt, *_ in items):
+            raise ValueError(f"prefill takes at most {P} prompts of one length bucket")
+        padding = ([0], 0, SamplingParams(max_tokens=1, temperature=0.0), 0)
+        items = list(items) + [padding] * (P - len(items))
+        tokens = np.zeros((P, T), np.int32)
+        for i, (prompt, *_) in enumerate(items):
+            tokens[i, : len(prompt)] = prompt
+        return self._prefill(self.params, lora, tokens, jnp.array([len(p) for p, *_ in items], jnp.int32),
+                             jnp.array([slot for _, slot, *_ in items], jnp.int32),
+                             RowSampling.of([(params, seed) for _, _, params, seed in items]))
 
-    def insert(self, prefix: Prefix, state: DecodeState, row: int) -> DecodeState:
-        return self._insert(prefix, state, jnp.int32(row))
+    def insert(self, prefix: Prefix, state: DecodeState, rows: list[int]) -> DecodeState:
+        """Puts prefix p into decode row rows[p] (the padding places are skipped)."""
+        rows = list(rows) + [-1] * (self.config.prefill_batch - len(rows))
+        return self._insert(prefix, state, jnp.array(rows, jnp.int32))
 
     def generate(self, lora: LoraStack, state: DecodeState) -> tuple[DecodeState, StepTokens]:
         """Runs `decode_steps` steps for every row; the StepTokens fields are [steps, B, ...]."""
@@ -253,8 +275,8 @@ class Engine:
         state = self.init_state()
         greedy = SamplingParams(max_tokens=1, temperature=0.0)
         for T in self.config.buckets:
-            prefix = self.prefill(lora, [0] * T, 0, greedy, 0)
-            state = self.insert(prefix, state, 0)
+            prefix = self.prefill(lora, [([0] * T, 0, greedy, 0)])
+            state = self.insert(prefix, state, [0])
         state, out = self.generate(lora, state)
         jax.block_until_ready(out.token)
 

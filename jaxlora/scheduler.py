@@ -277,45 +277,63 @@ class Scheduler:
         return req.adapter_ready is None or req.adapter_ready.done()
 
     def _admit(self) -> None:
+        """Fills free rows: the oldest admissible request, plus waiting ones of the same prompt-length
+        bucket (one prefill call for up to `prefill_batch` of them, a shape set by the bucket alone)."""
         while None in self._rows:
-            req = self._next_admissible()
-            if req is None:
+            group = self._next_group(min(self.engine.config.prefill_batch, self._rows.count(None)))
+            if not group:
                 return
-            if req.adapter is not None:
-                if req.adapter_ready.exception() is not None:  # the adapter failed to load: this request only
-                    self._finish(req, "error", req.adapter_ready.exception())
-                    continue
-                try:
-                    req.slot = self.slots.acquire(req.adapter)
-                except NoFreeSlot:
-                    with self._cond:
-                        self._waiting.appendleft(req)  # keeps its place; rows finishing free slots
-                    return
-                except JaxLoraError as e:  # e.g. evicted from the host cache and then unreadable
-                    self._finish(req, "error", e)
-                    continue
-            row = self._rows.index(None)
-            req.row = row
-            self._rows[row] = req
-            self.metrics.active_rows += 1
-            prefix = self.engine.prefill(self.slots.stack, req.prompt, req.slot, req.params, req.seed)
-            self._state = self.engine.insert(prefix, self._state, row)
-            first = jax.device_get(prefix.first)
-            req.first_token_at = time.monotonic()
-            self._accept(req, int(first.token[0]), float(first.logprob[0]), first.top_ids[0], first.top_logprobs[0])
+            ready = []
+            for i, req in enumerate(group):
+                if req.adapter is not None:
+                    if req.adapter_ready.exception() is not None:  # the adapter failed to load: this request only
+                        self._finish(req, "error", req.adapter_ready.exception())
+                        continue
+                    try:
+                        req.slot = self.slots.acquire(req.adapter)
+                    except NoFreeSlot:
+                        with self._cond:  # they keep their places; rows finishing free slots
+                            self._waiting.extendleft(reversed(group[i:]))
+                        group = None
+                        break
+                    except JaxLoraError as e:  # e.g. evicted from the host cache and then unreadable
+                        self._finish(req, "error", e)
+                        continue
+                ready.append(req)
+            if ready:
+                self._start(ready)
+            if group is None:
+                return
 
-    def _next_admissible(self) -> _Request | None:
-        """The oldest waiting request that can start now; those whose adapter is still loading
-        keep their place but do not hold up the ones behind them."""
+    def _start(self, reqs: list[_Request]) -> None:
+        for req in reqs:
+            req.row = self._rows.index(None)
+            self._rows[req.row] = req
+            self.metrics.active_rows += 1
+        prefix = self.engine.prefill(self.slots.stack, [(r.prompt, r.slot, r.params, r.seed) for r in reqs])
+        self._state = self.engine.insert(prefix, self._state, [r.row for r in reqs])
+        first = jax.device_get(prefix.first)
+        now = time.monotonic()
+        for p, req in enumerate(reqs):
+            req.first_token_at = now
+            self._accept(req, int(first.token[p]), float(first.logprob[p]), first.top_ids[p], first.top_logprobs[p])
+
+    def _next_group(self, limit: int) -> list[_Request]:
+        """The oldest waiting request that can start now and up to `limit - 1` more of its bucket;
+        those whose adapter is still loading keep their place but do not hold up the others."""
+        group: list[_Request] = []
         with self._cond:
-            for i, req in enumerate(self._waiting):
-                if req.cancelled:
+            for req in list(self._waiting):
+                if len(group) == limit:
+                    break
+                if req.cancelled or not self._admissible(req):
                     continue
-                if self._admissible(req):
-                    del self._waiting[i]
-                    self.metrics.queue_depth = len(self._waiting)
-                    return req
-        return None
+                if group and self.engine.bucket(len(req.prompt)) != self.engine.bucket(len(group[0].prompt)):
+                    continue
+                self._waiting.remove(req)
+                group.append(req)
+            self.metrics.queue_depth = len(self._waiting)
+        return group
 
     def _decode(self) -> None:
         t0 = time.monotonic()
