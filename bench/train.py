@@ -10,7 +10,6 @@ then `--steps` timed steps (forward, backward, optimizer update). Prints one JSO
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import tempfile
 import time

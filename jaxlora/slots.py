@@ -185,8 +185,5 @@ class SlotCache:
         last = self.stack.num_slots - 1
         self.stack = _write_slot(self.stack, jnp.int32(last), padded_slot_arrays(empty, self.stack), jnp.float32(0.0))
 
-    def resident(self) -> dict[AdapterKey, int]:
-        return dict(self._slot_of)
-
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
