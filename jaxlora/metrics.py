@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import resource
 import threading
 
@@ -25,8 +26,14 @@ def _percentiles(values) -> dict[str, float]:
 
 
 def peak_memory_bytes() -> dict[str, int]:
-    """Peak resident memory of this process and, where the device reports it, device peak bytes."""
+    """Resident memory of this process now and at its peak and, where the device reports it,
+    device peak bytes."""
     out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    try:
+        with open("/proc/self/statm") as f:
+            out["host_rss_bytes"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: peak only
+        pass
     try:
         import jax
 

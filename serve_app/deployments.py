@@ -2,7 +2,7 @@
 
 LoRAModel is a thin shim over `jaxlora.backend.LocalJaxLoRABackend`: it resolves the adapter for the
 caller's tenant, submits token ids, and streams events back as plain dicts:
-    {"start": {"adapter": {"id", "version"} | None, "seed"}}   first, once the request is accepted
+    {"start": {"adapter": {"id", "version"} | None, "seed", "replica"}}   first, once the request is accepted
     {"tokens": [[token_id, logprob, [[alt_id, alt_logprob], ...]], ...]}   as they are produced
     {"done": {"reason", "prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms"}}   last
 or {"error": {...OpenAI error...}, "status": code} instead of "start" when the request is refused.
@@ -100,7 +100,7 @@ class LoRAModel:
             yield {"error": err.body(), "status": err.status}
             return
         adapter = handle.adapter
-        yield {"start": {"seed": handle.seed,
+        yield {"start": {"seed": handle.seed, "replica": serve.get_replica_context().replica_id.unique_id,
                          "adapter": None if adapter is None else {"id": adapter.adapter_id, "version": adapter.version}}}
         finished = False
         try:

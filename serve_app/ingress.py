@@ -237,7 +237,7 @@ class Ingress:
                 out["usage"] = usage
             return out
 
-        return await self._respond(route, body, gen, logprobs, len(prompt_ids), started, chunk, chat=False)
+        return await self._respond(route, body, gen, logprobs, len(prompt_ids), started, chunk, start, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
@@ -264,17 +264,18 @@ class Ingress:
                 out["usage"] = usage
             return out
 
-        return await self._respond(route, body, gen, logprobs, len(prompt_ids), started, chunk, chat=True)
+        return await self._respond(route, body, gen, logprobs, len(prompt_ids), started, chunk, start, chat=True)
 
     def _decode_one(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    async def _respond(self, route, body, gen, logprobs, prompt_tokens, started, chunk, chat: bool):
+    async def _respond(self, route, body, gen, logprobs, prompt_tokens, started, chunk, start, chat: bool):
         events = self._events(gen, body.stop_strings(), logprobs)
+        headers = {"x-jaxlora-replica": start["replica"]}  # which model replica served it (affinity, debugging)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._stream(route, events, chunk, prompt_tokens, started, include_usage, chat),
-                                     media_type="text/event-stream")
+                                     media_type="text/event-stream", headers=headers)
         parts, completion_tokens, finish, first_at = [], 0, None, None
         try:
             async for delta, _lp, produced, reason in events:
@@ -293,7 +294,7 @@ class Ingress:
             choice = out["choices"][0]
             choice["message"] = {"role": "assistant", "content": text}
             del choice["delta"]
-        return out
+        return JSONResponse(out, headers=headers)
 
     async def _stream(self, route, events, chunk, prompt_tokens, started, include_usage, chat) -> AsyncIterator[str]:
         completion_tokens, first_at, status = 0, None, 200

@@ -4,6 +4,7 @@ and by httpx: API shapes, tenants, errors, back-pressure, disconnects and hot re
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import socket
 import threading
@@ -70,9 +71,14 @@ def server(ray_local, demo_model_dir, tmp_path_factory):
         srv.publish("alice", f"a{i}", seed=i)
     srv.publish("bob", "secret", seed=10)
     srv.publish(None, "common", seed=11)
+    for i in range(4):
+        srv.publish("local", f"p{i}", seed=30 + i)  # for the apps without auth (everyone is "local")
     common = {"model_dir": str(demo_model_dir), "fs_root": str(root / "fs"), "poll_interval_s": 0.25}
     serve.run(build_app({**common, "auth": True, "api_keys_file": str(keys_file), "engine": ENGINE,
                          "max_request_bytes": 65536}), name="main", route_prefix="/")
+    # Two model replicas, to see requests for one adapter stay on the replica that holds it.
+    serve.run(build_app({**common, "engine": {**ENGINE, "max_batch_size": 2}, "model_replicas": 2}),
+              name="pair", route_prefix="/pair")
     # A deliberately tiny deployment for back-pressure: one row, no engine queue, two queued at the handle.
     serve.run(build_app({**common, "engine": {**ENGINE, "max_batch_size": 1, "max_queue": 0, "max_seq_len": 512},
                          "model_max_queued_requests": 2}), name="bp", route_prefix="/bp")
@@ -230,6 +236,17 @@ def test_back_pressure_answers_503_quickly(server):
     slowest_503 = max(s for c, s, _ in results if c == 503)
     fastest_200 = min(s for c, s, _ in results if c == 200)
     assert slowest_503 < fastest_200  # refused at once, not after waiting
+
+
+def test_requests_for_an_adapter_stay_on_one_replica(server):
+    replicas_of = collections.defaultdict(list)
+    for i in range(24):
+        model = f"p{i % 4}"
+        r = httpx.post(f"{server.url}/pair/v1/completions", timeout=60, json={"model": model, "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        replicas_of[model].append(r.headers["x-jaxlora-replica"])
+    # After an adapter's first request, Serve routes it to the replica that has it (multiplexed id).
+    assert all(len(set(seen[1:])) == 1 for seen in replicas_of.values()), dict(replicas_of)
 
 
 def _model_stats(app: str) -> dict:
