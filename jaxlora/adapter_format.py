@@ -26,7 +26,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from jaxlora.adapter_store import sha256_of
+from jaxlora.adapter_store import MANIFEST, sha256_of
 from jaxlora.config import ModelConfig
 from jaxlora.errors import AdapterFormatError
 from jaxlora.lora import LORA_MODULES, lora_scale
@@ -130,13 +130,19 @@ def _check_peft_config(c: dict, path: Path) -> None:
             raise AdapterFormatError(f"adapter {path}: {PEFT_CONFIG} needs a positive number {key!r}")
 
 
-def _read_peft(path: Path) -> LoraAdapter:
+def _json_object(path: Path, name: str) -> dict:
+    """The JSON object in `path / name`, or an AdapterFormatError that names the file."""
     try:
-        c = json.loads((path / PEFT_CONFIG).read_text())
+        d = json.loads((path / name).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFormatError(f"adapter {path}: {PEFT_CONFIG} is not valid JSON ({e})") from e
-    if not isinstance(c, dict):
-        raise AdapterFormatError(f"adapter {path}: {PEFT_CONFIG} must hold a JSON object")
+        raise AdapterFormatError(f"adapter {path}: {name} is not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise AdapterFormatError(f"adapter {path}: {name} must hold a JSON object")
+    return d
+
+
+def _read_peft(path: Path) -> LoraAdapter:
+    c = _json_object(path, PEFT_CONFIG)
     _check_peft_config(c, path)
     if not (path / PEFT_WEIGHTS).is_file():
         _refuse_pickle(path)
@@ -169,12 +175,7 @@ def _read_peft(path: Path) -> LoraAdapter:
 
 
 def _read_legacy(path: Path) -> LoraAdapter:
-    try:
-        d = json.loads((path / LEGACY_PARAMS).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFormatError(f"adapter {path}: {LEGACY_PARAMS} is not valid JSON ({e})") from e
-    if not isinstance(d, dict):
-        raise AdapterFormatError(f"adapter {path}: {LEGACY_PARAMS} must hold a JSON object")
+    d = _json_object(path, LEGACY_PARAMS)
     halves: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for name, value in d.items():
         if name in ("r", "alpha", "lora_alpha"):
@@ -221,13 +222,7 @@ def read_published(path: Path, cfg: ModelConfig, max_rank: int, base_fingerprint
     """Reads a version published by the adapter store, checking its manifest first: the weights
     must hash to what the manifest recorded (a damaged copy is refused) and, when both sides know
     it, the base model the adapter was trained on must be the one being served."""
-    manifest_path = path / "manifest.json"
-    manifest = {}
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AdapterFormatError(f"adapter {path}: manifest.json is not valid JSON ({e})") from e
+    manifest = _json_object(path, MANIFEST) if (path / MANIFEST).is_file() else {}
     base = manifest.get("base_model") or {}
     if base_fingerprint and base.get("fingerprint") and base["fingerprint"] != base_fingerprint:
         raise AdapterFormatError(
