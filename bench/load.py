@@ -27,7 +27,7 @@ import httpx
 from bench.common import emit, machine
 
 
-def start_app(port: int):
+def start_app(port: int, max_batch_size: int = 16, max_queue: int = 64, max_queued: int = 64):
     import ray
     from ray import serve
 
@@ -49,8 +49,9 @@ def start_app(port: int):
         store.publish("local", f"load{i}", lambda d, ad=ad: write_peft(ad, d), base_model=base)
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"fs_root": fs, "engine": {"max_batch_size": 16, "max_seq_len": 128,
-                                                    "prefill_buckets": [16, 32, 64], "max_queue": 64}}),
+    serve.run(build_app({"fs_root": fs, "model_max_queued_requests": max_queued,
+                         "engine": {"max_batch_size": max_batch_size, "max_seq_len": 128, "prefill_buckets": [16, 32, 64],
+                                    "max_queue": max_queue}}),
               name="load", route_prefix="/")
     return model_dir.name, ["demo-concise", "demo-verbose", "load0", "load1"]
 
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--url", help="an app already running (its model stats are then not read)")
+    ap.add_argument("--max-batch-size", type=int, default=16, help="engine rows of the app this starts")
+    ap.add_argument("--max-queue", type=int, default=64, help="engine queue of the app this starts")
+    ap.add_argument("--max-queued", type=int, default=64, help="handle queue (max_queued_requests) of the app")
     args = ap.parse_args(argv)
     if args.url:
         url, base, adapters, own = args.url, "demo-llama-v2", ["demo-concise", "demo-verbose"], False
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        base, adapters = start_app(port)
+        base, adapters = start_app(port, args.max_batch_size, args.max_queue, args.max_queued)
         url, own = f"http://127.0.0.1:{port}", True
     for model in [base, *adapters]:  # warm every path once, so "before" is the steady state
         for stream in (False, True):
