@@ -196,7 +196,7 @@ class LocalJaxLoRABackend:
         return self.scheduler.healthy
 
     def metrics(self) -> dict:
-        out = self.scheduler.metrics.snapshot()
+        out = self.scheduler.snapshot()
         out["adapter_cache"] = dataclasses.asdict(self.slots.stats)
         out["adapter_reload"] = dataclasses.asdict(self.versions.stats)
         out["compilations"] = compile_count()

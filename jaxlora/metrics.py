@@ -58,8 +58,6 @@ class EngineMetrics:
     decode_seconds: float = 0.0
     busy_row_steps: int = 0
     total_row_steps: int = 0
-    queue_depth: int = 0
-    active_rows: int = 0
     ttft_s: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=WINDOW))
     tpot_s: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=WINDOW))
     latency_s: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=WINDOW))
@@ -91,8 +89,7 @@ class EngineMetrics:
         with self.lock:
             out = {k: getattr(self, k) for k in (
                 "requests_submitted", "requests_finished", "requests_cancelled", "requests_failed",
-                "requests_rejected_overload", "prompt_tokens", "generated_tokens", "decode_calls", "queue_depth",
-                "active_rows")}
+                "requests_rejected_overload", "prompt_tokens", "generated_tokens", "decode_calls")}
             out["decode_tokens_per_s"] = self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0
             out["batch_occupancy"] = self.busy_row_steps / self.total_row_steps if self.total_row_steps else 0.0
             out["ttft_s"] = _percentiles(self.ttft_s)

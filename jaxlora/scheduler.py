@@ -21,7 +21,6 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
-import itertools
 import logging
 import random
 import threading
@@ -143,7 +142,6 @@ class RequestHandle:
 
 @dataclasses.dataclass(eq=False)
 class _Request:
-    id: int
     prompt: list[int]
     params: SamplingParams
     seed: int
@@ -170,7 +168,6 @@ class Scheduler:
         self._waiting: collections.deque[_Request] = collections.deque()
         self._to_cancel: list[_Request] = []
         self._rows: list[_Request | None] = [None] * engine.config.max_batch_size
-        self._ids = itertools.count()
         self._seed_rng = random.Random()
         self._state = None
         self._thread: threading.Thread | None = None
@@ -202,14 +199,13 @@ class Scheduler:
             if len(self._waiting) >= self.engine.config.max_queue + self.free_rows():
                 self.metrics.requests_rejected_overload += 1
                 raise Overloaded(f"the server is at capacity ({len(self._waiting)} requests waiting); retry shortly")
-            req = _Request(next(self._ids), list(prompt), params, seed, adapter, TokenStream(), time.monotonic(),
+            req = _Request(list(prompt), params, seed, adapter, TokenStream(), time.monotonic(),
                            frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids))
             if adapter is not None:
                 req.adapter_ready = self.slots.prefetch(adapter)
             self._waiting.append(req)
             self.metrics.requests_submitted += 1
             self.metrics.prompt_tokens += len(prompt)
-            self.metrics.queue_depth = len(self._waiting)
             self._cond.notify_all()
         if req.adapter_ready is not None:
             req.adapter_ready.add_done_callback(lambda _: self._wake())
@@ -232,6 +228,11 @@ class Scheduler:
 
     def free_rows(self) -> int:
         return sum(r is None for r in self._rows)
+
+    def snapshot(self) -> dict:
+        """The metrics plus what is derived from the loop's state now: queue depth and rows in use."""
+        return self.metrics.snapshot() | {"queue_depth": len(self._waiting),
+                                          "active_rows": len(self._rows) - self.free_rows()}
 
     def start(self) -> None:
         self._state = self.engine.init_state()
@@ -309,7 +310,6 @@ class Scheduler:
         for req in reqs:
             req.row = self._rows.index(None)
             self._rows[req.row] = req
-            self.metrics.active_rows += 1
         prefix = self.engine.prefill(self.slots.stack, [(r.prompt, r.slot, r.params, r.seed) for r in reqs])
         self._state = self.engine.insert(prefix, self._state, [r.row for r in reqs])
         first = jax.device_get(prefix.first)
@@ -332,7 +332,6 @@ class Scheduler:
                     continue
                 self._waiting.remove(req)
                 group.append(req)
-            self.metrics.queue_depth = len(self._waiting)
         return group
 
     def _decode(self) -> None:
@@ -366,14 +365,12 @@ class Scheduler:
             return
         if req.row is not None:
             self._rows[req.row] = None
-            self.metrics.active_rows -= 1
             if req.adapter is not None:
                 self.slots.release(req.slot)
         else:
             with self._cond:
                 if req in self._waiting:
                     self._waiting.remove(req)
-                    self.metrics.queue_depth = len(self._waiting)
         self._finish(req, reason, error)
 
     def _finish(self, req: _Request, reason: str, error: BaseException | None = None) -> None:
@@ -388,7 +385,6 @@ class Scheduler:
         for row, req in enumerate(self._rows):
             if req is not None:
                 self._rows[row] = None
-                self.metrics.active_rows -= 1
                 self._finish(req, "error", error)
         with self._cond:
             waiting, self._waiting = list(self._waiting), collections.deque()

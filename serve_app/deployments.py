@@ -10,7 +10,6 @@ or {"error": {...OpenAI error...}, "status": code} instead of "start" when the r
 
 from __future__ import annotations
 
-import logging
 import threading
 from pathlib import Path
 
@@ -25,9 +24,6 @@ from jaxlora.scheduler import Finished
 from jaxlora.tokenizer import load_tokenizer, render_chat
 from serve_app.config import AppArgs
 from serve_app.errors import ApiError, api_error_for
-
-log = logging.getLogger("ray.serve")
-
 
 def model_dir_of(args: AppArgs) -> Path:
     """The checkpoint to serve; the demo model (built on first use, identical on every node) by default."""
@@ -121,10 +117,6 @@ class LoRAModel:
         finally:
             if not finished:  # the caller went away (client disconnect): free the row now
                 handle.cancel()
-
-    def list_adapters(self, user: str) -> list[dict]:
-        return [{"id": a.adapter_id, "owner": a.owner, "versions": list(a.versions), "latest": a.latest}
-                for a in self.backend.list_adapters(user)]
 
     def stats(self) -> dict:
         """The engine's metrics snapshot (the same numbers the gauges export)."""

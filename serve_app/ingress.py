@@ -138,7 +138,7 @@ class Ingress:
     def _count(self, route: str, status: int) -> None:
         self.requests.inc(tags={"route": route, "status": str(status)})
 
-    async def _start(self, route: str, user: str, body, prompt_ids: list[int], max_tokens: int | None,
+    async def _start(self, user: str, body, prompt_ids: list[int], max_tokens: int | None,
                      logprobs: int | None):
         """Submits to a model replica and waits for its first message: an error or the start."""
         limit = self.args.engine.max_seq_len
@@ -222,7 +222,7 @@ class Ingress:
             else:
                 prompt_ids = list(body.prompt)
             started = time.monotonic()
-            gen, start = await self._start(route, user, body, prompt_ids, body.max_tokens, body.logprobs)
+            gen, start = await self._start(user, body, prompt_ids, body.max_tokens, body.logprobs)
         except ApiError as e:
             self._count(route, e.status)
             raise
@@ -248,7 +248,7 @@ class Ingress:
             prompt_ids = await self.tokenizer_handle.encode_chat.remote(messages)
             n_logprobs = (body.top_logprobs or 0) if body.logprobs else None
             started = time.monotonic()
-            gen, start = await self._start(route, user, body, prompt_ids, body.token_limit(), n_logprobs)
+            gen, start = await self._start(user, body, prompt_ids, body.token_limit(), n_logprobs)
         except ApiError as e:
             self._count(route, e.status)
             raise

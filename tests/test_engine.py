@@ -116,7 +116,7 @@ def test_200_requests_through_8_rows_none_lost_or_duplicated(tiny):
         assert [len(r[0]) for r in results] == wanted
         assert all(r[3].reason == "length" and r[3].completion_tokens == n for r, n in zip(results, wanted))
         assert sched.free_rows() == 8
-        m = sched.metrics.snapshot()
+        m = sched.snapshot()
         assert m["requests_finished"] == 200 and m["queue_depth"] == 0 and m["active_rows"] == 0
     finally:
         sched.stop()
