@@ -28,6 +28,6 @@ def build_app(args: dict) -> Application:
         # Room for a full batch plus the engine's own queue; beyond it the handle queues, then 503s.
         max_ongoing_requests=a.engine.max_batch_size + a.engine.max_queue,
         max_queued_requests=a.model_max_queued_requests,
-        ray_actor_options={"num_cpus": 0, "num_gpus": a.model_num_gpus},
+        ray_actor_options={"num_cpus": 0, "num_gpus": a.model_num_gpus, "runtime_env": a.model_runtime_env},
     ).bind(plain)
     return Ingress.bind(tokenizer, model, plain)

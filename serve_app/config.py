@@ -5,6 +5,7 @@ deployments as plain values. Engine options map 1:1 onto `jaxlora.engine.EngineC
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -45,6 +46,8 @@ class AppArgs(BaseModel):
     tokenizer_replicas: int = Field(1, ge=1)
     model_num_gpus: float = Field(0, ge=0, description="GPUs per model replica (1 on a GPU cluster)")
     model_max_queued_requests: int = Field(64, ge=-1, description="handle-level queue per model deployment; -1 = unbounded")
+    model_runtime_env: dict[str, Any] = Field(
+        default_factory=dict, description="Ray runtime_env of the model replicas (env_vars such as XLA_FLAGS, a worker_process_setup_hook)")
 
     @field_validator("api_keys_file")
     @classmethod

@@ -9,6 +9,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -74,6 +75,7 @@ def server(ray_local, demo_model_dir, tmp_path_factory):
     for i in range(4):
         srv.publish("local", f"p{i}", seed=30 + i)  # for the apps without auth (everyone is "local")
     common = {"model_dir": str(demo_model_dir), "fs_root": str(root / "fs"), "poll_interval_s": 0.25}
+    srv.common = common  # for tests that start an app of their own
     serve.run(build_app({**common, "auth": True, "api_keys_file": str(keys_file), "engine": ENGINE,
                          "max_request_bytes": 65536}), name="main", route_prefix="/")
     # Two model replicas, to see requests for one adapter stay on the replica that holds it.
@@ -388,6 +390,61 @@ def test_metrics_are_exported_from_the_model_replica(server):
     assert stats["requests_finished"] > 0 and stats["compilations"] > 0
     assert stats["adapter_cache"]["loads"] >= 4 and 0 < stats["batch_occupancy"] <= 1
     assert json.dumps(stats)  # plain numbers, exportable
+
+
+def test_engine_step_failure_fails_its_requests_and_the_replica_is_replaced(server, tmp_path):
+    """Fault (e) end to end: a decode step raises inside a running replica (injected by
+    tests/fault_site/sitecustomize.py). Every request on it gets an error, the health check fails, Serve replaces
+    the replica, and requests succeed again."""
+    trigger = tmp_path / "fault"
+    hook_env = {"env_vars": {"JAXLORA_TEST_FAULT_FILE": str(trigger), "PYTHONPATH": str(Path(__file__).parent / "fault_site")}}
+    serve.run(build_app({**server.common, "engine": {**ENGINE, "max_seq_len": 512}, "model_runtime_env": hook_env}), name="fault",
+              route_prefix="/fault")
+    url = f"{server.url}/fault/v1/completions"
+    body = {"model": server.base, "prompt": "x", "max_tokens": 500, "ignore_eos": True, "temperature": 0}
+    try:
+        r = httpx.post(url, json={**body, "max_tokens": 3}, timeout=120)
+        assert r.status_code == 200, r.text
+        old_replica = r.headers["x-jaxlora-replica"]
+        results, streaming = {}, threading.Event()
+
+        def plain(i):
+            r = httpx.post(url, json=body, timeout=120)
+            results[i] = (r.status_code, r.json())
+
+        def stream():
+            with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as r:
+                events = []
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        events.append(json.loads(line[6:]))
+                        streaming.set()
+                results["stream"] = (r.status_code, events)
+
+        threads = [threading.Thread(target=plain, args=(i,)) for i in range(2)] + [threading.Thread(target=stream)]
+        for t in threads:
+            t.start()
+        assert streaming.wait(60)
+        trigger.touch()  # the next decode step fails
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "a request hung after the engine failed"
+        assert not trigger.exists(), "the injected fault did not fire"
+        for i in range(2):
+            status, out = results[i]
+            assert status == 500 and out["error"]["type"] == "internal_error", out
+        status, events = results["stream"]
+        assert status == 200 and "choices" in events[0] and "error" in events[-1], events[-1]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # refused clearly (503) until Serve has replaced the replica
+            r = httpx.post(url, json={**body, "max_tokens": 3}, timeout=120)
+            if r.status_code == 200:
+                break
+            assert r.status_code == 503 and r.json()["error"]["type"] == "overloaded_error", r.text
+            time.sleep(0.5)
+        assert r.status_code == 200 and r.headers["x-jaxlora-replica"] != old_replica, (r.status_code, r.headers)
+    finally:
+        serve.delete("fault")
 
 
 def test_killed_model_replica_fails_in_flight_requests_clearly_and_recovers(server):
