@@ -114,7 +114,7 @@ class StepTokens:
 class Prefix:
     """P prefilled prompts of one length bucket: their KV caches and first generated tokens."""
 
-    cache: KVCache  # L x [P, T, K, H]
+    cache: KVCache  # L x [P, K, T, H]
     true_len: jax.Array  # [P] int32
     slot: jax.Array  # [P] int32
     sampling: RowSampling  # [P] per field
@@ -124,7 +124,7 @@ class Prefix:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
-    cache: KVCache  # L x [B, S, K, H]
+    cache: KVCache  # L x [B, K, S, H]
     tokens: jax.Array  # [B] int32: the token each row feeds next
     positions: jax.Array  # [B] int32: where that token goes
     index: jax.Array  # [B] int32: how many tokens the row has generated (its PRNG counter)

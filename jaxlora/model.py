@@ -63,14 +63,18 @@ class Params:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Per-layer keys and values; entry s of a row holds the token at position s."""
+    """Per-layer keys and values; entry s of a row holds the token at position s.
 
-    k: tuple[jax.Array, ...]  # L x [B, S, K, H]
-    v: tuple[jax.Array, ...]  # L x [B, S, K, H]
+    Heads come before positions, [B, K, S, H]: attention's two products are batched over (row, kv
+    head), and XLA on CPU wants batch dimensions leading. With [B, S, K, H] it transposed the whole
+    cache of every layer on every decode step, which cost more than the products themselves."""
+
+    k: tuple[jax.Array, ...]  # L x [B, K, S, H]
+    v: tuple[jax.Array, ...]  # L x [B, K, S, H]
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         return cls(
             k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
             v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
@@ -78,7 +82,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
@@ -103,11 +107,15 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
     return jnp.where(is_medium, smoothed, scaled)
 
 
-def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+def rope_angles(positions_BxT: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin), each [B, T, 1, H/2], of every position: computed once, shared by all layers."""
+    angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
+    return jnp.cos(angles_BxTxH2)[:, :, None, :], jnp.sin(angles_BxTxH2)[:, :, None, :]
+
+
+def apply_rope(x_BxTxNxH: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
     """Rotates pairs (i, i + H/2), the Hugging Face "rotate_half" convention."""
-    angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
-    cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
-    sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
+    cos, sin = rope
     x = x_BxTxNxH.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -148,41 +156,42 @@ def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None, lora: _RowLora | No
     return y if delta is None else y + delta
 
 
-def attention(
-    q_BxTxNxH: jax.Array,
-    k_BxSxKxH: jax.Array,
-    v_BxSxKxH: jax.Array,
-    q_pos_BxT: jax.Array,
-    k_pos_BxS: jax.Array,
-    sliding_window: int | None,
-) -> jax.Array:
-    """Grouped-query attention where a query at position p sees keys at positions <= p
-    (and > p - sliding_window when set). Softmax in float32."""
-    B, T, N, H = q_BxTxNxH.shape
-    K = k_BxSxKxH.shape[2]
-    q = q_BxTxNxH.reshape(B, T, K, N // K, H)
-    scores_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH).astype(jnp.float32)
-    scores_BxKxGxTxS = scores_BxKxGxTxS / math.sqrt(H)
+def visible(q_pos_BxT: jax.Array, k_pos_BxS: jax.Array, sliding_window: int | None) -> jax.Array:
+    """[B, T, S]: whether a query at position p sees the key at position s (s <= p, and
+    s > p - sliding_window when set). Computed once per forward, shared by all layers."""
     visible_BxTxS = k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]
     if sliding_window is not None:
         visible_BxTxS &= k_pos_BxS[:, None, :] > q_pos_BxT[:, :, None] - sliding_window
-    scores_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None], scores_BxKxGxTxS, -jnp.inf)
-    probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
-    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
-    return out_BxTxKxGxH.reshape(B, T, N, H)
+    return visible_BxTxS
 
 
-def _write_cache(cache_BxSxKxH: jax.Array, new_BxTxKxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
-    """Writes each new token at its own position; positions past the cache end are dropped."""
-    rows_Bx1 = jnp.arange(cache_BxSxKxH.shape[0])[:, None]
-    return cache_BxSxKxH.at[rows_Bx1, positions_BxT].set(new_BxTxKxH.astype(cache_BxSxKxH.dtype), mode="drop")
+def attention(q_BxTxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, visible_BxTxS: jax.Array) -> jax.Array:
+    """Grouped-query attention, softmax in float32. The G query heads of a kv head and the T query
+    positions form one [G*T, H] matrix, so both products are plain matmuls batched over (B, K)."""
+    B, T, N, H = q_BxTxNxH.shape
+    K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
+    G = N // K
+    q_BxKxGTxH = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    scores_BxKxGTxS = jnp.einsum("bkqh,bksh->bkqs", q_BxKxGTxH, k_BxKxSxH).astype(jnp.float32) / math.sqrt(H)
+    scores_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None], scores_BxKxGTxS.reshape(B, K, G, T, S), -jnp.inf)
+    probs_BxKxGTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxKxSxH.dtype).reshape(B, K, G * T, S)
+    out_BxKxGTxH = jnp.einsum("bkqs,bksh->bkqh", probs_BxKxGTxS, v_BxKxSxH)
+    return out_BxKxGTxH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def _write_cache(cache_BxKxSxH: jax.Array, new_BxTxKxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+    """Writes each new token at its own position; positions past the cache end are dropped.
+    (The indexed view `cache[rows, :, positions]` is [B, T, K, H], the new entries' shape.)"""
+    rows_Bx1 = jnp.arange(cache_BxKxSxH.shape[0])[:, None]
+    return cache_BxKxSxH.at[rows_Bx1, :, positions_BxT].set(new_BxTxKxH.astype(cache_BxKxSxH.dtype), mode="drop")
 
 
 def decoder_layer(
     lp: LayerParams,
     x_BxTxD: jax.Array,
     positions_BxT: jax.Array,
-    inv_freq: jax.Array,
+    rope: tuple[jax.Array, jax.Array],
+    visible_BxTxS: jax.Array,
     cfg: ModelConfig,
     k_cache: jax.Array | None,
     v_cache: jax.Array | None,
@@ -193,16 +202,15 @@ def decoder_layer(
     q = _linear(h, lp.wq, lp.bq, lora, "q_proj").reshape(B, T, cfg.num_heads, cfg.head_dim)
     k = _linear(h, lp.wk, lp.bk, lora, "k_proj").reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     v = _linear(h, lp.wv, lp.bv, lora, "v_proj").reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    q = apply_rope(q, positions_BxT, inv_freq)
-    k = apply_rope(k, positions_BxT, inv_freq)
-    if k_cache is None:
-        keys, values, k_pos_BxS = k, v, positions_BxT
+    q = apply_rope(q, rope)
+    k = apply_rope(k, rope)
+    if k_cache is None:  # attend to this call's tokens only (training, reference)
+        keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     else:
         k_cache = _write_cache(k_cache, k, positions_BxT)
         v_cache = _write_cache(v_cache, v, positions_BxT)
         keys, values = k_cache, v_cache
-        k_pos_BxS = jnp.broadcast_to(jnp.arange(k_cache.shape[1]), (B, k_cache.shape[1]))
-    attn = attention(q, keys, values, positions_BxT, k_pos_BxS, cfg.sliding_window)
+    attn = attention(q, keys, values, visible_BxTxS)
     x_BxTxD = x_BxTxD + _linear(attn.reshape(B, T, cfg.q_size), lp.wo, lp.bo, lora, "o_proj")
     h = rms_norm(x_BxTxD, lp.mlp_norm, cfg.rms_norm_eps)
     gate = _linear(h, lp.w_gate, lp.b_gate, lora, "gate_proj")
@@ -225,7 +233,10 @@ def hidden_states(
     `lora_dropout` = (key, rate) drops LoRA inputs as PEFT does when training."""
     if lora is None and slots_B is not None:
         raise ValueError("slots_B without a LoRA stack")
-    inv_freq = rope_inv_freq(cfg)
+    rope = rope_angles(positions_BxT, cfg)
+    # Without a cache a row attends to this call's tokens; with one, cache entry s is position s.
+    k_pos_BxS = positions_BxT if cache is None else jnp.arange(cache.max_len)[None, :]
+    visible_BxTxS = visible(positions_BxT, k_pos_BxS, cfg.sliding_window)
     x = params.embed[tokens_BxT]
     new_k, new_v = [], []
     for i, lp in enumerate(params.layers):
@@ -233,7 +244,7 @@ def hidden_states(
         v_cache = None if cache is None else cache.v[i]
         dropout = None if lora_dropout is None else (jax.random.fold_in(lora_dropout[0], i), lora_dropout[1])
         row_lora = None if lora is None else _RowLora(lora.layers[i], lora.scale, slots_B, dropout)
-        x, k_cache, v_cache = decoder_layer(lp, x, positions_BxT, inv_freq, cfg, k_cache, v_cache, row_lora)
+        x, k_cache, v_cache = decoder_layer(lp, x, positions_BxT, rope, visible_BxTxS, cfg, k_cache, v_cache, row_lora)
         new_k.append(k_cache)
         new_v.append(v_cache)
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
