@@ -40,6 +40,7 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 SHARED = "shared"
 REGISTERED = "registered"
+DEFAULT_FS_ROOT = "./jaxlora-fs"  # one default for serving, training and the backend
 STATIC_VERSION = "static"  # the version label of an operator-registered folder that holds no v* versions
 WEIGHT_FILES = ("adapter_model.safetensors", "params.json")
 

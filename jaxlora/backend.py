@@ -15,12 +15,11 @@ and `stream` add tokenization, chat templates, detokenization and stop strings o
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from jaxlora.adapter_format import read_published
-from jaxlora.adapter_store import AdapterStore, ResolvedAdapter
+from jaxlora.adapter_store import DEFAULT_FS_ROOT, AdapterStore, ResolvedAdapter
 from jaxlora.checkpoint import load_params, model_fingerprint
 from jaxlora.demo import ensure_demo_model
 from jaxlora.engine import Engine, EngineConfig, compile_count
@@ -31,11 +30,6 @@ from jaxlora.sampling import InvalidRequest, SamplingParams
 from jaxlora.scheduler import Finished, RequestHandle, Scheduler, TokenEvent
 from jaxlora.slots import SlotCache
 from jaxlora.tokenizer import TextStream, load_tokenizer, render_chat
-
-
-def default_fs_root() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "jaxlora" / "fs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +74,7 @@ class LocalJaxLoRABackend:
     def __init__(
         self,
         model_dir: str | Path | None = None,
-        fs_root: str | Path | None = None,
+        fs_root: str | Path = DEFAULT_FS_ROOT,
         engine_config: EngineConfig = EngineConfig(),
         registered_adapters: dict[str, str] | None = None,
         allowed_roots: Sequence[str | Path] = (),
@@ -94,7 +88,7 @@ class LocalJaxLoRABackend:
         params, self.cfg = load_params(self.model_dir, engine_config.jnp_dtype)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.fingerprint = model_fingerprint(self.model_dir)
-        self.store = AdapterStore(fs_root or default_fs_root(), registered_adapters, tuple(allowed_roots))
+        self.store = AdapterStore(fs_root, registered_adapters, tuple(allowed_roots))
         stack = zeros_stack(params, engine_config.num_adapter_slots, engine_config.max_lora_rank,
                             dtype=engine_config.jnp_dtype)
         self.slots = SlotCache(stack, self._load_adapter, engine_config.host_adapter_cache)

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from jaxlora.adapter_store import DEFAULT_FS_ROOT
 from jaxlora.engine import EngineConfig
 
 
@@ -34,7 +35,7 @@ class AppArgs(BaseModel):
 
     model_dir: str | None = Field(None, description="Hugging Face checkpoint directory; default: the demo model")
     model_id: str | None = Field(None, description="the base model's name in the API; default: the directory name")
-    fs_root: str = Field("./jaxlora-fs", description="adapter store root (shared filesystem on a cluster)")
+    fs_root: str = Field(DEFAULT_FS_ROOT, description="adapter store root (shared filesystem on a cluster)")
     auth: bool = Field(False, description="require API keys (Authorization: Bearer ...)")
     api_keys_file: str | None = Field(None, description="JSON file of hashed API keys; required when auth is on")
     registered_adapters: dict[str, str] = Field(default_factory=dict, description="adapter id -> fs_dir/cephfs_dir")

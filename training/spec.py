@@ -8,7 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from jaxlora.adapter_store import check_id
+from jaxlora.adapter_store import DEFAULT_FS_ROOT, check_id
 from jaxlora.errors import InvalidAdapterRef
 from jaxlora.lora import LORA_MODULES
 
@@ -37,7 +37,7 @@ class TrainSpec(BaseModel):
     user_id: str
     adapter_id: str
     data: str = Field(description="JSONL file; relative paths are relative to the spec file")
-    fs_root: str = "./jaxlora-fs"
+    fs_root: str = DEFAULT_FS_ROOT
     model_dir: str | None = Field(None, description="base checkpoint; default: the demo model")
     objective: Literal["sft", "dpo"] = "sft"
     lora: LoraSpec = Field(default_factory=LoraSpec)
