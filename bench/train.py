@@ -4,7 +4,9 @@
 
 8-layer, 512-wide Llama (the engine benchmark's), rank-16 LoRA on all seven projections, AdamW,
 batch 8 x 128 tokens, every token trained, float32 on both sides. Each side runs 2 warm-up steps,
-then `--steps` timed steps (forward, backward, optimizer update). Prints one JSON line last.
+then `--steps` timed steps (forward, backward, optimizer update). Also measures both frameworks'
+float32 matmul throughput on the step's projection shapes (`matmul_gflops`): the ceiling that any
+step made of those matmuls runs under. Prints one JSON line last.
 """
 
 from __future__ import annotations
@@ -73,6 +75,32 @@ def run_peer(model_dir: Path, batch: dict, steps: int) -> float:
     return steps * batch["mask"].size / (time.perf_counter() - t0)
 
 
+def matmul_gflops(tokens: int, repeats: int = 10) -> dict:
+    """Best-of float32 GFLOP/s of `[tokens, in] @ [in, out]` for the step's projection shapes."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    rng = np.random.default_rng(0)
+    out = {"jax": {}, "torch": {}}
+    for d_in, d_out in [(512, 1536), (1536, 512), (512, 8192)]:
+        x = rng.standard_normal((tokens, d_in)).astype(np.float32)
+        w = rng.standard_normal((d_in, d_out)).astype(np.float32)
+        flops = 2 * tokens * d_in * d_out
+        xj, wj = jnp.asarray(x), jnp.asarray(w)
+        mm = jax.jit(lambda a, b: a @ b)
+        mm(xj, wj).block_until_ready()
+        xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+        for name, run in [("jax", lambda: mm(xj, wj).block_until_ready()), ("torch", lambda: xt @ wt)]:
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - t0)
+            out[name][f"{tokens}x{d_in}@{d_in}x{d_out}"] = round(flops / best / 1e9)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=10)
@@ -88,9 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"ours: {ours:.0f} tokens/s", flush=True)
     peer = run_peer(model_dir, batch, args.steps)
     print(f"peer (peft + transformers, torch AdamW): {peer:.0f} tokens/s", flush=True)
+    peaks = matmul_gflops(args.batch * args.seq)
     emit({"benchmark": "lora_sft_training", "batch": args.batch, "seq": args.seq, "steps": args.steps,
           "ours_tok_s": round(ours, 1), "peer_tok_s": round(peer, 1), "ratio": round(ours / peer, 2),
-          "machine": machine()})
+          "matmul_gflops": peaks, "machine": machine()})
 
 
 if __name__ == "__main__":
