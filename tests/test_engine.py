@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from jaxlora.adapter_format import read_published
+from jaxlora.checkpoint import model_fingerprint
 from jaxlora.engine import compile_count
+from jaxlora.lora import zeros_stack
 from jaxlora.sampling import InvalidRequest, SamplingParams
 from jaxlora.scheduler import Overloaded, Scheduler
+from jaxlora.slots import SlotCache
 from tests.engine_fixtures import build_tiny_engine, collect
 from tests.peft_adapters import load_peft
 
@@ -81,6 +85,32 @@ def test_needle_is_bitwise_identical_alone_and_in_any_batch(tiny, sampling):
         assert got[0] == expected[0], f"trial {trial}: tokens differ at row {position}"
         assert got[1] == expected[1], f"trial {trial}: logprobs differ"  # bitwise: float equality
         assert got[2] == expected[2]
+
+
+def test_tokens_do_not_depend_on_the_adapter_slot(tiny):
+    """Which device slot an adapter lands in depends on what else was loaded (and evicted) before;
+    a request's tokens and logprobs must not."""
+    rng = np.random.default_rng(3)
+    needle = (_prompt(rng, 9), SamplingParams(max_tokens=16, temperature=0.8, seed=77, logprobs=3, ignore_eos=True),
+              tiny.adapters["b_all_r8_rslora"])
+    config, fingerprint = tiny.engine.config, model_fingerprint(tiny.base_dir)
+    results, slots_used = [], []
+    for loaded_first in ([], ["a_qv_r4", "c_mlp_r2"]):
+        slots = SlotCache(zeros_stack(tiny.engine.params, config.num_adapter_slots, config.max_lora_rank),
+                          lambda r: read_published(r.path, tiny.engine.cfg, config.max_lora_rank, fingerprint))
+        for name in loaded_first:
+            slots.release(slots.acquire(tiny.adapters[name]))
+        slots_used.append(slots.acquire(needle[2]))
+        slots.release(slots_used[-1])
+        sched = Scheduler(tiny.engine, slots, tiny.engine.cfg.eos_token_ids)
+        sched.start()
+        try:
+            results.append(collect(sched.submit(*needle))[:3])
+        finally:
+            sched.stop()
+            slots.close()
+    assert slots_used[0] != slots_used[1]
+    assert results[0] == results[1]  # tokens, logprobs and alternatives, bitwise
 
 
 def test_no_compilation_after_warm_up(tiny):
