@@ -91,6 +91,10 @@ def lora_delta(x_BxTxD: jax.Array, mod: LoraModule, scale_S: jax.Array, slots_B:
 
     With `slots_B=None` the stack is already per row (see `gather_rows`): row b uses entry b.
     """
+    if slots_B is not None and mod.a.shape[0] == 1:  # one slot (training): every row uses it
+        x_NxD = x_BxTxD.reshape(-1, x_BxTxD.shape[-1]).astype(mod.a.dtype)
+        y_NxO = _one_slot_delta(x_NxD, mod.a[0], mod.b[0], scale_S[0].astype(mod.a.dtype))
+        return y_NxO.reshape(*x_BxTxD.shape[:-1], -1).astype(x_BxTxD.dtype)
     if slots_B is None:
         a_BxDxR, b_BxRxO, scale_B = mod.a, mod.b, scale_S
     else:
@@ -98,6 +102,32 @@ def lora_delta(x_BxTxD: jax.Array, mod: LoraModule, scale_S: jax.Array, slots_B:
     xa_BxTxR = jnp.einsum("btd,bdr->btr", x_BxTxD.astype(a_BxDxR.dtype), a_BxDxR)
     xa_BxTxR = xa_BxTxR * scale_B[:, None, None].astype(xa_BxTxR.dtype)
     return jnp.einsum("btr,bro->bto", xa_BxTxR, b_BxRxO).astype(x_BxTxD.dtype)
+
+
+@jax.custom_vjp
+def _one_slot_delta(x_NxD: jax.Array, a_DxR: jax.Array, b_RxO: jax.Array, scale: jax.Array) -> jax.Array:
+    """scale * (x @ a) @ b for one adapter. Its gradient is written out so that every transpose
+    falls on a rank-sized array: XLA's own derivative of `x @ a` transposes the [N, D] input."""
+    return ((x_NxD @ a_DxR) * scale) @ b_RxO
+
+
+def _one_slot_fwd(x_NxD, a_DxR, b_RxO, scale):
+    xa_NxR = x_NxD @ a_DxR
+    return (xa_NxR * scale) @ b_RxO, (x_NxD, a_DxR, b_RxO, scale, xa_NxR)
+
+
+def _one_slot_bwd(res, g_NxO):
+    x_NxD, a_DxR, b_RxO, scale, xa_NxR = res
+    g_NxR = g_NxO @ b_RxO.T  # d(scaled xa)
+    d_b = (xa_NxR * scale).T @ g_NxO
+    d_xa_NxR = g_NxR * scale
+    d_a = (d_xa_NxR.T @ x_NxD).T
+    d_x = d_xa_NxR @ a_DxR.T
+    d_scale = jnp.sum(g_NxR * xa_NxR).astype(scale.dtype)
+    return d_x, d_a, d_b, d_scale
+
+
+_one_slot_delta.defvjp(_one_slot_fwd, _one_slot_bwd)
 
 
 def gather_rows(stack: LoraStack, slots_B: jax.Array) -> LoraStack:
