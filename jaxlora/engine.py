@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import bgmv
 from jaxlora.config import ModelConfig
 from jaxlora.lora import LoraStack, gather_rows
 from jaxlora.model import KVCache, Params, forward, hidden_states, lm_head
@@ -169,10 +170,14 @@ def _insert(prefix: Prefix, state: DecodeState, rows_P) -> DecodeState:
 
 
 def _generate(params: Params, lora: LoraStack, state: DecodeState, cfg: ModelConfig, steps: int):
-    rows_lora = gather_rows(lora, state.slots)  # once per call, not once per step: a row's slot is fixed here
+    if bgmv.applies(lora.dtype):  # the CPU kernel reads each row's slot in place
+        rows_lora, rows_slots = lora, state.slots
+    else:  # XLA's form: each row's adapter gathered once per call, not once per step (a row's slot is fixed here)
+        rows_lora, rows_slots = gather_rows(lora, state.slots), None
 
     def step(state: DecodeState, _):
-        logits_Bx1xV, cache = forward(params, state.tokens[:, None], state.positions[:, None], cfg, state.cache, rows_lora)
+        logits_Bx1xV, cache = forward(params, state.tokens[:, None], state.positions[:, None], cfg, state.cache, rows_lora,
+                                      rows_slots)
         s = state.sampling
         out = StepTokens(*sample(logits_Bx1xV[:, 0], s.temperature, s.top_k, s.top_p, s.seed_hi, s.seed_lo, state.index,
                                  s.want_logprobs))
@@ -217,6 +222,7 @@ class Engine:
 
     def __init__(self, params: Params, cfg: ModelConfig, config: EngineConfig):
         _CompileCounter.install()
+        bgmv.available()  # build the decode kernel now, not inside the first request
         self.params = params
         self.cfg = cfg
         self.config = config

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
+from jaxlora import bgmv
+
 if TYPE_CHECKING:
     from jaxlora.model import Params
 
@@ -63,6 +65,10 @@ class LoraStack:
     def max_rank(self) -> int:
         return next(iter(self.layers[0].values())).a.shape[-1]
 
+    @property
+    def dtype(self):
+        return next(iter(self.layers[0].values())).a.dtype
+
 
 def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -90,11 +96,16 @@ def lora_delta(x_BxTxD: jax.Array, mod: LoraModule, scale_S: jax.Array, slots_B:
     """scale[slot] * (x @ a[slot]) @ b[slot] for each row, gathered by the row's slot.
 
     With `slots_B=None` the stack is already per row (see `gather_rows`): row b uses entry b.
+    Three forms of the same product: a one-slot stack (training) takes plain matmuls with a
+    hand-written gradient; one token per row in float32 on CPU (decoding) takes the C++ kernel
+    in `bgmv.py`; everything else, XLA's batched matmuls over each row's gathered adapter.
     """
     if slots_B is not None and mod.a.shape[0] == 1:  # one slot (training): every row uses it
         x_NxD = x_BxTxD.reshape(-1, x_BxTxD.shape[-1]).astype(mod.a.dtype)
         y_NxO = _one_slot_delta(x_NxD, mod.a[0], mod.b[0], scale_S[0].astype(mod.a.dtype))
         return y_NxO.reshape(*x_BxTxD.shape[:-1], -1).astype(x_BxTxD.dtype)
+    if slots_B is not None and x_BxTxD.shape[1] == 1 and x_BxTxD.dtype == jnp.float32 and bgmv.applies(mod.a.dtype):
+        return bgmv.bgmv(x_BxTxD[:, 0], mod.a, mod.b, scale_S, slots_B)[:, None]  # decoding on CPU
     if slots_B is None:
         a_BxDxR, b_BxRxO, scale_B = mod.a, mod.b, scale_S
     else:
