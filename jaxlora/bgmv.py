@@ -26,7 +26,10 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import subprocess
+import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -37,39 +40,64 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "kernels" / "bgmv.cc"
 _TARGET = "jaxlora_bgmv"
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")  # portable: no -march, the file may be shared across hosts
+_build_lock = threading.Lock()
 
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxlora" / "kernels"
 
 
-def _build() -> Path:
-    """The compiled kernel, compiling it unless this source and jaxlib version already were."""
-    tag = hashlib.sha256(_SOURCE.read_bytes() + jaxlib.__version__.encode()).hexdigest()[:16]
+def _build(cxx: str) -> Path:
+    """The compiled kernel, compiling it unless this source, jaxlib, compiler, flags and machine
+    already were. Builders write a temporary file of their own and rename it into place."""
+    key = [_SOURCE.read_bytes(), jaxlib.__version__, cxx, " ".join(_FLAGS), platform.machine()]
+    tag = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"bgmv-{tag}.so"
     if not lib.is_file():
         lib.parent.mkdir(parents=True, exist_ok=True)
-        tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")
-        cmd = [os.environ.get("CXX", "c++"), "-O3", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir(),
-               str(_SOURCE), "-o", str(tmp)]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        os.replace(tmp, lib)  # concurrent builders each write their own file; the last rename wins
+        fd, tmp = tempfile.mkstemp(prefix=f".{lib.name}.", dir=lib.parent)
+        os.close(fd)
+        try:
+            subprocess.run([cxx, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp],
+                           check=True, capture_output=True, text=True, timeout=300)
+            os.replace(tmp, lib)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
     return lib
 
 
+def _load(cxx: str):
+    """The kernel's FFI handler; a cached file that does not load (corrupt, foreign) is rebuilt once."""
+    lib = _build(cxx)
+    try:
+        return ctypes.cdll.LoadLibrary(str(lib)).JaxloraBgmv
+    except (OSError, AttributeError):
+        lib.unlink(missing_ok=True)
+        return ctypes.cdll.LoadLibrary(str(_build(cxx))).JaxloraBgmv
+
+
 @functools.cache
-def available() -> bool:
-    """True when the kernel is built and registered for the CPU backend in use (builds it once)."""
+def _available() -> bool:
     if jax.default_backend() != "cpu":
         return False
+    cxx = os.environ.get("CXX", "c++")
     try:
-        lib = ctypes.cdll.LoadLibrary(str(_build()))
-    except (OSError, subprocess.CalledProcessError) as e:
+        handler = _load(cxx)
+    except (OSError, AttributeError, subprocess.SubprocessError) as e:  # no compiler, a failed or hung build
         detail = getattr(e, "stderr", "") or e
         log.warning("BGMV kernel not available (%s); decoding uses XLA's batched dots instead", detail)
         return False
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.JaxloraBgmv), platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    log.info("BGMV kernel loaded: LoRA decoding on CPU uses it")
     return True
+
+
+def available() -> bool:
+    """True when the kernel is built and registered for the CPU backend in use (built once per
+    process; replicas log which way they decode)."""
+    with _build_lock:
+        return _available()
 
 
 def applies(dtype) -> bool:

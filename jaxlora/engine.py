@@ -170,14 +170,15 @@ def _insert(prefix: Prefix, state: DecodeState, rows_P) -> DecodeState:
 
 
 def _generate(params: Params, lora: LoraStack, state: DecodeState, cfg: ModelConfig, steps: int):
-    if bgmv.applies(lora.dtype):  # the CPU kernel reads each row's slot in place
+    kernel = bgmv.applies(lora.dtype) and params.embed.dtype == jnp.float32
+    if kernel:  # the CPU kernel reads each row's slot in place
         rows_lora, rows_slots = lora, state.slots
     else:  # XLA's form: each row's adapter gathered once per call, not once per step (a row's slot is fixed here)
         rows_lora, rows_slots = gather_rows(lora, state.slots), None
 
     def step(state: DecodeState, _):
         logits_Bx1xV, cache = forward(params, state.tokens[:, None], state.positions[:, None], cfg, state.cache, rows_lora,
-                                      rows_slots)
+                                      rows_slots, lora_kernel=kernel)
         s = state.sampling
         out = StepTokens(*sample(logits_Bx1xV[:, 0], s.temperature, s.top_k, s.top_p, s.seed_hi, s.seed_lo, state.index,
                                  s.want_logprobs))

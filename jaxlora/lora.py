@@ -92,20 +92,24 @@ def zeros_stack(
     return LoraStack(layers=tuple(layers), scale=jnp.zeros((num_slots,), jnp.float32))
 
 
-def lora_delta(x_BxTxD: jax.Array, mod: LoraModule, scale_S: jax.Array, slots_B: jax.Array | None) -> jax.Array:
+def lora_delta(x_BxTxD: jax.Array, mod: LoraModule, scale_S: jax.Array, slots_B: jax.Array | None,
+               kernel: bool = False) -> jax.Array:
     """scale[slot] * (x @ a[slot]) @ b[slot] for each row, gathered by the row's slot.
 
     With `slots_B=None` the stack is already per row (see `gather_rows`): row b uses entry b.
     Three forms of the same product: a one-slot stack (training) takes plain matmuls with a
-    hand-written gradient; one token per row in float32 on CPU (decoding) takes the C++ kernel
-    in `bgmv.py`; everything else, XLA's batched matmuls over each row's gathered adapter.
+    hand-written gradient; `kernel=True` (decoding on CPU, one token per row, float32, chosen by
+    the engine through `bgmv.applies`) takes the C++ kernel in `bgmv.py`, which has no gradient;
+    everything else, XLA's batched matmuls over each row's gathered adapter.
     """
     if slots_B is not None and mod.a.shape[0] == 1:  # one slot (training): every row uses it
         x_NxD = x_BxTxD.reshape(-1, x_BxTxD.shape[-1]).astype(mod.a.dtype)
         y_NxO = _one_slot_delta(x_NxD, mod.a[0], mod.b[0], scale_S[0].astype(mod.a.dtype))
         return y_NxO.reshape(*x_BxTxD.shape[:-1], -1).astype(x_BxTxD.dtype)
-    if slots_B is not None and x_BxTxD.shape[1] == 1 and x_BxTxD.dtype == jnp.float32 and bgmv.applies(mod.a.dtype):
-        return bgmv.bgmv(x_BxTxD[:, 0], mod.a, mod.b, scale_S, slots_B)[:, None]  # decoding on CPU
+    if kernel:
+        if slots_B is None or x_BxTxD.shape[1] != 1:
+            raise ValueError("the BGMV kernel takes one token per row and the slot stack with slots_B")
+        return bgmv.bgmv(x_BxTxD[:, 0], mod.a, mod.b, scale_S, slots_B)[:, None].astype(x_BxTxD.dtype)
     if slots_B is None:
         a_BxDxR, b_BxRxO, scale_B = mod.a, mod.b, scale_S
     else:

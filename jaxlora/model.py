@@ -136,6 +136,7 @@ class _RowLora:
     scale_S: jax.Array
     slots_B: jax.Array | None
     dropout: tuple[jax.Array, float] | None = None  # (PRNG key of this layer, rate): training only
+    kernel: bool = False  # decode through the CPU BGMV kernel (`bgmv.py`); the engine decides
 
     def delta(self, name: str, x: jax.Array) -> jax.Array | None:
         mod = self.modules.get(name)
@@ -145,7 +146,7 @@ class _RowLora:
             key, rate = self.dropout
             keep = jax.random.bernoulli(jax.random.fold_in(key, sorted(self.modules).index(name)), 1 - rate, x.shape)
             x = jnp.where(keep, x / (1 - rate), 0).astype(x.dtype)
-        return lora_delta(x, mod, self.scale_S, self.slots_B)
+        return lora_delta(x, mod, self.scale_S, self.slots_B, self.kernel)
 
 
 def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None, lora: _RowLora | None, name: str) -> jax.Array:
@@ -228,9 +229,11 @@ def hidden_states(
     lora: LoraStack | None = None,
     slots_B: jax.Array | None = None,
     lora_dropout: tuple[jax.Array, float] | None = None,
+    lora_kernel: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """The final normed hidden states [B, T, D] and the updated cache; `forward` without the head.
-    `lora_dropout` = (key, rate) drops LoRA inputs as PEFT does when training."""
+    `lora_dropout` = (key, rate) drops LoRA inputs as PEFT does when training; `lora_kernel`
+    computes LoRA with the CPU decode kernel (one token per row, float32, `bgmv.applies`)."""
     if lora is None and slots_B is not None:
         raise ValueError("slots_B without a LoRA stack")
     rope = rope_angles(positions_BxT, cfg)
@@ -243,7 +246,7 @@ def hidden_states(
         k_cache = None if cache is None else cache.k[i]
         v_cache = None if cache is None else cache.v[i]
         dropout = None if lora_dropout is None else (jax.random.fold_in(lora_dropout[0], i), lora_dropout[1])
-        row_lora = None if lora is None else _RowLora(lora.layers[i], lora.scale, slots_B, dropout)
+        row_lora = None if lora is None else _RowLora(lora.layers[i], lora.scale, slots_B, dropout, lora_kernel)
         x, k_cache, v_cache = decoder_layer(lp, x, positions_BxT, rope, visible_BxTxS, cfg, k_cache, v_cache, row_lora)
         new_k.append(k_cache)
         new_v.append(v_cache)
@@ -266,11 +269,12 @@ def forward(
     lora: LoraStack | None = None,
     slots_B: jax.Array | None = None,
     lora_dropout: tuple[jax.Array, float] | None = None,
+    lora_kernel: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """Returns float32 logits [B, T, V] and the updated cache (None in, None out).
 
     With `lora`, row b adds the adapter in slot `slots_B[b]` to every projection it targets;
     with `lora` and no `slots_B`, `lora` is per row already (`lora.gather_rows`).
     """
-    x, cache = hidden_states(params, tokens_BxT, positions_BxT, cfg, cache, lora, slots_B, lora_dropout)
+    x, cache = hidden_states(params, tokens_BxT, positions_BxT, cfg, cache, lora, slots_B, lora_dropout, lora_kernel)
     return lm_head(params, x), cache

@@ -73,13 +73,13 @@ def test_without_a_compiler_decoding_falls_back_with_the_same_tokens(tiny_checkp
     with_kernel = greedy(tmp_path / "kernel")
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
-    bgmv.available.cache_clear()
+    bgmv._available.cache_clear()
     try:
         assert not bgmv.available()
         assert greedy(tmp_path / "fallback") == with_kernel
     finally:
         monkeypatch.undo()
-        bgmv.available.cache_clear()
+        bgmv._available.cache_clear()
     assert bgmv.available()
 
 

@@ -27,7 +27,7 @@ static void lora_rows(const float* X, const float* A, const float* Bw, const flo
                       int64_t rows, int64_t D, int64_t S, int64_t R, int64_t O, float* xa) {
   for (int64_t i = 0; i < rows; ++i) {
     int64_t s = sl[i];
-    s = s < 0 ? 0 : (s >= S ? S - 1 : s);  // as XLA's gather clamps
+    s = s < 0 ? 0 : (s >= S ? S - 1 : s);  // never out of bounds (the engine only passes 0 <= s < S)
     const float* a_s = A + s * D * R;
     const float* b_s = Bw + s * R * O;
     const float* x_i = X + i * D;
@@ -52,7 +52,7 @@ static ffi::Error BgmvImpl(F32Mat x, F32Cube a, F32Cube b, F32Vec scale, S32Vec 
   const int64_t rows = x.dimensions()[0], D = x.dimensions()[1];
   const int64_t S = a.dimensions()[0], R = a.dimensions()[2], O = b.dimensions()[2];
   if (a.dimensions()[1] != D || b.dimensions()[0] != S || b.dimensions()[1] != R || scale.dimensions()[0] != S ||
-      slots.dimensions()[0] != rows || y->dimensions()[0] != rows || y->dimensions()[1] != O) {
+      slots.dimensions()[0] != rows || y->dimensions()[0] != rows || y->dimensions()[1] != O || S < 1) {
     return ffi::Error::InvalidArgument("bgmv: inconsistent shapes");
   }
   std::vector<float> xa(R);
