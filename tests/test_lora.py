@@ -109,15 +109,17 @@ def test_lora_delta_equals_reference_loop():
         np.testing.assert_allclose(got[i], scale[s] * ((x[i] @ a[s]) @ b[s]), rtol=1e-5, atol=1e-6)
 
 
-def test_one_slot_path_and_its_gradient_equal_the_plain_formula():
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_one_slot_path_and_its_gradient_equal_the_plain_formula(dtype, tol):
     """Training's one-slot stack takes a path with a hand-written gradient; value and gradients
-    (input, A, B, scale) must equal JAX's own derivative of scale * (x @ a) @ b."""
+    (input, A, B, scale) must equal JAX's own derivative of scale * (x @ a) @ b, in float32 and
+    in the bfloat16 compute of mixed-precision training."""
     import jax
 
     rng = np.random.default_rng(1)
     B, T, D, R, O = 3, 5, 6, 2, 7
-    x = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
-    a, b = jnp.asarray(rng.normal(size=(1, D, R)), jnp.float32), jnp.asarray(rng.normal(size=(1, R, O)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(B, T, D)), dtype)
+    a, b = jnp.asarray(rng.normal(size=(1, D, R)), dtype), jnp.asarray(rng.normal(size=(1, R, O)), dtype)
     scale = jnp.asarray([1.7], jnp.float32)
     cotangent = jnp.asarray(rng.normal(size=(B, T, O)), jnp.float32)
 
@@ -125,11 +127,13 @@ def test_one_slot_path_and_its_gradient_equal_the_plain_formula():
         return jnp.sum(lora_delta(x, LoraModule(a=a, b=b), scale, jnp.zeros((B,), jnp.int32)) * cotangent)
 
     def plain(x, a, b, scale):
-        return jnp.sum(scale[0] * ((x @ a[0]) @ b[0]) * cotangent)
+        return jnp.sum((((x @ a[0]) * scale[0].astype(dtype)) @ b[0]) * cotangent)
 
-    np.testing.assert_allclose(ours(x, a, b, scale), plain(x, a, b, scale), rtol=1e-5)
+    f32 = lambda v: np.asarray(jnp.asarray(v, jnp.float32))  # noqa: E731
+    np.testing.assert_allclose(f32(ours(x, a, b, scale)), f32(plain(x, a, b, scale)), rtol=tol)
     for got, want in zip(jax.grad(ours, argnums=(0, 1, 2, 3))(x, a, b, scale), jax.grad(plain, argnums=(0, 1, 2, 3))(x, a, b, scale)):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(f32(got), f32(want), rtol=tol, atol=tol * (np.abs(f32(want)).max() + 1))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
