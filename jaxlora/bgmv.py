@@ -10,8 +10,9 @@ on the 8-layer, 512-wide benchmark model, 16 rows over 8 adapters: the LoRA shar
 step fell from ~9 ms to ~4 ms (docs/benchmarks.md).
 
 How: built on first use with the system C++ compiler (`c++`, or `$CXX`) against the FFI headers
-that jaxlib ships (`jax.ffi.include_dir()`), into a per-user cache folder keyed by the source and
-the jaxlib version (never on the adapter filesystem), then registered as an FFI target. Without a
+that jaxlib ships (`jax.ffi.include_dir()`), into a per-user cache folder keyed by the source,
+the jaxlib version, the compiler, the flags and the machine (never on the adapter filesystem),
+then registered as an FFI target. Without a
 compiler, on another backend, or for bfloat16 weights, `lora.lora_delta`'s XLA form runs instead:
 same semantics, and the tests compare the two.
 
