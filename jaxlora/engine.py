@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora import bgmv
+from jaxlora import cpu_kernels
 from jaxlora.config import ModelConfig
 from jaxlora.lora import LoraStack, gather_rows
 from jaxlora.model import KVCache, Params, forward, hidden_states, lm_head
@@ -170,15 +170,15 @@ def _insert(prefix: Prefix, state: DecodeState, rows_P) -> DecodeState:
 
 
 def _generate(params: Params, lora: LoraStack, state: DecodeState, cfg: ModelConfig, steps: int):
-    kernel = bgmv.applies(lora.dtype) and params.embed.dtype == jnp.float32
-    if kernel:  # the CPU kernel reads each row's slot in place
+    kernels = cpu_kernels.applies(lora.dtype) and cpu_kernels.applies(params.embed.dtype)
+    if kernels:  # the CPU LoRA kernel reads each row's slot in place
         rows_lora, rows_slots = lora, state.slots
     else:  # XLA's form: each row's adapter gathered once per call, not once per step (a row's slot is fixed here)
         rows_lora, rows_slots = gather_rows(lora, state.slots), None
 
     def step(state: DecodeState, _):
         logits_Bx1xV, cache = forward(params, state.tokens[:, None], state.positions[:, None], cfg, state.cache, rows_lora,
-                                      rows_slots, lora_kernel=kernel)
+                                      rows_slots, decode_kernels=kernels)
         s = state.sampling
         out = StepTokens(*sample(logits_Bx1xV[:, 0], s.temperature, s.top_k, s.top_p, s.seed_hi, s.seed_lo, state.index,
                                  s.want_logprobs))
@@ -223,7 +223,7 @@ class Engine:
 
     def __init__(self, params: Params, cfg: ModelConfig, config: EngineConfig):
         _CompileCounter.install()
-        bgmv.available()  # build the decode kernel now, not inside the first request
+        cpu_kernels.available()  # build the decode kernels now, not inside the first request
         self.params = params
         self.cfg = cfg
         self.config = config

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
-from jaxlora import bgmv
+from jaxlora import cpu_kernels
 
 if TYPE_CHECKING:
     from jaxlora.model import Params
@@ -99,7 +99,7 @@ def lora_delta(x_BxTxD: jax.Array, mod: LoraModule, scale_S: jax.Array, slots_B:
     With `slots_B=None` the stack is already per row (see `gather_rows`): row b uses entry b.
     Three forms of the same product: a one-slot stack (training) takes plain matmuls with a
     hand-written gradient; `kernel=True` (decoding on CPU, one token per row, float32, chosen by
-    the engine through `bgmv.applies`) takes the C++ kernel in `bgmv.py`, which has no gradient;
+    the engine through `cpu_kernels.applies`) takes the C++ kernel in `cpu_kernels.py`, which has no gradient;
     everything else, XLA's batched matmuls over each row's gathered adapter.
     """
     if slots_B is not None and mod.a.shape[0] == 1:  # one slot (training): every row uses it
@@ -109,7 +109,7 @@ def lora_delta(x_BxTxD: jax.Array, mod: LoraModule, scale_S: jax.Array, slots_B:
     if kernel:
         if slots_B is None or x_BxTxD.shape[1] != 1:
             raise ValueError("the BGMV kernel takes one token per row and the slot stack with slots_B")
-        return bgmv.bgmv(x_BxTxD[:, 0], mod.a, mod.b, scale_S, slots_B)[:, None].astype(x_BxTxD.dtype)
+        return cpu_kernels.bgmv(x_BxTxD[:, 0], mod.a, mod.b, scale_S, slots_B)[:, None].astype(x_BxTxD.dtype)
     if slots_B is None:
         a_BxDxR, b_BxRxO, scale_B = mod.a, mod.b, scale_S
     else:

@@ -26,6 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxlora import cpu_kernels
 from jaxlora.config import ModelConfig
 from jaxlora.lora import LoraModule, LoraStack, lora_delta
 
@@ -136,7 +137,7 @@ class _RowLora:
     scale_S: jax.Array
     slots_B: jax.Array | None
     dropout: tuple[jax.Array, float] | None = None  # (PRNG key of this layer, rate): training only
-    kernel: bool = False  # decode through the CPU BGMV kernel (`bgmv.py`); the engine decides
+    kernel: bool = False  # decode through the CPU BGMV kernel (`cpu_kernels.py`); the engine decides
 
     def delta(self, name: str, x: jax.Array) -> jax.Array | None:
         mod = self.modules.get(name)
@@ -197,6 +198,7 @@ def decoder_layer(
     k_cache: jax.Array | None,
     v_cache: jax.Array | None,
     lora: _RowLora | None = None,
+    decode_kernels: bool = False,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     B, T, _ = x_BxTxD.shape
     h = rms_norm(x_BxTxD, lp.attn_norm, cfg.rms_norm_eps)
@@ -211,7 +213,10 @@ def decoder_layer(
         k_cache = _write_cache(k_cache, k, positions_BxT)
         v_cache = _write_cache(v_cache, v, positions_BxT)
         keys, values = k_cache, v_cache
-    attn = attention(q, keys, values, visible_BxTxS)
+    if decode_kernels:  # one token per row, against the cache (checked in hidden_states)
+        attn = cpu_kernels.decode_attention(q[:, 0], keys, values, positions_BxT[:, 0], cfg.sliding_window)[:, None]
+    else:
+        attn = attention(q, keys, values, visible_BxTxS)
     x_BxTxD = x_BxTxD + _linear(attn.reshape(B, T, cfg.q_size), lp.wo, lp.bo, lora, "o_proj")
     h = rms_norm(x_BxTxD, lp.mlp_norm, cfg.rms_norm_eps)
     gate = _linear(h, lp.w_gate, lp.b_gate, lora, "gate_proj")
@@ -229,25 +234,29 @@ def hidden_states(
     lora: LoraStack | None = None,
     slots_B: jax.Array | None = None,
     lora_dropout: tuple[jax.Array, float] | None = None,
-    lora_kernel: bool = False,
+    decode_kernels: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """The final normed hidden states [B, T, D] and the updated cache; `forward` without the head.
-    `lora_dropout` = (key, rate) drops LoRA inputs as PEFT does when training; `lora_kernel`
-    computes LoRA with the CPU decode kernel (one token per row, float32, `bgmv.applies`)."""
+    `lora_dropout` = (key, rate) drops LoRA inputs as PEFT does when training; `decode_kernels`
+    computes attention and LoRA with the CPU decode kernels (one token per row against a float32
+    cache, float32 weights: `cpu_kernels.applies`, decided by the engine)."""
     if lora is None and slots_B is not None:
         raise ValueError("slots_B without a LoRA stack")
+    if decode_kernels and (cache is None or tokens_BxT.shape[1] != 1):
+        raise ValueError("the decode kernels take one token per row and a KV cache")
     rope = rope_angles(positions_BxT, cfg)
     # Without a cache a row attends to this call's tokens; with one, cache entry s is position s.
     k_pos_BxS = positions_BxT if cache is None else jnp.arange(cache.max_len)[None, :]
-    visible_BxTxS = visible(positions_BxT, k_pos_BxS, cfg.sliding_window)
+    visible_BxTxS = None if decode_kernels else visible(positions_BxT, k_pos_BxS, cfg.sliding_window)
     x = params.embed[tokens_BxT]
     new_k, new_v = [], []
     for i, lp in enumerate(params.layers):
         k_cache = None if cache is None else cache.k[i]
         v_cache = None if cache is None else cache.v[i]
         dropout = None if lora_dropout is None else (jax.random.fold_in(lora_dropout[0], i), lora_dropout[1])
-        row_lora = None if lora is None else _RowLora(lora.layers[i], lora.scale, slots_B, dropout, lora_kernel)
-        x, k_cache, v_cache = decoder_layer(lp, x, positions_BxT, rope, visible_BxTxS, cfg, k_cache, v_cache, row_lora)
+        row_lora = None if lora is None else _RowLora(lora.layers[i], lora.scale, slots_B, dropout, decode_kernels)
+        x, k_cache, v_cache = decoder_layer(lp, x, positions_BxT, rope, visible_BxTxS, cfg, k_cache, v_cache, row_lora,
+                                            decode_kernels)
         new_k.append(k_cache)
         new_v.append(v_cache)
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
@@ -269,12 +278,12 @@ def forward(
     lora: LoraStack | None = None,
     slots_B: jax.Array | None = None,
     lora_dropout: tuple[jax.Array, float] | None = None,
-    lora_kernel: bool = False,
+    decode_kernels: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """Returns float32 logits [B, T, V] and the updated cache (None in, None out).
 
     With `lora`, row b adds the adapter in slot `slots_B[b]` to every projection it targets;
     with `lora` and no `slots_B`, `lora` is per row already (`lora.gather_rows`).
     """
-    x, cache = hidden_states(params, tokens_BxT, positions_BxT, cfg, cache, lora, slots_B, lora_dropout, lora_kernel)
+    x, cache = hidden_states(params, tokens_BxT, positions_BxT, cfg, cache, lora, slots_B, lora_dropout, decode_kernels)
     return lm_head(params, x), cache

@@ -1,6 +1,6 @@
 // BGMV for decoding on CPU: every row adds its own adapter's LoRA product, reading the adapter's
 // weights in place in the slot stack (no per-row copies). Called from JAX through XLA's FFI; see
-// jaxlora/bgmv.py for why it exists and how it is built. Semantics (the reference loop):
+// jaxlora/cpu_kernels.py for why it exists and how it is built. Semantics (the reference loop):
 //
 //   for i in range(rows):
 //       s = slots[i]
@@ -8,11 +8,11 @@
 //
 // x [rows, D], a [S, D, R], b [S, R, O], scale [S], slots [rows] -> y [rows, O], all float32.
 // Each row's sums run in a fixed order over its own data only, so a row's bits do not depend on
-// the other rows or on which slot holds its adapter.
+// the other rows, on which slot holds its adapter, or on which thread computed it.
 #include <cstdint>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "parallel.h"
 
 namespace ffi = xla::ffi;
 
@@ -23,43 +23,53 @@ using F32Cube = ffi::Buffer<ffi::F32, 3>;
 using S32Vec = ffi::Buffer<ffi::S32, 1>;
 using F32MatOut = ffi::ResultBuffer<ffi::F32, 2>;
 
-static void lora_rows(const float* X, const float* A, const float* Bw, const float* sc, const int32_t* sl, float* Y,
-                      int64_t rows, int64_t D, int64_t S, int64_t R, int64_t O, float* xa) {
-  for (int64_t i = 0; i < rows; ++i) {
-    int64_t s = sl[i];
-    s = s < 0 ? 0 : (s >= S ? S - 1 : s);  // never out of bounds (the engine only passes 0 <= s < S)
-    const float* a_s = A + s * D * R;
-    const float* b_s = Bw + s * R * O;
-    const float* x_i = X + i * D;
-    for (int64_t r = 0; r < R; ++r) xa[r] = 0.0f;
-    for (int64_t d = 0; d < D; ++d) {
-      const float xv = x_i[d];
-      const float* a_row = a_s + d * R;
-      for (int64_t r = 0; r < R; ++r) xa[r] += xv * a_row[r];
-    }
-    for (int64_t r = 0; r < R; ++r) xa[r] *= sc[s];
-    float* y_i = Y + i * O;
-    for (int64_t o = 0; o < O; ++o) y_i[o] = 0.0f;
-    for (int64_t r = 0; r < R; ++r) {
-      const float v = xa[r];
-      const float* b_row = b_s + r * O;
-      for (int64_t o = 0; o < O; ++o) y_i[o] += v * b_row[o];
-    }
+JAXLORA_CLONES
+static void lora_row(const float* x_i, const float* a_s, const float* b_s, float sc, float* y_i, int64_t D, int64_t R,
+                     int64_t O, float* xa) {
+  for (int64_t r = 0; r < R; ++r) xa[r] = 0.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float xv = x_i[d];
+    const float* a_row = a_s + d * R;
+    for (int64_t r = 0; r < R; ++r) xa[r] += xv * a_row[r];
+  }
+  for (int64_t r = 0; r < R; ++r) xa[r] *= sc;
+  for (int64_t o = 0; o < O; ++o) y_i[o] = 0.0f;
+  for (int64_t r = 0; r < R; ++r) {
+    const float v = xa[r];
+    const float* b_row = b_s + r * O;
+    for (int64_t o = 0; o < O; ++o) y_i[o] += v * b_row[o];
   }
 }
 
-static ffi::Error BgmvImpl(F32Mat x, F32Cube a, F32Cube b, F32Vec scale, S32Vec slots, F32MatOut y) {
+static ffi::Error BgmvImpl(ffi::ThreadPool pool, F32Mat x, F32Cube a, F32Cube b, F32Vec scale, S32Vec slots,
+                           F32MatOut y) {
   const int64_t rows = x.dimensions()[0], D = x.dimensions()[1];
   const int64_t S = a.dimensions()[0], R = a.dimensions()[2], O = b.dimensions()[2];
   if (a.dimensions()[1] != D || b.dimensions()[0] != S || b.dimensions()[1] != R || scale.dimensions()[0] != S ||
       slots.dimensions()[0] != rows || y->dimensions()[0] != rows || y->dimensions()[1] != O || S < 1) {
     return ffi::Error::InvalidArgument("bgmv: inconsistent shapes");
   }
-  std::vector<float> xa(R);
-  lora_rows(x.typed_data(), a.typed_data(), b.typed_data(), scale.typed_data(), slots.typed_data(), y->typed_data(),
-            rows, D, S, R, O, xa.data());
+  const float* X = x.typed_data();
+  const float* A = a.typed_data();
+  const float* Bw = b.typed_data();
+  const float* sc = scale.typed_data();
+  const int32_t* sl = slots.typed_data();
+  float* Y = y->typed_data();
+  jaxlora::parallel_for(pool, rows, [=](int64_t i) {
+    int64_t s = sl[i];
+    s = s < 0 ? 0 : (s >= S ? S - 1 : s);  // never out of bounds (the engine only passes 0 <= s < S)
+    std::vector<float> xa(R);
+    lora_row(X + i * D, A + s * D * R, Bw + s * R * O, sc[s], Y + i * O, D, R, O, xa.data());
+  });
   return ffi::Error::Success();
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxloraBgmv, BgmvImpl,
-                              ffi::Ffi::Bind().Arg<F32Mat>().Arg<F32Cube>().Arg<F32Cube>().Arg<F32Vec>().Arg<S32Vec>().Ret<F32Mat>());
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Mat>()
+                                  .Arg<F32Cube>()
+                                  .Arg<F32Cube>()
+                                  .Arg<F32Vec>()
+                                  .Arg<S32Vec>()
+                                  .Ret<F32Mat>());

@@ -1,0 +1,147 @@
+"""The decode step's two CPU kernels, in C++ (`kernels/*.cc`), called through XLA's FFI.
+
+    bgmv(x, a, b, scale, slots)                  each row's own adapter's LoRA product (Punica's BGMV)
+    decode_attention(q, k, v, positions, window) one new token per row against its own KV cache
+
+Why: a decode step has one token per row, and XLA:CPU has no good form for either product.
+- LoRA, `[1, D] @ [D, R]` then `[1, R] @ [R, O]` per row with the row's adapter: as batched dots
+  over per-row copies of the weights (`lora.gather_rows`) XLA runs them single-threaded and reads
+  every adapter once per row; as one matmul over all slots they are not bit-stable (a row's bits
+  would depend on which slot its adapter sits in). The kernel reads each row's slot in place.
+- Attention, `[G, H] @ [H, S]` per (row, kv head): XLA runs 64 tiny batched dots a layer at a
+  fraction of the memory bandwidth, over the whole cache including the entries no query can see.
+  The kernel reads only each row's visible entries.
+Both split their rows over XLA's intra-op thread pool and compute every row in a fixed order from
+its own data only, so a row's bits do not depend on its neighbours or on the thread that ran it.
+Measured on the benchmark model (docs/benchmarks.md): together they took the decode step from
+~22 ms to ~17 ms.
+
+How: built on first use with the system C++ compiler (`c++`, or `$CXX`) against the FFI headers
+that jaxlib ships (`jax.ffi.include_dir()`), into a per-user cache folder keyed by the sources,
+the jaxlib version, the compiler, the flags and the machine (never on the adapter filesystem),
+then registered as FFI targets. The hot loops are built for AVX-512, AVX2 and plain x86-64 and
+picked at load time; with `-ffp-contract=off` all three give the same bits. Without a compiler,
+on another backend, or for bfloat16, `model.py`'s XLA forms run instead: same semantics, and the
+tests compare the two.
+
+What it deliberately does not do: prefill (many tokens per row, where XLA's matmuls are good),
+gradients (training never calls it), dtypes other than float32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_SOURCES = Path(__file__).parent / "kernels"
+_TARGETS = {"jaxlora_bgmv": "JaxloraBgmv", "jaxlora_decode_attention": "JaxloraDecodeAttention"}
+# Portable: no -march (the file may be shared across hosts; the hot loops pick their ISA at load).
+_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC")
+_build_lock = threading.Lock()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxlora" / "kernels"
+
+
+def _sources() -> list[Path]:
+    return sorted(p for p in _SOURCES.iterdir() if p.suffix in (".cc", ".h"))
+
+
+def _build(cxx: str) -> Path:
+    """The compiled kernels, compiling them unless these sources, jaxlib, compiler, flags and machine
+    already were. Builders write a temporary file of their own and rename it into place."""
+    sources = _sources()
+    key = [[(p.name, p.read_bytes()) for p in sources], jaxlib.__version__, cxx, " ".join(_FLAGS), platform.machine()]
+    tag = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"kernels-{tag}.so"
+    if not lib.is_file():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{lib.name}.", dir=lib.parent)
+        os.close(fd)
+        try:
+            cc = [str(p) for p in sources if p.suffix == ".cc"]
+            subprocess.run([cxx, *_FLAGS, "-I", jax.ffi.include_dir(), *cc, "-o", tmp],
+                           check=True, capture_output=True, text=True, timeout=300)
+            os.replace(tmp, lib)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return lib
+
+
+def _load(cxx: str) -> ctypes.CDLL:
+    """The kernels' library; a cached file that does not load (corrupt, foreign) is rebuilt once."""
+    lib = _build(cxx)
+    try:
+        dll = ctypes.cdll.LoadLibrary(str(lib))
+        for symbol in _TARGETS.values():
+            getattr(dll, symbol)
+    except (OSError, AttributeError):
+        lib.unlink(missing_ok=True)
+        dll = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+    return dll
+
+
+@functools.cache
+def _available() -> bool:
+    if jax.default_backend() != "cpu":
+        return False
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        dll = _load(cxx)
+        handlers = {target: getattr(dll, symbol) for target, symbol in _TARGETS.items()}
+    except (OSError, AttributeError, subprocess.SubprocessError) as e:  # no compiler, a failed or hung build
+        detail = getattr(e, "stderr", "") or e
+        log.warning("CPU decode kernels not available (%s); decoding uses XLA's forms instead", detail)
+        return False
+    for target, handler in handlers.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+    log.info("CPU decode kernels loaded: LoRA and attention in decode steps use them")
+    return True
+
+
+def available() -> bool:
+    """True when the kernels are built and registered for the CPU backend in use (built once per
+    process; replicas log which way they decode)."""
+    with _build_lock:
+        return _available()
+
+
+def applies(dtype) -> bool:
+    """Whether decoding with weights and cache of `dtype` uses the kernels."""
+    return jnp.dtype(dtype) == jnp.float32 and available()
+
+
+def _call(target: str, shape: tuple[int, ...], *args, **attrs) -> jax.Array:
+    if not available():
+        raise RuntimeError("the CPU decode kernels are not available here; the engine falls back to XLA's forms")
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32))(*args, **attrs)
+
+
+def bgmv(x_BxD: jax.Array, a_SxDxR: jax.Array, b_SxRxO: jax.Array, scale_S: jax.Array, slots_B: jax.Array) -> jax.Array:
+    """y[i] = scale[s] * ((x[i] @ a[s]) @ b[s]) with s = slots[i]; float32 [B, O]."""
+    return _call("jaxlora_bgmv", (x_BxD.shape[0], b_SxRxO.shape[2]), x_BxD, a_SxDxR, b_SxRxO,
+                 scale_S.astype(jnp.float32), slots_B.astype(jnp.int32))
+
+
+def decode_attention(q_BxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, positions_B: jax.Array,
+                     sliding_window: int | None) -> jax.Array:
+    """Attention of each row's one query (at positions[b]) over its cache entries s <= position
+    (and s > position - sliding_window when set); float32 [B, N, H]."""
+    return _call("jaxlora_decode_attention", q_BxNxH.shape, q_BxNxH, k_BxKxSxH, v_BxKxSxH,
+                 positions_B.astype(jnp.int32), window=np.int64(sliding_window or 0))
