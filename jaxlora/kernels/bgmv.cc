@@ -9,6 +9,7 @@
 // x [rows, D], a [S, D, R], b [S, R, O], scale [S], slots [rows] -> y [rows, O], all float32.
 // Each row's sums run in a fixed order over its own data only, so a row's bits do not depend on
 // the other rows, on which slot holds its adapter, or on which thread computed it.
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -55,11 +56,34 @@ static ffi::Error BgmvImpl(ffi::ThreadPool pool, F32Mat x, F32Cube a, F32Cube b,
   const float* sc = scale.typed_data();
   const int32_t* sl = slots.typed_data();
   float* Y = y->typed_data();
-  jaxlora::parallel_for(pool, rows, [=](int64_t i) {
-    int64_t s = sl[i];
-    s = s < 0 ? 0 : (s >= S ? S - 1 : s);  // never out of bounds (the engine only passes 0 <= s < S)
+  // Rows that share an adapter run on one thread, one after the other, so each adapter is read
+  // from memory once (the second row finds it in cache); a large group is cut into chunks so
+  // that both threads still work when every row uses one adapter.
+  std::vector<int64_t> order(rows), first(S + 1, 0);  // rows sorted by slot (counting sort, stable)
+  auto slot_of = [=](int64_t i) -> int64_t {  // never out of bounds (the engine passes 0 <= s < S)
+    return std::min<int64_t>(std::max<int64_t>(sl[i], 0), S - 1);
+  };
+  for (int64_t i = 0; i < rows; ++i) ++first[slot_of(i) + 1];
+  for (int64_t s = 0; s < S; ++s) first[s + 1] += first[s];
+  std::vector<int64_t> fill(first.begin(), first.end() - 1);
+  for (int64_t i = 0; i < rows; ++i) order[fill[slot_of(i)]++] = i;
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t chunk = std::max<int64_t>(1, (rows + 2 * threads - 1) / (2 * threads));
+  struct Item {
+    int64_t slot, begin, end;  // order[begin:end] use `slot`
+  };
+  std::vector<Item> items;
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t j = first[s]; j < first[s + 1]; j += chunk) items.push_back({s, j, std::min(j + chunk, first[s + 1])});
+  const Item* item_at = items.data();
+  const int64_t* row_at = order.data();
+  jaxlora::parallel_for(pool, static_cast<int64_t>(items.size()), [=](int64_t k) {
+    const Item it = item_at[k];
     std::vector<float> xa(R);
-    lora_row(X + i * D, A + s * D * R, Bw + s * R * O, sc[s], Y + i * O, D, R, O, xa.data());
+    for (int64_t j = it.begin; j < it.end; ++j) {
+      const int64_t i = row_at[j];
+      lora_row(X + i * D, A + it.slot * D * R, Bw + it.slot * R * O, sc[it.slot], Y + i * O, D, R, O, xa.data());
+    }
   });
   return ffi::Error::Success();
 }
