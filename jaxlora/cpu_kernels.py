@@ -20,7 +20,8 @@ How: built on first use with the system C++ compiler (`c++`, or `$CXX`) against 
 that jaxlib ships (`jax.ffi.include_dir()`), into a per-user cache folder keyed by the sources,
 the jaxlib version, the compiler, the flags and the machine (never on the adapter filesystem),
 then registered as FFI targets. The hot loops are built for AVX-512, AVX2 and plain x86-64 and
-picked at load time; with `-ffp-contract=off` all three give the same bits. Without a compiler,
+picked at load time; with `-ffp-contract=off` all three give the same bits (`exp` is the C
+library's, see kernels/parallel.h). Without a compiler,
 on another backend, or for bfloat16, `model.py`'s XLA forms run instead: same semantics, and the
 tests compare the two.
 
@@ -39,6 +40,7 @@ import platform
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -53,6 +55,7 @@ _TARGETS = {"jaxlora_bgmv": "JaxloraBgmv", "jaxlora_decode_attention": "JaxloraD
 # Portable: no -march (the file may be shared across hosts; the hot loops pick their ISA at load).
 _FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC")
 _build_lock = threading.Lock()
+_registered = False
 
 
 def _cache_dir() -> Path:
@@ -63,11 +66,18 @@ def _sources() -> list[Path]:
     return sorted(p for p in _SOURCES.iterdir() if p.suffix in (".cc", ".h"))
 
 
+def _compiler_id(cxx: str) -> str:
+    """What the compiler says it is: an upgraded or switched compiler gets a new build."""
+    return subprocess.run([cxx, "--version"], check=True, capture_output=True, text=True, timeout=60).stdout
+
+
 def _build(cxx: str) -> Path:
     """The compiled kernels, compiling them unless these sources, jaxlib, compiler, flags and machine
-    already were. Builders write a temporary file of their own and rename it into place."""
+    already were. Builders write a temporary file of their own and rename it into place; a new
+    build removes the older ones (a process still using one keeps its mapping)."""
     sources = _sources()
-    key = [[(p.name, p.read_bytes()) for p in sources], jaxlib.__version__, cxx, " ".join(_FLAGS), platform.machine()]
+    key = [[(p.name, p.read_bytes()) for p in sources], jaxlib.__version__, cxx, _compiler_id(cxx), " ".join(_FLAGS),
+           platform.machine()]
     tag = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"kernels-{tag}.so"
     if not lib.is_file():
@@ -81,20 +91,31 @@ def _build(cxx: str) -> Path:
             os.replace(tmp, lib)
         finally:
             Path(tmp).unlink(missing_ok=True)
+        _prune(keep=lib)
     return lib
 
 
+def _prune(keep: Path) -> None:
+    """Removes earlier builds (and temporary files of builds killed an hour or more ago)."""
+    for old in keep.parent.iterdir():
+        try:
+            stale_tmp = old.name.startswith(".") and time.time() - old.stat().st_mtime > 3600
+            if old != keep and (old.name.endswith(".so") or stale_tmp):
+                old.unlink()
+        except FileNotFoundError:  # another process pruned it first
+            pass
+
+
 def _load(cxx: str) -> ctypes.CDLL:
-    """The kernels' library; a cached file that does not load (corrupt, foreign) is rebuilt once."""
+    """The kernels' library; a cached file that does not load (corrupt, foreign) is rebuilt once.
+    (A library that loads but lacks a symbol is not retried: the loader would hand back the same
+    mapping. `_available` then reports it and decoding uses XLA's forms.)"""
     lib = _build(cxx)
     try:
-        dll = ctypes.cdll.LoadLibrary(str(lib))
-        for symbol in _TARGETS.values():
-            getattr(dll, symbol)
-    except (OSError, AttributeError):
+        return ctypes.cdll.LoadLibrary(str(lib))
+    except OSError:
         lib.unlink(missing_ok=True)
-        dll = ctypes.cdll.LoadLibrary(str(_build(cxx)))
-    return dll
+        return ctypes.cdll.LoadLibrary(str(_build(cxx)))
 
 
 @functools.cache
@@ -109,8 +130,11 @@ def _available() -> bool:
         detail = getattr(e, "stderr", "") or e
         log.warning("CPU decode kernels not available (%s); decoding uses XLA's forms instead", detail)
         return False
-    for target, handler in handlers.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+    global _registered
+    if not _registered:  # XLA keeps the first registration for the process (a reload maps the same code)
+        for target, handler in handlers.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+        _registered = True
     log.info("CPU decode kernels loaded: LoRA and attention in decode steps use them")
     return True
 

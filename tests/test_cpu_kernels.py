@@ -120,13 +120,34 @@ def test_decode_attention_equals_reference_loop_and_xla_form():
         np.testing.assert_allclose(got, _xla_attention(q, k, v, positions, window), rtol=1e-5, atol=1e-5)
 
 
-def test_decode_attention_of_a_row_past_the_cache_end_sees_the_whole_cache():
-    """Free decode rows keep counting positions past the cache; they must stay finite like XLA's form."""
+def test_decode_attention_of_free_rows_matches_xla_past_the_cache_end():
+    """Free decode rows keep counting positions past the cache end: such a row sees the whole cache
+    (clipped to its window), and a row that sees nothing gets NaN, exactly where XLA's form does."""
     rng = np.random.default_rng(3)
-    q, k, v = _attention_problem(rng, B=2, S=8)
-    positions = np.array([8, 30], np.int32)
-    got = np.asarray(cpu_kernels.decode_attention(*map(jnp.asarray, (q, k, v, positions)), None))
-    np.testing.assert_allclose(got, _xla_attention(q, k, v, positions, None), rtol=1e-5, atol=1e-5)
+    q, k, v = _attention_problem(rng, B=4, S=8)
+    for window, positions in [(None, [8, 30, 7, -1]), (3, [9, 10, 8, 40]), (1, [7, 8, 0, -2])]:
+        positions = np.array(positions, np.int32)
+        got = np.asarray(cpu_kernels.decode_attention(*map(jnp.asarray, (q, k, v, positions)), window))
+        want = _xla_attention(q, k, v, positions, window)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # NaNs compare equal
+    assert np.isnan(got[1]).all() and not np.isnan(got[0]).any()
+
+
+def test_a_new_build_replaces_older_ones_in_the_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "jaxlora" / "kernels"
+    cache.mkdir(parents=True)
+    (cache / "kernels-0000000000000000.so").write_bytes(b"an older build")
+    (cache / "bgmv-0000000000000000.so").write_bytes(b"a build of the earlier single kernel")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cpu_kernels._available.cache_clear()
+    try:
+        assert cpu_kernels.available()
+        assert [p.name.startswith("kernels-") and p.suffix == ".so" for p in cache.iterdir()] == [True]
+    finally:
+        monkeypatch.undo()
+        cpu_kernels._available.cache_clear()
+    assert cpu_kernels.available()
 
 
 def test_decode_attention_bits_of_a_row_depend_only_on_its_own_cache():

@@ -7,11 +7,15 @@
 //       out[b, n] = sum(w[j] * v[b, kv, seen[j]] for j)
 //
 // q [B, N, H], k and v [B, K, S, H], positions [B], window attribute W (0 = none) -> out [B, N, H],
-// all float32. A position past the cache end sees the whole cache, as the masked XLA form does.
+// all float32. A position past the cache end sees the whole cache (clipped to the window); a row
+// that sees no entry at all (a negative position, or a window wholly past the cache end) gets
+// NaN, as the masked XLA form's softmax over nothing does. Only free decode rows get there.
 // Every (row, kv head) is computed by one thread in a fixed order from its own data only, so a
 // row's bits do not depend on the other rows or on the thread.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "parallel.h"
@@ -87,11 +91,15 @@ static ffi::Error AttentionImpl(ffi::ThreadPool pool, F32Cube q, F32Quad k, F32Q
   jaxlora::parallel_for(pool, B * K, [=](int64_t item) {
     const int64_t b = item / K, kv = item % K;
     const int64_t p = P[b];
-    const int64_t hi = std::min<int64_t>(std::max<int64_t>(p, 0), S - 1);
-    const int64_t lo = window > 0 ? std::min(std::max<int64_t>(p - window + 1, 0), hi) : 0;
+    const int64_t hi = std::min<int64_t>(p, S - 1);
+    const int64_t lo = window > 0 ? std::max<int64_t>(p - window + 1, 0) : 0;
+    const int64_t head = (b * N + kv * G) * H, cache = (b * K + kv) * S * H;
+    if (lo > hi) {  // sees nothing
+      std::fill(O + head, O + head + G * H, std::numeric_limits<float>::quiet_NaN());
+      return;
+    }
     thread_local std::vector<float> w;
     w.resize(S);
-    const int64_t head = (b * N + kv * G) * H, cache = (b * K + kv) * S * H;
     attend(Q + head, Kc + cache, Vc + cache, O + head, G, H, lo, hi, w.data());
   });
   return ffi::Error::Success();

@@ -122,7 +122,8 @@ static ffi::Error BgmvImpl(ffi::ThreadPool pool, F32Mat x, F32Cube a, F32Cube b,
   const int64_t* row_at = order.data();
   jaxlora::parallel_for(pool, static_cast<int64_t>(items.size()), [=](int64_t k) {
     const Item it = item_at[k];
-    std::vector<float> xa(R);
+    thread_local std::vector<float> xa;
+    xa.resize(R);
     for (int64_t j = it.begin; j < it.end; ++j) {
       const int64_t i = row_at[j];
       lora_row(X + i * D, A + it.slot * D * R, Bw + it.slot * R * O, sc[it.slot], Y + i * O, D, R, O, xa.data());
