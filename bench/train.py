@@ -89,9 +89,9 @@ def matmul_gflops(tokens: int, repeats: int = 10) -> dict:
         flops = 2 * tokens * d_in * d_out
         xj, wj = jnp.asarray(x), jnp.asarray(w)
         mm = jax.jit(lambda a, b: a @ b)
-        mm(xj, wj).block_until_ready()
         xt, wt = torch.from_numpy(x), torch.from_numpy(w)
         for name, run in [("jax", lambda: mm(xj, wj).block_until_ready()), ("torch", lambda: xt @ wt)]:
+            run()  # warm-up: compilation, thread pools, first-touch of the output
             best = float("inf")
             for _ in range(repeats):
                 t0 = time.perf_counter()

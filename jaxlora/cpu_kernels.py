@@ -20,8 +20,8 @@ How: built on first use with the system C++ compiler (`c++`, or `$CXX`) against 
 that jaxlib ships (`jax.ffi.include_dir()`), into a per-user cache folder keyed by the sources,
 the jaxlib version, the compiler, the flags and the machine (never on the adapter filesystem),
 then registered as FFI targets. The hot loops are built for AVX-512, AVX2 and plain x86-64 and
-picked at load time; with `-ffp-contract=off` all three give the same bits (`exp` is the C
-library's, see kernels/parallel.h). Without a compiler,
+picked at load time; with `-ffp-contract=off` all three give the same bits, and no libm call
+depends on the host (attention's softmax has its own `exp`). Without a compiler,
 on another backend, or for bfloat16, `model.py`'s XLA forms run instead: same semantics, and the
 tests compare the two.
 

@@ -102,11 +102,14 @@ def _xla_attention(q, k, v, positions, window):
 
 def test_decode_attention_equals_reference_loop_and_xla_form():
     rng = np.random.default_rng(2)
-    cases = [  # (B, K, G, S, H, window): GQA, MHA, a head size with a tail (40 = 2 * 16 + 8), sliding windows
-        (6, 2, 2, 24, 32, None), (16, 4, 2, 128, 64, None), (3, 3, 1, 17, 40, None), (5, 2, 4, 32, 16, 7), (4, 1, 8, 9, 128, 1),
+    cases = [  # (B, K, G, S, H, window, q scale): GQA, MHA, a head size with a tail (40 = 2 * 16 + 8),
+        # sliding windows, and scores spread over ~[-150, 150] (the kernel's own exp over its whole range)
+        (6, 2, 2, 24, 32, None, 1), (16, 4, 2, 128, 64, None, 1), (3, 3, 1, 17, 40, None, 1), (5, 2, 4, 32, 16, 7, 1),
+        (4, 1, 8, 9, 128, 1, 1), (8, 2, 2, 64, 64, None, 20),
     ]
-    for B, K, G, S, H, window in cases:
+    for B, K, G, S, H, window, q_scale in cases:
         q, k, v = _attention_problem(rng, B, K, G, S, H)
+        q *= q_scale
         positions = rng.integers(0, S, size=B).astype(np.int32)
         positions[0], positions[-1] = 0, S - 1  # the first and the last cache entry
         got = np.asarray(cpu_kernels.decode_attention(*map(jnp.asarray, (q, k, v, positions)), window))

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -41,6 +42,30 @@ static inline float dot(const float* a, const float* b, int64_t H) {
   return acc[0];
 }
 
+// exp(x) for the softmax, written out rather than libm's so that every host and every ISA build
+// gives the same bits (and the loop vectorizes): x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in
+// a short high part and a low part, so n * ln2_hi is exact), exp(r) by its Taylor series to r^7
+// (truncation error < 6e-9 relative), then 2^n through the exponent bits. Below -87 the result
+// would be subnormal: 0, as a float softmax weight that small is. NaN stays NaN.
+static inline __attribute__((always_inline)) float softmax_exp(float x) {
+  const bool nan = x != x;
+  const float xc = nan ? 0.0f : std::min(std::max(x, -87.0f), 88.0f);
+  const float n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln2): adding 1.5 * 2^23 rounds
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return nan ? x : (x < -87.0f ? 0.0f : p * two_n);
+}
+
 // The G query heads of one kv head of one row, over cache entries [lo, hi].
 JAXLORA_CLONES
 static void attend(const float* q, const float* k, const float* v, float* out, int64_t G, int64_t H, int64_t lo,
@@ -56,11 +81,9 @@ static void attend(const float* q, const float* k, const float* v, float* out, i
       w[s] = dot(q_g, k + s * H, H) / root;
       top = w[s] > top ? w[s] : top;
     }
+    for (int64_t s = 0; s < n; ++s) w[s] = softmax_exp(w[s] - top);
     float total = 0.0f;
-    for (int64_t s = 0; s < n; ++s) {
-      w[s] = std::exp(w[s] - top);
-      total += w[s];
-    }
+    for (int64_t s = 0; s < n; ++s) total += w[s];
     float* o = out + g * H;
     for (int64_t h = 0; h < H; ++h) o[h] = 0.0f;
     for (int64_t s = 0; s < n; ++s) {

@@ -11,9 +11,8 @@
 
 // Each kernel's hot loop is compiled for AVX-512, AVX2 and plain x86-64, and the loader picks the
 // best one the CPU has. The build passes -ffp-contract=off, so no variant fuses a multiply and an
-// add: every variant does the same float operations in the same order and gives the same bits
-// (exp comes from the C library, which may itself pick an FMA form: attention's last bits can
-// differ between hosts with different C libraries or CPUs, never within one replica).
+// add: every variant does the same float operations in the same order and gives the same bits.
+// The kernels call no libm function whose result could depend on the host (attention has its own exp).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define JAXLORA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
