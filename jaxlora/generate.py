@@ -19,15 +19,17 @@ from jaxlora.config import ModelConfig
 from jaxlora.model import KVCache, Params, forward
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _forward_step(params: Params, tokens_BxT, positions_BxT, cache: KVCache, cfg: ModelConfig):
-    return forward(params, tokens_BxT, positions_BxT, cfg, cache)
+@functools.partial(jax.jit, static_argnames=("cfg", "decode_kernels"), donate_argnames=("cache",))
+def _forward_step(params: Params, tokens_BxT, positions_BxT, cache: KVCache, cfg: ModelConfig, decode_kernels=False):
+    return forward(params, tokens_BxT, positions_BxT, cfg, cache, decode_kernels=decode_kernels)
 
 
 def greedy_generate(
-    params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+    decode_kernels: bool = False,
 ) -> list[list[int]]:
-    """Returns `max_new_tokens` argmax tokens for each prompt (no early stop at EOS)."""
+    """Returns `max_new_tokens` argmax tokens for each prompt (no early stop at EOS).
+    `decode_kernels` runs the decode steps' attention through the CPU kernel (`cpu_kernels`)."""
     lens_B = np.array([len(p) for p in prompts], np.int32)
     if lens_B.min() < 1:
         raise ValueError("every prompt needs at least one token")
@@ -44,7 +46,7 @@ def greedy_generate(
         out.append(next_B)
         if i + 1 == max_new_tokens:
             break
-        logits_Bx1xV, cache = _forward_step(params, next_B[:, None], (lens_B + i)[:, None], cache, cfg)
+        logits_Bx1xV, cache = _forward_step(params, next_B[:, None], (lens_B + i)[:, None], cache, cfg, decode_kernels)
         next_B = jnp.argmax(logits_Bx1xV[:, 0], axis=-1)
     tokens_BxN = np.asarray(jnp.stack(out, axis=1))
     return [row.tolist() for row in tokens_BxN]

@@ -50,8 +50,9 @@ def test_logits_match_transformers_on_padded_batch(tiny_checkpoints, arch):
         assert np.abs(np.asarray(with_cache[b, : len(p)]) - expected).max() <= 1e-4
 
 
+@pytest.mark.parametrize("decode_kernels", [False, True], ids=["xla", "cpu-kernels"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_prefill_then_decode_equals_one_forward(tiny_checkpoints, arch):
+def test_prefill_then_decode_equals_one_forward(tiny_checkpoints, arch, decode_kernels):
     params, cfg = load_params(tiny_checkpoints[arch])
     n, k = [9, 5, 1], 6
     full = _prompts(cfg.vocab_size, lens=[m + k for m in n], seed=2)
@@ -62,7 +63,7 @@ def test_prefill_then_decode_equals_one_forward(tiny_checkpoints, arch):
     for i in range(k):
         tok = np.array([[f[m + i]] for f, m in zip(full, n)], np.int32)
         pos = np.array([[m + i] for m in n], np.int32)
-        logits, cache = forward(params, tok, pos, cfg, cache)
+        logits, cache = forward(params, tok, pos, cfg, cache, decode_kernels=decode_kernels)
         step_logits.append(np.asarray(logits[:, 0]))
     tokens, positions = _right_padded(full)
     ref, _ = forward(params, tokens, positions, cfg)
@@ -71,13 +72,15 @@ def test_prefill_then_decode_equals_one_forward(tiny_checkpoints, arch):
             assert np.abs(step_logits[i][b] - np.asarray(ref[b, m + i])).max() <= 1e-5
 
 
+@pytest.mark.parametrize("decode_kernels", [False, True], ids=["xla", "cpu-kernels"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_32_tokens_equal_transformers_generate(tiny_checkpoints, arch):
+def test_greedy_32_tokens_equal_transformers_generate(tiny_checkpoints, arch, decode_kernels):
+    """Through the sliding window (mistral), head sizes 8, 16 and 24 (the kernel's tails) and tied heads."""
     params, cfg = load_params(tiny_checkpoints[arch])
     ref = load_reference(tiny_checkpoints[arch])
     ref.generation_config.eos_token_id = None  # generate all 32 tokens, as greedy_generate does
     prompts = _prompts(cfg.vocab_size, seed=3)
-    ours = greedy_generate(params, cfg, prompts, max_new_tokens=32)
+    ours = greedy_generate(params, cfg, prompts, max_new_tokens=32, decode_kernels=decode_kernels)
     for p, got in zip(prompts, ours):
         with torch.no_grad():
             out = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
