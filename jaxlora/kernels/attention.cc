@@ -31,7 +31,7 @@ using F32CubeOut = ffi::ResultBuffer<ffi::F32, 3>;
 constexpr int64_t kLanes = 16;
 
 // dot(a, b) over H: kLanes partial sums (which vectorize), the tail, then a fixed pairwise tree.
-static inline float dot(const float* a, const float* b, int64_t H) {
+static inline __attribute__((always_inline)) float dot(const float* a, const float* b, int64_t H) {
   float acc[kLanes] = {0};
   int64_t h = 0;
   for (; h + kLanes <= H; h += kLanes)
