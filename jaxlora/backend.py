@@ -22,7 +22,7 @@ from jaxlora.adapter_format import read_published
 from jaxlora.adapter_store import DEFAULT_FS_ROOT, AdapterStore, ResolvedAdapter
 from jaxlora.checkpoint import load_params, model_fingerprint
 from jaxlora.demo import ensure_demo_model
-from jaxlora.engine import Engine, EngineConfig, compile_count
+from jaxlora.engine import Engine, EngineConfig, compile_count, uses_decode_kernels
 from jaxlora.hot_reload import AdapterVersions
 from jaxlora.lora import zeros_stack
 from jaxlora.metrics import peak_memory_bytes
@@ -195,6 +195,7 @@ class LocalJaxLoRABackend:
         out["adapter_reload"] = dataclasses.asdict(self.versions.stats)
         out["compilations"] = compile_count()
         out["memory"] = peak_memory_bytes()
+        out["decode_kernels"] = uses_decode_kernels(self.engine.params, self.slots.stack)  # or XLA's forms
         return out
 
     def close(self) -> None:

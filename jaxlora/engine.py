@@ -169,8 +169,14 @@ def _insert(prefix: Prefix, state: DecodeState, rows_P) -> DecodeState:
     return state
 
 
+def uses_decode_kernels(params: Params, lora: LoraStack) -> bool:
+    """Whether decode steps run attention and LoRA through the CPU kernels (`cpu_kernels`: float32
+    weights, cache and adapters, kernels built here). Fixed for a replica; its metrics report it."""
+    return cpu_kernels.applies(lora.dtype) and cpu_kernels.applies(params.embed.dtype)
+
+
 def _generate(params: Params, lora: LoraStack, state: DecodeState, cfg: ModelConfig, steps: int):
-    kernels = cpu_kernels.applies(lora.dtype) and cpu_kernels.applies(params.embed.dtype)
+    kernels = uses_decode_kernels(params, lora)
     if kernels:  # the CPU LoRA kernel reads each row's slot in place
         rows_lora, rows_slots = lora, state.slots
     else:  # XLA's form: each row's adapter gathered once per call, not once per step (a row's slot is fixed here)

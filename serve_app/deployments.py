@@ -64,6 +64,7 @@ class LoRAModel:
             "adapter_loads": "adapters read from the store",
             "adapter_evictions": "adapters evicted from device slots",
             "adapter_reload_failures": "new adapter versions that failed to load",
+            "decode_kernels": "1 when decode steps use the CPU kernels, 0 for XLA's forms (replicas should agree)",
         }.items()}
         self._stop = threading.Event()
         threading.Thread(target=self._export_metrics, name="metrics-export", daemon=True).start()
@@ -75,7 +76,8 @@ class LoRAModel:
                       "decode_tokens_per_s": m["decode_tokens_per_s"], "active_rows": m["active_rows"],
                       "compilations": m["compilations"], "adapter_loads": m["adapter_cache"]["loads"],
                       "adapter_evictions": m["adapter_cache"]["evictions"],
-                      "adapter_reload_failures": m["adapter_reload"]["reload_failures"]}
+                      "adapter_reload_failures": m["adapter_reload"]["reload_failures"],
+                      "decode_kernels": int(m["decode_kernels"])}
             for name, value in values.items():
                 self._gauges[name].set(value)
 

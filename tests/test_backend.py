@@ -83,10 +83,12 @@ def test_closing_a_stream_early_frees_the_row(backend):
 
 
 def test_metrics_cover_the_engine(backend):
+    backend.generate(prompt="Hello", adapter="faq", max_tokens=3, temperature=0.0)  # an adapter load, even run alone
     m = backend.metrics()
     for key in ("decode_tokens_per_s", "batch_occupancy", "queue_depth", "ttft_s", "tpot_s", "compilations", "memory"):
         assert key in m
     assert m["adapter_cache"]["loads"] >= 1 and m["memory"]["host_peak_rss_bytes"] > 0
+    assert m["decode_kernels"] is True  # float32 demo model on a CPU with a compiler
     assert backend.healthy
 
 
