@@ -35,6 +35,11 @@ from jaxlora.sampling import SamplingParams, sample, split_seed
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
+    """The engine's options; also the `engine:` block of serve_config.yaml (validated field for
+    field by pydantic at the Serve layer, which refuses unknown keys through __pydantic_config__)."""
+
+    __pydantic_config__ = {"extra": "forbid"}
+
     max_batch_size: int = 8
     """Decode rows; every generate call computes all of them."""
     max_seq_len: int = 512
@@ -56,8 +61,15 @@ class EngineConfig:
     """Weights, activations and KV cache: float32 or bfloat16 (norms, softmax and logits stay float32)."""
 
     def __post_init__(self):
-        if self.max_batch_size < 1 or self.decode_steps < 1 or self.prefill_batch < 1 or self.max_queue < 0:
-            raise ValueError("max_batch_size, decode_steps and prefill_batch must be >= 1 and max_queue >= 0")
+        for name in ("max_batch_size", "decode_steps", "prefill_batch", "max_lora_rank", "host_adapter_cache"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.max_seq_len < 8:
+            raise ValueError(f"max_seq_len must be >= 8, got {self.max_seq_len}")
+        if not self.prefill_buckets or min(self.prefill_buckets) < 1:
+            raise ValueError(f"prefill_buckets must be positive lengths, got {self.prefill_buckets}")
         if self.num_adapter_slots < 2:
             raise ValueError("num_adapter_slots must be >= 2 (slot 0 is the base model)")
         if self.dtype not in ("float32", "bfloat16"):

@@ -1,6 +1,15 @@
 """The application's arguments: what `serve run serve_app.app:build_app key=value ...` and the
 `args:` block of `serve_config.yaml` accept, validated once here (pydantic) and then handed to the
-deployments as plain values. Engine options map 1:1 onto `jaxlora.engine.EngineConfig`."""
+deployments as plain values.
+
+One place per setting. Engine options are `jaxlora.engine.EngineConfig` itself (its fields, bounds
+and defaults; nothing is restated here). The Serve options that depend on the engine or on the
+hardware (replicas, queue sizes, GPUs) are `args` fields too, turned into deployment options by
+`deployment_options` for `build_app`; `OWNED_OPTIONS` lists them with the field that sets each. A
+`deployments:` block in the config file would silently replace them, so every replica compares
+what it runs with against this table at start and refuses a mismatch, naming the field to use.
+Serve options not in the table (health checks, graceful shutdown, logging) belong in `deployments:`.
+"""
 
 from __future__ import annotations
 
@@ -12,22 +21,28 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from jaxlora.adapter_store import DEFAULT_FS_ROOT
 from jaxlora.engine import EngineConfig
 
+# (deployment, option, where to set it): the Serve options build_app derives from `args`.
+OWNED_OPTIONS: tuple[tuple[str, str, str], ...] = (
+    ("Ingress", "num_replicas", "args.ingress_replicas"),
+    ("Tokenizer", "num_replicas", "args.tokenizer_replicas"),
+    ("LoRAModel", "num_replicas", "args.model_replicas"),
+    ("LoRAModel", "max_ongoing_requests", "args.engine.max_batch_size + args.engine.max_queue (computed)"),
+    ("LoRAModel", "max_queued_requests", "args.model_max_queued_requests"),
+    ("LoRAModel", "ray_actor_options.num_cpus", "args.model_num_cpus"),
+    ("LoRAModel", "ray_actor_options.num_gpus", "args.model_num_gpus"),
+    ("LoRAModel", "ray_actor_options.runtime_env.env_vars", "args.model_runtime_env.env_vars"),
+)
 
-class EngineArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    max_batch_size: int = Field(8, ge=1, description="decode rows per model replica")
-    max_seq_len: int = Field(512, ge=8, description="prompt + max_tokens limit per request")
-    prefill_buckets: tuple[int, ...] = (32, 64, 128, 256, 512)
-    decode_steps: int = Field(4, ge=1, description="tokens per row per device call; fewer streams sooner")
-    max_queue: int = Field(64, ge=0, description="requests waiting inside a replica before 503")
-    num_adapter_slots: int = Field(8, ge=2, description="device adapter slots including the base model")
-    max_lora_rank: int = Field(16, ge=1)
-    host_adapter_cache: int = Field(64, ge=1)
-    dtype: str = Field("float32", pattern="^(float32|bfloat16)$")
-
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(**self.model_dump())
+# Former or mistaken names, with where the setting lives instead.
+_MOVED = {
+    "num_replicas": "ingress_replicas, tokenizer_replicas or model_replicas",
+    "num_gpus": "model_num_gpus",
+    "num_cpus": "model_num_cpus",
+    "runtime_env": "model_runtime_env",
+    "max_queued_requests": "model_max_queued_requests",
+    "max_ongoing_requests": "engine.max_batch_size and engine.max_queue (it is computed from them)",
+    "deployments": "the top level of the config file, beside args (and only for options not owned by args)",
+}
 
 
 class AppArgs(BaseModel):
@@ -42,13 +57,24 @@ class AppArgs(BaseModel):
     allowed_roots: list[str] = Field(default_factory=list, description="folders registered adapters may live in")
     poll_interval_s: float = Field(1.0, gt=0, description="how often replicas check `latest` for new versions")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies are refused (413)")
-    engine: EngineArgs = Field(default_factory=EngineArgs)
-    model_replicas: int = Field(1, ge=1)
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="jaxlora.engine.EngineConfig, field for field")
+    ingress_replicas: int = Field(1, ge=1)
     tokenizer_replicas: int = Field(1, ge=1)
-    model_num_gpus: float = Field(0, ge=0, description="GPUs per model replica (1 on a GPU cluster)")
+    model_replicas: int = Field(1, ge=1, description="model replicas (engines); each holds the base model")
+    model_num_cpus: float = Field(1, ge=0, description="CPUs reserved per model replica")
+    model_num_gpus: float = Field(0, ge=0, description="GPUs per model replica (1 on a GPU cluster: one engine per GPU)")
     model_max_queued_requests: int = Field(64, ge=-1, description="handle-level queue per model deployment; -1 = unbounded")
     model_runtime_env: dict[str, Any] = Field(
         default_factory=dict, description="Ray runtime_env of the model replicas (env_vars such as XLA_FLAGS, a worker_process_setup_hook)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_moved_settings(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key in _MOVED:
+                    raise ValueError(f"args has no field {key!r}: set {_MOVED[key]} instead")
+        return data
 
     @field_validator("api_keys_file")
     @classmethod
@@ -62,3 +88,41 @@ class AppArgs(BaseModel):
         if self.auth and not self.api_keys_file:
             raise ValueError("auth=true needs api_keys_file (create one with: python -m serve_app.keys add USER --file F)")
         return self
+
+
+def deployment_options(a: AppArgs) -> dict[str, dict[str, Any]]:
+    """Deployment name -> the Serve options build_app sets from `args` (exactly OWNED_OPTIONS)."""
+    return {
+        "Ingress": {"num_replicas": a.ingress_replicas},
+        "Tokenizer": {"num_replicas": a.tokenizer_replicas},
+        "LoRAModel": {
+            "num_replicas": a.model_replicas,
+            # Room for a full batch plus the engine's own queue; beyond it the handle queues, then 503s.
+            "max_ongoing_requests": a.engine.max_batch_size + a.engine.max_queue,
+            "max_queued_requests": a.model_max_queued_requests,
+            "ray_actor_options": {"num_cpus": a.model_num_cpus, "num_gpus": a.model_num_gpus,
+                                  "runtime_env": a.model_runtime_env},
+        },
+    }
+
+
+def option_mismatches(deployment: str, a: AppArgs, running: dict[str, Any]) -> list[str]:
+    """What a replica runs with that differs from what `args` set, as messages naming where to set
+    it. `running` maps an OWNED_OPTIONS option path to the value the replica sees."""
+    expected = deployment_options(a)[deployment]
+    problems = []
+    for name, option, where in OWNED_OPTIONS:
+        if name != deployment or option not in running:
+            continue
+        want: Any = expected
+        for part in option.split("."):
+            want = want.get(part) if isinstance(want, dict) else None
+        have = running[option]
+        if isinstance(want, dict):  # env_vars: ours must all be there (Ray may add its own)
+            ok = isinstance(have, dict) and all(have.get(k) == v for k, v in want.items())
+        else:
+            ok = (want or 0) == (have or 0)
+        if not ok:
+            problems.append(f"{deployment}.{option} is {have!r} but args ask for {want!r}: it is set by {where} only; "
+                            f"remove it from the `deployments:` block of the config file (or from .options())")
+    return problems

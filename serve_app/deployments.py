@@ -22,8 +22,24 @@ from jaxlora.errors import JaxLoraError
 from jaxlora.sampling import SamplingParams
 from jaxlora.scheduler import Finished
 from jaxlora.tokenizer import load_tokenizer, render_chat
-from serve_app.config import AppArgs
+from serve_app.config import AppArgs, option_mismatches
 from serve_app.errors import ApiError, api_error_for
+
+def check_deployment_options(deployment: str, args: AppArgs) -> None:
+    """Refuses to start a replica whose Serve options differ from what `args` set (a `deployments:`
+    block overriding build_app), so a setting never silently fails to take effect."""
+    import ray
+
+    config = serve.get_replica_context()._deployment_config
+    resources = ray.get_runtime_context().get_assigned_resources()
+    running = {"num_replicas": config.num_replicas, "max_ongoing_requests": config.max_ongoing_requests,
+               "max_queued_requests": config.max_queued_requests, "ray_actor_options.num_cpus": resources.get("CPU", 0),
+               "ray_actor_options.num_gpus": resources.get("GPU", 0),
+               "ray_actor_options.runtime_env.env_vars": dict(ray.get_runtime_context().runtime_env.get("env_vars") or {})}
+    problems = option_mismatches(deployment, args, running)
+    if problems:
+        raise ValueError("; ".join(problems))
+
 
 def model_dir_of(args: AppArgs) -> Path:
     """The checkpoint to serve; the demo model (built on first use, identical on every node) by default."""
@@ -37,7 +53,9 @@ def base_model_id(args: AppArgs) -> str:
 @serve.deployment(name="Tokenizer", ray_actor_options={"num_cpus": 0})
 class Tokenizer:
     def __init__(self, args: dict):
-        self.tokenizer = load_tokenizer(model_dir_of(AppArgs(**args)))
+        a = AppArgs(**args)
+        check_deployment_options("Tokenizer", a)
+        self.tokenizer = load_tokenizer(model_dir_of(a))
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt)["input_ids"]
@@ -52,8 +70,9 @@ class Tokenizer:
 class LoRAModel:
     def __init__(self, args: dict):
         a = AppArgs(**args)
+        check_deployment_options("LoRAModel", a)
         self.backend = LocalJaxLoRABackend(
-            model_dir_of(a), a.fs_root, a.engine.engine_config(), a.registered_adapters, a.allowed_roots,
+            model_dir_of(a), a.fs_root, a.engine, a.registered_adapters, a.allowed_roots,
             a.poll_interval_s, model_id=base_model_id(a))
         self._gauges = {name: Gauge(f"jaxlora_{name}", description=desc) for name, desc in {
             "queue_depth": "requests waiting for a decode row",

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jaxlora.adapter_store import AdapterStore
 from jaxlora.tokenizer import TextStream, load_tokenizer
 from serve_app.config import AppArgs
-from serve_app.deployments import base_model_id, model_dir_of
+from serve_app.deployments import base_model_id, check_deployment_options, model_dir_of
 from serve_app.errors import ApiError
 from serve_app.keys import ApiKeys
 from serve_app.openai_api import (ChatCompletionRequest, CompletionRequest, LogprobsBuilder, adapter_fields, new_id,
@@ -109,6 +109,7 @@ def _sse(data: dict | str) -> str:
 class Ingress:
     def __init__(self, tokenizer: DeploymentHandle, model: DeploymentHandle, args: dict):
         self.args = AppArgs(**args)
+        check_deployment_options("Ingress", self.args)
         app.add_middleware(BodyLimit, limit=self.args.max_request_bytes)
         self.tokenizer_handle = tokenizer
         self.model = model

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -73,3 +74,23 @@ def test_job_entry_point_trains_several_specs_and_reports_bad_ones(ray_local, de
     bad.write_text(json.dumps({**good, "adapter_id": "../escape"}))
     assert main([str(bad)]) == 2
     assert "invalid adapter id" in capsys.readouterr().err
+
+
+def test_a_relative_fs_root_never_lands_in_a_ray_jobs_temporary_working_dir(monkeypatch, tmp_path, capsys):
+    """Under `ray job submit --working-dir .` the job's current directory is Ray's temporary copy: a
+    relative fs_root there is refused (naming --fs-root); --fs-root, made absolute, overrides every spec."""
+    from training.ray_entry import resolve_roots
+
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(json.dumps({"user_id": "u", "adapter_id": "a", "data": "d.jsonl", "fs_root": "./rel-fs",
+                                     "steps": 1}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}))
+    assert main([str(spec_file)]) == 2
+    err = capsys.readouterr().err
+    assert "fs_root './rel-fs' is relative" in err and "--fs-root" in err
+    spec = TrainSpec.from_yaml(spec_file)
+    assert resolve_roots(spec, "/shared/lora").fs_root == "/shared/lora"
+    assert resolve_roots(spec, "/shared/lora").checkpoint_path() == Path("/shared/lora/users/u/checkpoints/a")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")  # a plain `python -m training`: relative to where it runs
+    assert resolve_roots(spec, None).fs_root == str(tmp_path / "rel-fs")

@@ -1,0 +1,70 @@
+"""What gets installed: serving and training need no test dependency, and every third-party package
+the code imports is declared in pyproject.toml itself (not merely pulled in by something else)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNTIME_PACKAGES = ("jaxlora", "serve_app", "training")
+TEST_ONLY = {"torch", "peft", "pytest", "openai", "httpx", "schemathesis", "psutil"}
+
+
+def _name(requirement: str) -> str:
+    for sep in "[<>=!~ ;":
+        requirement = requirement.split(sep)[0]
+    return requirement.strip().lower().replace("_", "-")
+
+
+def _project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+@pytest.mark.parametrize("cmd, spec", [("serve", "."), ("demo", "."), ("train", "."), ("test", ".[test]")])
+def test_dev_installs_the_test_extra_only_for_tests(cmd, spec):
+    out = subprocess.run([str(ROOT / "dev"), "install-spec", cmd], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == spec
+
+
+def test_runtime_dependencies_resolve_without_torch_or_peft(tmp_path):
+    """Resolves `./dev serve`'s install from scratch (pip's dry run, nothing installed)."""
+    spec = subprocess.run([str(ROOT / "dev"), "install-spec", "serve"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    report = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                    "--report", str(report), spec], cwd=ROOT, check=True, capture_output=True)
+    resolved = {_name(i["metadata"]["name"]) for i in json.loads(report.read_text())["install"]}
+    assert {"jax", "ray", "transformers", "optax"} <= resolved  # a real resolution
+    assert not resolved & TEST_ONLY, resolved & TEST_ONLY
+    assert not any(n.startswith(("nvidia-", "torch")) for n in resolved)
+
+
+def _imported_top_levels() -> set[str]:
+    names = set()
+    for package in RUNTIME_PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - set(RUNTIME_PACKAGES)
+
+
+def test_every_imported_package_is_a_declared_runtime_dependency():
+    declared = {_name(r) for r in _project()["dependencies"]}
+    dists = packages_distributions()
+    imported = _imported_top_levels()
+    assert {"jax", "ray", "fastapi", "starlette"} <= imported  # the scan sees the code
+    missing = {m: dists.get(m) for m in imported if not {_name(d) for d in dists.get(m, [m])} & declared}
+    assert not missing, f"imported but not declared in pyproject.toml dependencies: {missing}"
+    assert "jinja2" in declared  # transformers renders chat templates with it
+    assert not declared & TEST_ONLY
