@@ -2,6 +2,8 @@
 
 Counters only grow; latency series keep the most recent values for percentiles. Read everything at
 once with `snapshot()`, which also adds the adapter cache's counters, compilations and peak memory.
+The totals stay cumulative here; serve_app.metrics turns them into Prometheus counters (by delta) and
+gauges, and measures per-request latency and per-tenant usage at the ingress instead of from these windows.
 """
 
 from __future__ import annotations

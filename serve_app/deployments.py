@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 
 from ray import serve
-from ray.serve.metrics import Gauge
 
 from jaxlora.backend import LocalJaxLoRABackend
 from jaxlora.demo import ensure_demo_model
@@ -24,6 +23,7 @@ from jaxlora.scheduler import Finished
 from jaxlora.tokenizer import load_tokenizer, render_chat
 from serve_app.config import AppArgs, option_mismatches
 from serve_app.errors import ApiError, api_error_for
+from serve_app.metrics import MODEL_METRICS, CounterExport, build
 
 def check_deployment_options(deployment: str, args: AppArgs) -> None:
     """Refuses to start a replica whose Serve options differ from what `args` set (a `deployments:`
@@ -74,31 +74,13 @@ class LoRAModel:
         self.backend = LocalJaxLoRABackend(
             model_dir_of(a), a.fs_root, a.engine, a.registered_adapters, a.allowed_roots,
             a.poll_interval_s, model_id=base_model_id(a))
-        self._gauges = {name: Gauge(f"jaxlora_{name}", description=desc) for name, desc in {
-            "queue_depth": "requests waiting for a decode row",
-            "batch_occupancy": "share of decode rows doing useful work",
-            "decode_tokens_per_s": "generated tokens per second of decode time",
-            "active_rows": "decode rows in use",
-            "compilations": "XLA compilations in this replica",
-            "adapter_loads": "adapters read from the store",
-            "adapter_evictions": "adapters evicted from device slots",
-            "adapter_reload_failures": "new adapter versions that failed to load",
-            "decode_kernels": "1 when decode steps use the CPU kernels, 0 for XLA's forms (replicas should agree)",
-        }.items()}
+        self._metrics = CounterExport(MODEL_METRICS, build(MODEL_METRICS))
         self._stop = threading.Event()
         threading.Thread(target=self._export_metrics, name="metrics-export", daemon=True).start()
 
     def _export_metrics(self) -> None:
         while not self._stop.wait(1.0):
-            m = self.backend.metrics()
-            values = {"queue_depth": m["queue_depth"], "batch_occupancy": m["batch_occupancy"],
-                      "decode_tokens_per_s": m["decode_tokens_per_s"], "active_rows": m["active_rows"],
-                      "compilations": m["compilations"], "adapter_loads": m["adapter_cache"]["loads"],
-                      "adapter_evictions": m["adapter_cache"]["evictions"],
-                      "adapter_reload_failures": m["adapter_reload"]["reload_failures"],
-                      "decode_kernels": int(m["decode_kernels"])}
-            for name, value in values.items():
-                self._gauges[name].set(value)
+            self._metrics.export(self.backend.metrics())
 
     @serve.multiplexed(max_num_models_per_replica=64)
     async def _adapter_affinity(self, model_id: str) -> str:
@@ -140,7 +122,7 @@ class LoRAModel:
                 handle.cancel()
 
     def stats(self) -> dict:
-        """The engine's metrics snapshot (the same numbers the gauges export)."""
+        """The engine's metrics snapshot (the numbers serve_app.metrics.MODEL_METRICS exports)."""
         return self.backend.metrics()
 
     def check_health(self) -> None:

@@ -8,6 +8,7 @@ OpenAI's JSON shape; nothing a client sends can produce a 500.
 """
 
 
+import asyncio
 import json
 import logging
 import time
@@ -19,7 +20,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
-from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxlora.adapter_store import AdapterStore
@@ -28,6 +28,7 @@ from serve_app.config import AppArgs
 from serve_app.deployments import base_model_id, check_deployment_options, model_dir_of
 from serve_app.errors import ApiError
 from serve_app.keys import ApiKeys
+from serve_app.metrics import INGRESS_METRICS, build
 from serve_app.openai_api import (ChatCompletionRequest, CompletionRequest, LogprobsBuilder, adapter_fields, new_id,
                                   now, usage_dict)
 
@@ -117,11 +118,7 @@ class Ingress:
         self.base_model = base_model_id(self.args)
         self.store = AdapterStore(self.args.fs_root, self.args.registered_adapters, tuple(self.args.allowed_roots))
         self.keys = ApiKeys.load(self.args.api_keys_file) if self.args.auth else None
-        self.requests = Counter("jaxlora_http_requests", description="requests by route and status",
-                                tag_keys=("route", "status"))
-        self.ttft = Histogram("jaxlora_ttft_ms", description="time to first token at the ingress",
-                              boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000], tag_keys=("route",))
-        self.tokens = Counter("jaxlora_generated_tokens", description="completion tokens sent", tag_keys=("route",))
+        self.metrics = build(INGRESS_METRICS)
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -136,8 +133,15 @@ class Ingress:
                            type_="authentication_error", code="invalid_api_key")
         return user
 
-    def _count(self, route: str, status: int) -> None:
-        self.requests.inc(tags={"route": route, "status": str(status)})
+    def _count(self, route: str, status: int, tenant: str = "", model: str = "") -> None:
+        """Counts an answered request. One refused before a replica accepted it is counted with neither
+        tenant nor model: a model name a client made up must not become a series (serve_app.metrics)."""
+        self.metrics["jaxlora_requests"].inc(tags={"tenant": tenant, "model": model, "route": route, "status": str(status)})
+
+    def _usage_tags(self, user: str, start: dict) -> dict[str, str]:
+        adapter = start["adapter"]
+        return {"tenant": user, "model": self.base_model if adapter is None else adapter["id"],
+                "adapter_version": "" if adapter is None else adapter["version"]}
 
     async def _start(self, user: str, body, prompt_ids: list[int], max_tokens: int | None,
                      logprobs: int | None):
@@ -214,7 +218,7 @@ class Ingress:
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
-        route = "completions"
+        route, started = "completions", time.monotonic()
         try:
             user = self._user(request)
             if isinstance(body.prompt, str) or (isinstance(body.prompt, list) and isinstance(body.prompt[0], str)):
@@ -222,7 +226,6 @@ class Ingress:
                 prompt_ids = await self.tokenizer_handle.encode_prompt.remote(prompt)
             else:
                 prompt_ids = list(body.prompt)
-            started = time.monotonic()
             gen, start = await self._start(user, body, prompt_ids, body.max_tokens, body.logprobs)
         except ApiError as e:
             self._count(route, e.status)
@@ -238,17 +241,16 @@ class Ingress:
                 out["usage"] = usage
             return out
 
-        return await self._respond(route, body, gen, logprobs, len(prompt_ids), started, chunk, start, chat=False)
+        return await self._respond(route, user, body, gen, logprobs, len(prompt_ids), started, chunk, start, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        route = "chat"
+        route, started = "chat", time.monotonic()
         try:
             user = self._user(request)
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             prompt_ids = await self.tokenizer_handle.encode_chat.remote(messages)
             n_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-            started = time.monotonic()
             gen, start = await self._start(user, body, prompt_ids, body.token_limit(), n_logprobs)
         except ApiError as e:
             self._count(route, e.status)
@@ -265,28 +267,33 @@ class Ingress:
                 out["usage"] = usage
             return out
 
-        return await self._respond(route, body, gen, logprobs, len(prompt_ids), started, chunk, start, chat=True)
+        return await self._respond(route, user, body, gen, logprobs, len(prompt_ids), started, chunk, start, chat=True)
 
     def _decode_one(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    async def _respond(self, route, body, gen, logprobs, prompt_tokens, started, chunk, start, chat: bool):
+    async def _respond(self, route, user, body, gen, logprobs, prompt_tokens, started, chunk, start, chat: bool):
         events = self._events(gen, body.stop_strings(), logprobs)
         headers = {"x-jaxlora-replica": start["replica"]}  # which model replica served it (affinity, debugging)
+        usage_tags = self._usage_tags(user, start)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(route, events, chunk, prompt_tokens, started, include_usage, chat),
+            return StreamingResponse(self._stream(route, usage_tags, events, chunk, prompt_tokens, started, include_usage, chat),
                                      media_type="text/event-stream", headers=headers)
-        parts, completion_tokens, finish, first_at = [], 0, None, None
+        parts, completion_tokens, finish, first_at, status = [], 0, None, None, 200
         try:
             async for delta, _lp, produced, reason in events:
                 first_at = first_at or time.monotonic()
                 parts.append(delta)
                 completion_tokens, finish = produced, reason or finish
         except ApiError as e:
-            self._count(route, e.status)
+            status = e.status
             raise
-        self._observe(route, started, first_at, completion_tokens, 200)
+        except asyncio.CancelledError:  # the client went away
+            status = 499
+            raise
+        finally:
+            self._observe(route, usage_tags, started, first_at, prompt_tokens, completion_tokens, status)
         text = "".join(parts)
         usage = usage_dict(prompt_tokens, completion_tokens)
         out = chunk(text, None if logprobs is None else logprobs.result(), finish, usage)
@@ -297,7 +304,8 @@ class Ingress:
             del choice["delta"]
         return JSONResponse(out, headers=headers)
 
-    async def _stream(self, route, events, chunk, prompt_tokens, started, include_usage, chat) -> AsyncIterator[str]:
+    async def _stream(self, route, usage_tags, events, chunk, prompt_tokens, started, include_usage,
+                      chat) -> AsyncIterator[str]:
         completion_tokens, first_at, status = 0, None, 200
         try:
             if chat:
@@ -314,12 +322,26 @@ class Ingress:
         except ApiError as e:
             status = e.status
             yield _sse(e.body())
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
+            status = 499
+            raise
         finally:
-            self._observe(route, started, first_at, completion_tokens, status)
+            self._observe(route, usage_tags, started, first_at, prompt_tokens, completion_tokens, status)
         yield _sse("[DONE]")
 
-    def _observe(self, route, started, first_at, completion_tokens, status) -> None:
-        self._count(route, status)
-        if first_at is not None:
-            self.ttft.observe((first_at - started) * 1000, tags={"route": route})
-        self.tokens.inc(completion_tokens, tags={"route": route})
+    def _observe(self, route, usage_tags, started, first_at, prompt_tokens, completion_tokens, status) -> None:
+        """Counts a request a replica accepted, once its usage is final (what the response reported, or what a
+        client that left was sent), and, for complete answers, its latencies."""
+        self._count(route, status, usage_tags["tenant"], usage_tags["model"])
+        for name, n in (("jaxlora_prompt_tokens", prompt_tokens), ("jaxlora_completion_tokens", completion_tokens)):
+            if n > 0:  # Ray's counters refuse increments of 0
+                self.metrics[name].inc(n, tags=usage_tags)
+        if status != 200 or first_at is None:
+            return
+        latency_tags = {"route": route, "model": usage_tags["model"]}
+        ttft, e2e = first_at - started, time.monotonic() - started
+        self.metrics["jaxlora_time_to_first_token_seconds"].observe(ttft, tags=latency_tags)
+        self.metrics["jaxlora_e2e_request_latency_seconds"].observe(e2e, tags=latency_tags)
+        if completion_tokens > 1:
+            self.metrics["jaxlora_time_per_output_token_seconds"].observe((e2e - ttft) / (completion_tokens - 1),
+                                                                           tags=latency_tags)

@@ -378,6 +378,138 @@ def test_metrics_are_exported_from_the_model_replica(server):
     assert json.dumps(stats)  # plain numbers, exportable
 
 
+class _Scrape:
+    """One read of this node's Prometheus endpoint (Ray's metrics agent), as Prometheus parses it."""
+
+    def __init__(self):
+        from prometheus_client.parser import text_string_to_metric_families
+
+        port = ray._private.worker.global_worker.node.metrics_export_port
+        families = list(text_string_to_metric_families(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text))
+        self.kind = {s.name: f.type for f in families for s in f.samples}  # sample name -> its family's type
+        self.samples = [s for f in families for s in f.samples]
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum over the series of `name` whose labels match (an absent label matches "")."""
+        return sum(s.value for s in self.samples
+                   if s.name == name and all(s.labels.get(k, "") == v for k, v in labels.items()))
+
+    @classmethod
+    def until(cls, condition, timeout: float = 90.0) -> "_Scrape":
+        """Scrapes until `condition(scrape)` holds or the deadline passes (Ray exports every few seconds)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            scrape = cls()
+            if condition(scrape) or time.monotonic() > deadline:
+                return scrape
+            time.sleep(0.5)
+
+
+def test_prometheus_counts_usage_per_tenant_and_model(server):
+    """Through Ray's real Prometheus export: per tenant and model, the token counters equal the usage
+    the responses reported (streamed or not), the request counter and the TTFT/TPOT/e2e histograms count
+    each answer, and the engine's totals are counters that reach the replica's own numbers."""
+    from serve_app.metrics import INGRESS_METRICS, MODEL_METRICS
+
+    main = {"application": "main"}
+    for i, user in enumerate(("alice", "bob")):
+        server.publish(user, "metered", seed=40 + i)  # two tenants, each with their own "metered"
+    # A series no other test makes: once it shows, every earlier count of the (one) ingress replica has
+    # been exported too, since a process exports all its series at once. That scrape is the baseline.
+    r = server.post("/v1/completions", {"model": "metered", "prompt": "mark", "max_tokens": 2}, user="bob")
+    assert r.status_code == 200, r.text
+    marker = {"tenant": "bob", "model": "metered", "route": "completions", "status": "200", **main}
+    before = _Scrape.until(lambda s: s.total("ray_jaxlora_requests_total", **marker) >= 1)
+    assert before.total("ray_jaxlora_requests_total", **marker) == 1
+
+    want = collections.Counter()  # (sample name, labels) -> expected growth
+    calls = [("alice", "completions", server.base, False, 5), ("alice", "chat", "metered", True, 7),
+             ("bob", "chat", server.base, False, 4), ("bob", "completions", "metered", True, 6),
+             ("alice", "completions", "metered", False, 3)]
+    for user, route, model, stream, n in calls:
+        kw = {"model": model, "max_tokens": n, "temperature": 0, "extra_body": {"ignore_eos": True}}
+        if stream:
+            kw |= {"stream": True, "stream_options": {"include_usage": True}}
+        client = server.client(user)
+        if route == "chat":
+            out = client.chat.completions.create(messages=[{"role": "user", "content": f"bill {user}"}], **kw)
+        else:
+            out = client.completions.create(prompt=f"bill {user} for this", **kw)
+        usage = [c.usage for c in out if c.usage][-1] if stream else out.usage
+        assert usage.completion_tokens == n
+        tokens = (("tenant", user), ("model", model), ("adapter_version", "" if model == server.base else "v0001"))
+        want["ray_jaxlora_prompt_tokens_total", tokens] += usage.prompt_tokens
+        want["ray_jaxlora_completion_tokens_total", tokens] += usage.completion_tokens
+        want["ray_jaxlora_requests_total", (("tenant", user), ("model", model), ("route", route), ("status", "200"))] += 1
+        for h in ("time_to_first_token", "time_per_output_token", "e2e_request_latency"):
+            want[f"ray_jaxlora_{h}_seconds_count", (("route", route), ("model", model))] += 1
+
+    def growth(s: _Scrape) -> dict:
+        return {k: s.total(k[0], **dict(k[1]), **main) - before.total(k[0], **dict(k[1]), **main) for k in want}
+
+    after = _Scrape.until(lambda s: all(g >= want[k] for k, g in growth(s).items()))
+    assert growth(after) == dict(want)
+
+    for m in MODEL_METRICS + INGRESS_METRICS:  # each exported with its kind; the old gauge forms are gone
+        for name in m.prometheus_names():
+            assert after.kind.get(name, m.kind) == m.kind, name
+    for name in ("ray_jaxlora_compilations_total", "ray_jaxlora_adapter_loads_total", "ray_jaxlora_queue_depth",
+                 "ray_jaxlora_engine_generated_tokens_total", "ray_jaxlora_time_to_first_token_seconds_bucket"):
+        assert name in after.kind, name
+    assert not {"ray_jaxlora_compilations", "ray_jaxlora_ttft_ms_count", "ray_jaxlora_http_requests_total"} & set(after.kind)
+
+    seen = {}
+
+    def engine_matches(s: _Scrape) -> bool:  # the sum of the increments is the engine's cumulative total
+        stats = _model_stats("main")
+        seen.update(stats=stats, exported=[s.total(f"ray_jaxlora_{n}_total", **main) for n in
+                                           ("compilations", "adapter_loads", "engine_generated_tokens")])
+        return seen["exported"] == [stats["compilations"], stats["adapter_cache"]["loads"], stats["generated_tokens"]]
+
+    assert engine_matches(_Scrape.until(engine_matches)), seen
+
+
+def test_cumulative_totals_become_counter_increments():
+    """The seam between the engine's totals and Ray's counters: increments are the growth, never negative."""
+    from serve_app.metrics import MODEL_METRICS, CounterExport
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def inc(self, value, tags=None):
+            self.calls.append(("inc", value, tags))
+
+        def set(self, value, tags=None):
+            self.calls.append(("set", value, tags))
+
+    metrics = {m.name: Recorder() for m in MODEL_METRICS}
+    export = CounterExport(MODEL_METRICS, metrics)
+    for compilations, finished in ((3, 0), (5, 2), (5, 2), (1, 2), (4, 3)):  # (1, 2): the total went down
+        export.export({"compilations": compilations, "requests_finished": finished, "queue_depth": compilations,
+                       "decode_kernels": True})
+    assert metrics["jaxlora_compilations"].calls == [("inc", 3.0, None), ("inc", 2.0, None), ("inc", 3.0, None)]
+    assert metrics["jaxlora_engine_requests"].calls == [("inc", 2.0, {"outcome": "finished"}), ("inc", 1.0, {"outcome": "finished"})]
+    assert [v for _, v, _ in metrics["jaxlora_queue_depth"].calls] == [3.0, 5.0, 5.0, 1.0, 4.0]
+    assert metrics["jaxlora_decode_kernels"].calls[-1] == ("set", 1.0, None)
+    assert metrics["jaxlora_adapter_loads"].calls == []  # not in the snapshot: nothing exported
+
+
+def test_readme_and_dashboard_name_only_exported_metrics():
+    import re
+
+    from serve_app.metrics import INGRESS_METRICS, MODEL_METRICS
+
+    table = MODEL_METRICS + INGRESS_METRICS
+    root = Path(__file__).parent.parent
+    dashboard = json.loads((root / "docs/grafana/jaxlora.json").read_text())
+    queries = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    assert set(re.findall(r"ray_jaxlora_\w+", queries)) <= {n for m in table for n in m.prometheus_names()}
+    readme = (root / "README.md").read_text().split("\n## Metrics\n")[1].split("\n## ")[0]
+    documented = {f"ray_{m.name}" if m.kind == "histogram" else m.prometheus_names()[0] for m in table}
+    assert set(re.findall(r"`(ray_jaxlora_\w+)`", readme)) == documented  # each listed once under its Prometheus name
+
+
 def test_engine_step_failure_fails_its_requests_and_the_replica_is_replaced(server, tmp_path):
     """Fault (e) end to end: a decode step raises inside a running replica (injected by
     tests/fault_site/sitecustomize.py). Every request on it gets an error, the health check fails, Serve replaces
