@@ -11,9 +11,10 @@ place. Every shape is fixed by the config (batch, cache length, buckets), so aft
 request compiles anything; `compile_count()` counts XLA compilations to prove it.
 
 Rows that are free still run (their outputs are ignored): a fixed shape is cheaper than a
-recompile. Each row only ever reads its own cache, adapter slot and random key, so its tokens do
-not depend on what the other rows hold. The host loop that decides what goes in which row is in
-`scheduler.py`; this module has no queues and no threads.
+recompile. Each row only ever reads its own cache, adapter slot, random key and token history
+(`sampling.TokenHistory`, for the penalties), so its tokens do not depend on what the other rows
+hold. The host loop that decides what goes in which row is in `scheduler.py`; this module has no
+queues and no threads.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from jaxlora import cpu_kernels
 from jaxlora.config import ModelConfig
 from jaxlora.lora import LoraStack, gather_rows
 from jaxlora.model import KVCache, Params, forward, hidden_states, lm_head
-from jaxlora.sampling import SamplingParams, sample, split_seed
+from jaxlora.sampling import RowSampling, SamplingParams, TokenHistory, count_dtype, sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,32 +88,6 @@ class EngineConfig:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class RowSampling:
-    """Sampling parameters, one entry per row."""
-
-    temperature: jax.Array  # [B] float32; 0 = greedy
-    top_k: jax.Array  # [B] int32; 0 = off
-    top_p: jax.Array  # [B] float32
-    seed_hi: jax.Array  # [B] uint32
-    seed_lo: jax.Array  # [B] uint32
-    want_logprobs: jax.Array  # [B] bool
-
-    @classmethod
-    def of(cls, items: list[tuple[SamplingParams, int]]) -> "RowSampling":
-        """One row per (params, seed)."""
-        seeds = [split_seed(seed) for _, seed in items]
-        return cls(
-            temperature=jnp.array([p.temperature for p, _ in items], jnp.float32),
-            top_k=jnp.array([p.top_k for p, _ in items], jnp.int32),
-            top_p=jnp.array([p.top_p for p, _ in items], jnp.float32),
-            seed_hi=jnp.array([hi for hi, _ in seeds], jnp.uint32),
-            seed_lo=jnp.array([lo for _, lo in seeds], jnp.uint32),
-            want_logprobs=jnp.array([p.logprobs is not None for p, _ in items], jnp.bool_),
-        )
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
 class StepTokens:
     """What generate or prefill produced; leading axis = steps for generate."""
 
@@ -132,6 +107,7 @@ class Prefix:
     slot: jax.Array  # [P] int32
     sampling: RowSampling  # [P] per field
     first: StepTokens  # [P] per field
+    history: TokenHistory  # [P, V] per field: the prompts, and the first tokens as generated
 
 
 @jax.tree_util.register_dataclass
@@ -143,19 +119,21 @@ class DecodeState:
     index: jax.Array  # [B] int32: how many tokens the row has generated (its PRNG counter)
     slots: jax.Array  # [B] int32: adapter slot
     sampling: RowSampling
+    history: TokenHistory  # [B, V] per field: what the penalties read; `tokens` already counted
 
 
 def _prefill(params: Params, lora: LoraStack, tokens_PxT, true_len_P, slot_P, sampling: RowSampling,
-             cfg: ModelConfig) -> Prefix:
+             cfg: ModelConfig, counts) -> Prefix:
     P, T = tokens_PxT.shape
     cache = KVCache.zeros(cfg, P, T, params.embed.dtype)
     positions_PxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
     x_PxTxD, cache = hidden_states(params, tokens_PxT, positions_PxT, cfg, cache, lora, slot_P)
     last_Px1xD = jnp.take_along_axis(x_PxTxD, (true_len_P - 1)[:, None, None], axis=1)
     last_PxV = lm_head(params, last_Px1xD)[:, 0]  # only what is sampled
-    first = StepTokens(*sample(last_PxV, sampling.temperature, sampling.top_k, sampling.top_p,
-                               sampling.seed_hi, sampling.seed_lo, jnp.zeros((P,), jnp.int32), sampling.want_logprobs))
-    return Prefix(cache=cache, true_len=true_len_P, slot=slot_P, sampling=sampling, first=first)
+    history = TokenHistory.of_prompts(tokens_PxT, true_len_P, cfg.vocab_size, counts)
+    first = StepTokens(*sample(last_PxV, sampling, history, jnp.zeros((P,), jnp.int32)))
+    return Prefix(cache=cache, true_len=true_len_P, slot=slot_P, sampling=sampling, first=first,
+                  history=history.add(first.token))
 
 
 def _insert(prefix: Prefix, state: DecodeState, rows_P) -> DecodeState:
@@ -177,6 +155,7 @@ def _insert(prefix: Prefix, state: DecodeState, rows_P) -> DecodeState:
             index=put(state.index, jnp.ones_like(prefix.true_len)),
             slots=put(state.slots, prefix.slot),
             sampling=jax.tree.map(put, state.sampling, prefix.sampling),
+            history=jax.tree.map(put, state.history, prefix.history),
         )
     return state
 
@@ -197,10 +176,9 @@ def _generate(params: Params, lora: LoraStack, state: DecodeState, cfg: ModelCon
     def step(state: DecodeState, _):
         logits_Bx1xV, cache = forward(params, state.tokens[:, None], state.positions[:, None], cfg, state.cache, rows_lora,
                                       rows_slots, decode_kernels=kernels)
-        s = state.sampling
-        out = StepTokens(*sample(logits_Bx1xV[:, 0], s.temperature, s.top_k, s.top_p, s.seed_hi, s.seed_lo, state.index,
-                                 s.want_logprobs))
-        state = dataclasses.replace(state, cache=cache, tokens=out.token, positions=state.positions + 1, index=state.index + 1)
+        out = StepTokens(*sample(logits_Bx1xV[:, 0], state.sampling, state.history, state.index))
+        state = dataclasses.replace(state, cache=cache, tokens=out.token, positions=state.positions + 1, index=state.index + 1,
+                                    history=state.history.add(out.token))
         return state, out
 
     return jax.lax.scan(step, state, None, length=steps)
@@ -245,23 +223,22 @@ class Engine:
         self.params = params
         self.cfg = cfg
         self.config = config
-        self._prefill = jax.jit(functools.partial(_prefill, cfg=cfg))
+        self._counts = count_dtype(config.max_seq_len)
+        self._prefill = jax.jit(functools.partial(_prefill, cfg=cfg, counts=self._counts))
         self._insert = jax.jit(_insert, donate_argnums=(1,))
         self._generate = jax.jit(functools.partial(_generate, cfg=cfg, steps=config.decode_steps), donate_argnums=(2,))
 
     def init_state(self) -> DecodeState:
-        B = self.config.max_batch_size
+        B, V = self.config.max_batch_size, self.cfg.vocab_size
 
-        def zeros(dtype=jnp.int32):  # a fresh buffer per field: donated buffers must not be shared
-            return jnp.zeros((B,), dtype)
+        def zeros(dtype=jnp.int32, shape=(B,)):  # a fresh buffer per field: donated buffers must not be shared
+            return jnp.zeros(shape, dtype)
 
         return DecodeState(
             cache=KVCache.zeros(self.cfg, B, self.config.max_seq_len, self.params.embed.dtype),
             tokens=zeros(), positions=zeros(), index=zeros(), slots=zeros(),
-            sampling=RowSampling(
-                temperature=zeros(jnp.float32), top_k=zeros(), top_p=jnp.ones((B,), jnp.float32),
-                seed_hi=zeros(jnp.uint32), seed_lo=zeros(jnp.uint32), want_logprobs=zeros(jnp.bool_),
-            ),
+            sampling=RowSampling.of([(SamplingParams(temperature=0.0), 0)] * B),
+            history=TokenHistory(generated=zeros(self._counts, (B, V)), in_prompt=zeros(jnp.bool_, (B, V))),
         )
 
     def bucket(self, n: int) -> int:
@@ -296,7 +273,9 @@ class Engine:
         return self._generate(self.params, lora, state)
 
     def warm_up(self, lora: LoraStack) -> None:
-        """Compiles every shape a request can use: each prefill bucket, insert, generate."""
+        """Compiles every shape a request can use: each prefill bucket, insert, generate. Every
+        sampling stage is a branch (`lax.cond`) of these same calls, so a greedy request compiles
+        the stages that penalties, logit_bias or min_p take too."""
         state = self.init_state()
         greedy = SamplingParams(max_tokens=1, temperature=0.0)
         for T in self.config.buckets:

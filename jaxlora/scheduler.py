@@ -191,6 +191,10 @@ class Scheduler:
         vocab = self.engine.cfg.vocab_size
         if any(not (0 <= t < vocab) for t in prompt):
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        past = [t for t, _ in params.logit_bias if t >= vocab]
+        if past:
+            raise InvalidRequest(f"invalid logit_bias: token id {past[0]} is past this model's vocabulary (ids 0 to {vocab - 1})",
+                                 param="logit_bias")
         seed = params.seed if params.seed is not None else self._seed_rng.randrange(2**63)
         with self._cond:
             if self.error is not None or self._stopping:

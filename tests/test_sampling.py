@@ -1,0 +1,261 @@
+"""The per-row sampling stages (logit_bias, repetition / frequency / presence penalties, min_p)
+against references: a numpy form of each stage applied to transformers' logits step by step,
+transformers' own repetition penalty, and the exact distribution for min_p. And the engine's
+promises for them: logprobs stay the raw model's, a row is bitwise the same alone and in any batch,
+nothing compiles after warm-up, and a bad value is refused naming its field."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from jaxlora.engine import Engine, compile_count
+from jaxlora.sampling import MAX_LOGIT_BIAS, InvalidRequest, SamplingParams
+from jaxlora.scheduler import Scheduler
+from tests.engine_fixtures import build_tiny_engine, collect
+from tests.hf_models import load_reference
+
+VOCAB = 211
+PROMPTS = ([3, 14, 15, 92, 65], [7, 7, 7, 7, 7, 7, 7, 7, 7], [101, 17, 42, 9, 77, 3, 58, 200, 11, 5, 6])
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoints, tmp_path_factory):
+    return build_tiny_engine(tiny_checkpoints["llama_gqa"], tmp_path_factory.mktemp("sampling"))
+
+
+@pytest.fixture(scope="module")
+def hf(tiny):
+    model = load_reference(tiny.base_dir)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.fixture(scope="module")
+def run(tiny):
+    sched = tiny.scheduler()
+    yield lambda prompt, **kw: collect(sched.submit(prompt, SamplingParams(ignore_eos=True, **kw)))
+    sched.stop()
+
+
+def _raw_logits(hf, seq: list[int]) -> np.ndarray:
+    """transformers' float32 logits [len(seq), V]: row i is the distribution of token i + 1."""
+    with torch.no_grad():
+        return hf(torch.tensor([seq])).logits[0].numpy()
+
+
+def _processed(z_V: np.ndarray, prompt: list[int], generated: list[int], p: SamplingParams) -> np.ndarray:
+    """The stages before greedy / temperature, written out: bias, repetition, frequency, presence."""
+    z_V = z_V.copy()
+    for token, bias in p.logit_bias:
+        z_V[token] += np.float32(bias)
+    count_V = np.bincount(np.array(generated, np.int64), minlength=len(z_V)).astype(np.float32)
+    seen_V = count_V > 0
+    seen_V[prompt] = True
+    r = np.float32(p.repetition_penalty)
+    z_V = np.where(seen_V, np.where(z_V > 0, z_V / r, z_V * r), z_V)
+    z_V = z_V - np.float32(p.frequency_penalty) * count_V
+    return z_V - np.float32(p.presence_penalty) * (count_V > 0)
+
+
+def _reference_greedy(hf, prompt: list[int], n: int, p: SamplingParams) -> list[int]:
+    generated: list[int] = []
+    for _ in range(n):
+        generated.append(int(np.argmax(_processed(_raw_logits(hf, prompt + generated)[-1], prompt, generated, p))))
+    return generated
+
+
+def test_logit_bias_plus_100_forces_a_token_and_logprobs_stay_raw(run, hf):
+    prompt, forced = PROMPTS[0], 123
+    plain, plain_lps, plain_tops, _ = run(prompt, max_tokens=8, temperature=0.0, logprobs=5)
+    assert forced not in plain
+    for sampling in (dict(temperature=0.0), dict(temperature=1.0, seed=3)):
+        tokens, lps, tops, _ = run(prompt, max_tokens=8, logprobs=5, logit_bias=((forced, 100.0),), **sampling)
+        assert tokens == [forced] * 8, sampling
+        assert tops[0] == plain_tops[0]  # the first alternatives are the raw model's, bitwise
+        assert tops[0][0][0] == plain[0] != forced
+    z_TxV = _raw_logits(hf, prompt + tokens)[len(prompt) - 1:-1]  # the distributions the 8 tokens were drawn from
+    raw_lp_TxV = torch.log_softmax(torch.tensor(z_TxV), -1).numpy()
+    np.testing.assert_allclose(lps, raw_lp_TxV[:, forced], atol=2e-4)  # the logprob of the raw distribution
+    assert max(lps) < -1.0  # not the ~0 of the biased one
+
+
+def test_logit_bias_minus_100_on_the_greedy_token_takes_the_second_best(run, hf):
+    for prompt in PROMPTS:
+        plain = run(prompt, max_tokens=10, temperature=0.0)[0]
+        kw = dict(max_tokens=10, temperature=0.0, logit_bias=((plain[0], -100.0), (5, 2.5), (9, -3.0)))
+        tokens = run(prompt, **kw)[0]
+        second_best = int(np.argsort(_raw_logits(hf, prompt)[-1])[-2])
+        assert tokens[0] == second_best and plain[0] not in tokens
+        assert tokens == _reference_greedy(hf, prompt, 10, SamplingParams(**kw))
+
+
+PENALTIES = {
+    "presence": dict(presence_penalty=1.5),
+    "frequency": dict(frequency_penalty=0.8),
+    "negative_presence_and_frequency": dict(presence_penalty=-0.7, frequency_penalty=0.4),
+    "repetition": dict(repetition_penalty=1.8),
+    "repetition_below_1": dict(repetition_penalty=0.6),
+    "all_with_bias": dict(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.5,
+                          logit_bias=((7, 4.0), (42, -2.0), (150, 1.5))),
+}
+
+
+@pytest.mark.parametrize("penalty", PENALTIES.values(), ids=PENALTIES.keys())
+def test_penalties_equal_the_reference_on_the_models_logits(run, hf, penalty):
+    params = SamplingParams(max_tokens=14, temperature=0.0, **penalty)
+    changed = False
+    for prompt in PROMPTS:
+        tokens = run(prompt, max_tokens=14, temperature=0.0, **penalty)[0]
+        assert tokens == _reference_greedy(hf, prompt, 14, params), prompt
+        changed |= tokens != _reference_greedy(hf, prompt, 14, SamplingParams())
+    assert changed  # the penalty mattered for some prompt: the comparison can fail
+
+
+def test_repetition_penalty_equals_transformers_generate(run, hf):
+    changed = False
+    for prompt in PROMPTS:
+        with torch.no_grad():
+            out = hf.generate(input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=16,
+                              repetition_penalty=1.5, pad_token_id=0)
+        expected = out[0, len(prompt):].tolist()
+        assert run(prompt, max_tokens=16, temperature=0.0, repetition_penalty=1.5)[0] == expected, prompt
+        changed |= expected != run(prompt, max_tokens=16, temperature=0.0)[0]
+    assert changed
+
+
+def test_the_first_token_already_sees_the_prompt_through_repetition_penalty(run, hf):
+    """The prefill samples the first token: a prompt whose greedy next token is in the prompt
+    must have that token penalised there, before anything was generated."""
+    seed_prompt = PROMPTS[0]
+    plain = _reference_greedy(hf, seed_prompt, 16, SamplingParams())
+    k = next(k for k in range(16) if plain[k] in seed_prompt + plain[:k])
+    prompt = seed_prompt + plain[:k]
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=4, repetition_penalty=5.0,
+                          pad_token_id=0)
+    tokens = run(prompt, max_tokens=4, temperature=0.0, repetition_penalty=5.0)[0]
+    assert tokens == out[0, len(prompt):].tolist()
+    assert tokens[0] != plain[k]
+
+
+def test_min_p_never_draws_below_the_threshold(tiny, run, hf):
+    prompt, temperature, min_p, n, seeds = PROMPTS[2], 1.5, 0.3, 4, range(40)
+
+    def below_threshold(tokens):
+        z_TxV = _raw_logits(hf, prompt + tokens)[len(prompt) - 1:-1].astype(np.float64) / temperature
+        q_TxV = np.exp(z_TxV - z_TxV.max(-1, keepdims=True))
+        return [bool(q[t] < min_p * (1 - 1e-4)) for q, t in zip(q_TxV, tokens)]  # q is relative to the top token
+
+    sched = tiny.scheduler()
+    try:
+        def draws(**kw):
+            handles = [sched.submit(prompt, SamplingParams(max_tokens=n, temperature=temperature, seed=s, ignore_eos=True, **kw))
+                       for s in seeds]
+            return [collect(h)[0] for h in handles]
+
+        with_min_p, without = draws(min_p=min_p), draws()
+    finally:
+        sched.stop()
+    assert not any(any(below_threshold(t)) for t in with_min_p)
+    assert sum(sum(below_threshold(t)) for t in without) > 10  # without min_p those tokens are drawn
+    assert len({t[0] for t in with_min_p}) >= 2  # and min_p still samples
+    greedy = run(prompt, max_tokens=8, temperature=0.0)[0]
+    assert run(prompt, max_tokens=8, temperature=1.0, seed=5, min_p=1.0)[0] == greedy  # only the top token is left
+
+
+def _extended(rng) -> dict:
+    """Random extension parameters, each stage used or not."""
+    kw = {}
+    if rng.random() < 0.5:
+        ids = rng.choice(VOCAB, size=int(rng.integers(1, 6)), replace=False)
+        kw["logit_bias"] = tuple((int(t), float(rng.uniform(-8, 8))) for t in ids)
+    if rng.random() < 0.5:
+        kw["presence_penalty"] = float(rng.uniform(-2, 2))
+    if rng.random() < 0.5:
+        kw["frequency_penalty"] = float(rng.uniform(-1, 2))
+    if rng.random() < 0.5:
+        kw["repetition_penalty"] = float(rng.uniform(0.5, 2))
+    if rng.random() < 0.5:
+        kw["min_p"] = float(rng.uniform(0, 0.5))
+    return kw
+
+
+NEEDLES = {
+    "extended": dict(temperature=1.2, top_k=40, seed=1234, logit_bias=((7, 3.0), (99, -100.0)), presence_penalty=0.6,
+                     frequency_penalty=0.3, repetition_penalty=1.4, min_p=0.2),
+    "extended_greedy": dict(temperature=0.0, logit_bias=((7, 1.0),), frequency_penalty=0.5, repetition_penalty=1.2),
+    "plain_among_extended": dict(temperature=0.9, top_p=0.9, seed=99),
+}
+
+
+@pytest.mark.parametrize("needle_kw", NEEDLES.values(), ids=NEEDLES.keys())
+def test_needle_is_bitwise_identical_alone_and_in_a_busy_batch(tiny, needle_kw):
+    rng = np.random.default_rng(5)
+    needle = (PROMPTS[2], SamplingParams(max_tokens=20, ignore_eos=True, logprobs=5, **needle_kw), tiny.adapters["a_qv_r4"])
+    alone = tiny.scheduler()
+    try:
+        expected = collect(alone.submit(*needle))
+    finally:
+        alone.stop()
+    assert len(set(expected[0])) > 3  # a real draw, not a degenerate one that any batch would repeat
+    names = [None, *tiny.adapters]
+    for trial in range(3):
+        position = int(rng.integers(0, 8))
+        fillers = [(rng.integers(3, VOCAB, size=int(rng.integers(1, 30))).tolist(),
+                    SamplingParams(max_tokens=int(rng.integers(4, 30)), temperature=float(rng.choice([0.0, 1.0])),
+                                   seed=int(rng.integers(0, 2**31)), ignore_eos=True, **_extended(rng)),
+                    tiny.adapters.get(names[int(rng.integers(0, len(names)))])) for _ in range(10)]
+        sched = tiny.scheduler(start=False)  # queue everything first so the needle lands in row `position`
+        try:
+            before = [sched.submit(*f) for f in fillers[:position]]
+            handle = sched.submit(*needle)
+            after = [sched.submit(*f) for f in fillers[position:]]
+            sched.start()
+            got = collect(handle)
+            for h in before + after:
+                collect(h)
+        finally:
+            sched.stop()
+        assert got[:3] == expected[:3], f"trial {trial}: row {position} differs"  # tokens, logprobs, alternatives
+
+
+def test_no_compilation_when_such_requests_arrive_after_warm_up(tiny):
+    engine = Engine(tiny.engine.params, tiny.engine.cfg, tiny.engine.config)  # fresh jits: nothing compiled before
+    engine.warm_up(tiny.slots.stack)
+    sched = Scheduler(engine, tiny.slots, engine.cfg.eos_token_ids)
+    sched.start()
+    rng = np.random.default_rng(8)
+    names = [None, *tiny.adapters]
+    try:
+        before = compile_count()
+        handles = [sched.submit(rng.integers(3, VOCAB, size=int(rng.integers(1, 40))).tolist(),
+                                SamplingParams(max_tokens=int(rng.integers(1, 20)), temperature=float(rng.choice([0.0, 0.7])),
+                                               top_k=int(rng.integers(0, 50)), logprobs=int(rng.integers(0, 6)), **_extended(rng)),
+                                tiny.adapters.get(names[int(rng.integers(0, len(names)))]))
+                   for _ in range(40)]
+        handles.append(sched.submit([5, 6], SamplingParams(max_tokens=3, logit_bias=tuple((t, 1.0) for t in range(VOCAB)))))
+        for h in handles:
+            assert collect(h)[3].reason in ("stop", "length")
+        assert compile_count() - before == 0
+    finally:
+        sched.stop()
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(presence_penalty=2.5), "presence_penalty"), (dict(presence_penalty=float("nan")), "presence_penalty"),
+    (dict(frequency_penalty=-2.1), "frequency_penalty"), (dict(frequency_penalty="1"), "frequency_penalty"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(repetition_penalty=10.5), "repetition_penalty"),
+    (dict(min_p=-0.1), "min_p"), (dict(min_p=1.01), "min_p"),
+    (dict(logit_bias=((5, 100.5),)), "logit_bias"), (dict(logit_bias=((5, float("inf")),)), "logit_bias"),
+    (dict(logit_bias=((-1, 1.0),)), "logit_bias"), (dict(logit_bias=((5, 1.0), (5, 2.0))), "logit_bias"),
+    (dict(logit_bias=((5.0, 1.0),)), "logit_bias"), (dict(logit_bias=((5, 1.0, 2.0),)), "logit_bias"),
+    (dict(logit_bias={5: 1.0}), "logit_bias"), (dict(logit_bias=tuple((t, 1.0) for t in range(MAX_LOGIT_BIAS + 1))), "logit_bias"),
+    (dict(logit_bias=((VOCAB, 1.0),)), "logit_bias"),  # past this model's vocabulary: refused where it is known
+])
+def test_invalid_sampling_extensions_are_named(tiny, kwargs, param):
+    sched = tiny.scheduler(start=False)
+    with pytest.raises(InvalidRequest, match=f"invalid {param}") as e:
+        sched.submit([1, 2, 3], SamplingParams(**kwargs))
+    assert e.value.param == param
