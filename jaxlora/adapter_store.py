@@ -85,10 +85,11 @@ class ResolvedAdapter:
 
 @dataclasses.dataclass(frozen=True)
 class AdapterInfo:
-    adapter_id: str
+    adapter_id: str  # as asked for: `id`, or `id@v0002` pinned
     owner: str
     versions: tuple[str, ...]
     latest: str | None
+    created: int  # Unix time the version it names (`latest`, or the pinned one) was published
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -210,6 +211,24 @@ class AdapterStore:
         """The folder holding every version of a resolved adapter (what `latest` lives in)."""
         return resolved.path if resolved.version == STATIC_VERSION else resolved.path.parent
 
+    @staticmethod
+    def published_at(version_dir: Path) -> int:
+        """Unix time a version was published: its manifest's `created_at`, else the folder's mtime."""
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            created = json.loads((version_dir / MANIFEST).read_text())["created_at"]
+            return int(datetime.datetime.fromisoformat(created).timestamp())
+        with contextlib.suppress(OSError):
+            return int(version_dir.stat().st_mtime)
+        return 0
+
+    def info(self, user_id: str, ref: str) -> AdapterInfo:
+        """What `ref` names for `user_id` (as `list` describes each adapter); AdapterNotFoundError if nothing."""
+        resolved = self.resolve(user_id, ref)
+        folder = self.adapter_dir_of(resolved)
+        versions = tuple(self.versions(folder)) or (resolved.version,)
+        return AdapterInfo(ref, resolved.owner, versions, self.latest_version(folder) or resolved.version,
+                           self.published_at(resolved.path))
+
     def list(self, user_id: str) -> list[AdapterInfo]:
         """Every adapter `user_id` may use: its own first, then shared, then registered ones."""
         seen: dict[str, AdapterInfo] = {}
@@ -221,11 +240,15 @@ class AdapterStore:
                 if ADAPTER_ID.match(folder.name) and folder.name not in seen:
                     versions = self.versions(folder)
                     if versions:
-                        seen[folder.name] = AdapterInfo(folder.name, owner, tuple(versions), self.latest_version(folder))
+                        latest = self.latest_version(folder)
+                        seen[folder.name] = AdapterInfo(folder.name, owner, tuple(versions), latest,
+                                                        self.published_at(folder / latest))
         for adapter_id, folder in sorted(self.registered.items()):
             if adapter_id not in seen:
                 versions = tuple(self.versions(folder)) or (STATIC_VERSION,)
-                seen[adapter_id] = AdapterInfo(adapter_id, REGISTERED, versions, self.latest_version(folder) or versions[-1])
+                latest = self.latest_version(folder) or versions[-1]
+                seen[adapter_id] = AdapterInfo(adapter_id, REGISTERED, versions, latest,
+                                               self.published_at(folder if latest == STATIC_VERSION else folder / latest))
         return list(seen.values())
 
     def manifest(self, resolved: ResolvedAdapter) -> dict:

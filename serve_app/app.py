@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ray
 from ray.serve import Application
 
 from serve_app.config import AppArgs, deployment_options
@@ -21,6 +22,11 @@ from serve_app.ingress import Ingress
 
 def build_app(args: dict) -> Application:
     a = AppArgs(**(args or {}))
+    working_dir = ray.get_runtime_context().runtime_env.get("working_dir") if ray.is_initialized() else None
+    if working_dir and not Path(a.fs_root).is_absolute():
+        raise ValueError(f"fs_root {a.fs_root!r} is relative, and this app is built in a temporary copy of its "
+                         f"runtime_env working_dir ({Path.cwd()}), where no trainer publishes; give an absolute fs_root "
+                         "(the shared filesystem every node mounts)")
     # Every replica must see the same store, whatever its working directory.
     plain = AppArgs(**(a.model_dump() | {"fs_root": str(Path(a.fs_root).resolve())})).model_dump(mode="json")
     options = deployment_options(a)

@@ -71,6 +71,12 @@ class LoRAModel:
     def __init__(self, args: dict):
         a = AppArgs(**args)
         check_deployment_options("LoRAModel", a)
+        if a.model_num_gpus > 0:
+            import jax
+
+            if jax.default_backend() == "cpu":
+                raise RuntimeError(f"model_num_gpus={a.model_num_gpus} but JAX sees no GPU on this node "
+                                   f"({jax.devices()}); install the GPU build (pip install -e '.[gpu]') or set model_num_gpus: 0")
         self.backend = LocalJaxLoRABackend(
             model_dir_of(a), a.fs_root, a.engine, a.registered_adapters, a.allowed_roots,
             a.poll_interval_s, model_id=base_model_id(a))

@@ -22,15 +22,16 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jaxlora.adapter_store import AdapterStore
+from jaxlora.adapter_store import AdapterInfo, AdapterStore
+from jaxlora.errors import JaxLoraError
 from jaxlora.tokenizer import TextStream, load_tokenizer
 from serve_app.config import AppArgs
 from serve_app.deployments import base_model_id, check_deployment_options, model_dir_of
-from serve_app.errors import ApiError
+from serve_app.errors import ApiError, api_error_for
 from serve_app.keys import ApiKeys
 from serve_app.metrics import INGRESS_METRICS, build
-from serve_app.openai_api import (ChatCompletionRequest, CompletionRequest, LogprobsBuilder, adapter_fields, new_id,
-                                  now, usage_dict)
+from serve_app.openai_api import (ChatCompletionRequest, CompletionRequest, LogprobsBuilder, StreamOptions,
+                                  adapter_fields, new_id, now, usage_dict)
 
 log = logging.getLogger("ray.serve")
 app = FastAPI(title="jaxlora", description="OpenAI-compatible multi-tenant LoRA serving")
@@ -48,7 +49,11 @@ async def _validation_error(_request: Request, e: RequestValidationError) -> JSO
     if first.get("type") == "json_invalid":
         return ApiError(400, f"the body is not valid JSON: {first.get('msg')}", code="invalid_json").response()
     where = ".".join(loc) or "body"
-    return ApiError(400, f"{where}: {first.get('msg')}", param=loc[0] if loc else None).response()
+    if first.get("type") == "extra_forbidden":
+        message = f"unsupported field {where!r}: this server does not implement it; remove it from the request"
+    else:
+        message = f"{where}: {first.get('msg', '').removeprefix('Value error, ')}"
+    return ApiError(400, message, param=loc[0] if loc else None).response()
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -116,6 +121,7 @@ class Ingress:
         self.model = model
         self.tokenizer = load_tokenizer(model_dir_of(self.args))
         self.base_model = base_model_id(self.args)
+        self.started_at = now()
         self.store = AdapterStore(self.args.fs_root, self.args.registered_adapters, tuple(self.args.allowed_roots))
         self.keys = ApiKeys.load(self.args.api_keys_file) if self.args.auth else None
         self.metrics = build(INGRESS_METRICS)
@@ -150,7 +156,9 @@ class Ingress:
         sampling = {
             "max_tokens": max_tokens if max_tokens is not None else max(1, limit - len(prompt_ids)),
             "temperature": body.temperature, "top_p": body.top_p, "top_k": max(0, body.top_k), "seed": body.seed,
-            "ignore_eos": body.ignore_eos, "logprobs": logprobs,
+            "ignore_eos": body.ignore_eos, "logprobs": logprobs, "presence_penalty": body.presence_penalty,
+            "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
+            "min_p": body.min_p, "logit_bias": body.logit_bias_pairs(),
         }
         adapter = None if body.model == self.base_model else body.model
         affinity = f"{user}/{adapter.split('@')[0]}" if adapter else ""
@@ -203,18 +211,50 @@ class Ingress:
 
     @app.get("/health")
     async def health(self) -> dict:
-        return {"status": "ok"}
+        """200 while the deployments a request needs each have a running replica (Serve's view, which
+        its health checks keep current); 503 naming the one that has none, so a load balancer stops
+        sending traffic to an app whose model replicas are all dead or restarting."""
+        status = await asyncio.to_thread(serve.status)
+        app = status.applications.get(serve.get_replica_context().app_name)
+        running, down = {}, []
+        for name in ("Tokenizer", "LoRAModel"):
+            deployment = app.deployments.get(name) if app else None
+            states = dict(deployment.replica_states) if deployment else {}
+            running[name] = states.get("RUNNING", 0)
+            if not running[name]:
+                down.append(f"{name} has no running replica ({', '.join(f'{k}: {v}' for k, v in states.items()) or 'none'})")
+        if down:
+            raise ApiError(503, "not ready: " + "; ".join(down), type_="overloaded_error", code="unhealthy")
+        return {"status": "ok", "running_replicas": running}
+
+    def _model_card(self, model_id: str, owner: str, created: int, **extra) -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": owner, "root": self.base_model,
+                "max_model_len": self.args.engine.max_seq_len, **extra}
+
+    def _base_card(self) -> dict:
+        return self._model_card(self.base_model, "jaxlora", self.started_at)
+
+    def _adapter_card(self, a: AdapterInfo) -> dict:
+        return self._model_card(a.adapter_id, a.owner, a.created, parent=self.base_model, versions=list(a.versions),
+                                latest_version=a.latest)
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
         user = self._user(request)
-        created = now()
-        data = [{"id": self.base_model, "object": "model", "created": created, "owned_by": "jaxlora", "root": self.base_model}]
-        for a in self.store.list(user):
-            data.append({"id": a.adapter_id, "object": "model", "created": created, "owned_by": a.owner,
-                         "root": self.base_model, "parent": self.base_model, "versions": list(a.versions),
-                         "latest_version": a.latest})
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [self._base_card()] + [self._adapter_card(a) for a in self.store.list(user)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(self, model_id: str, request: Request) -> dict:
+        """OpenAI's models.retrieve: the base model, or one of the caller's (or shared) adapters;
+        `created` is the publish time of the version `latest` names (or of a pinned `id@v0002`)."""
+        user = self._user(request)
+        if model_id == self.base_model:
+            return self._base_card()
+        try:
+            info = self.store.info(user, model_id)
+        except JaxLoraError as e:
+            raise (api_error_for(e) or ApiError(500, "internal error", type_="internal_error")) from None
+        return self._adapter_card(info)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
@@ -277,8 +317,8 @@ class Ingress:
         headers = {"x-jaxlora-replica": start["replica"]}  # which model replica served it (affinity, debugging)
         usage_tags = self._usage_tags(user, start)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(route, usage_tags, events, chunk, prompt_tokens, started, include_usage, chat),
+            options = body.stream_options or StreamOptions()
+            return StreamingResponse(self._stream(route, usage_tags, events, chunk, prompt_tokens, started, options, chat),
                                      media_type="text/event-stream", headers=headers)
         parts, completion_tokens, finish, first_at, status = [], 0, None, None, 200
         try:
@@ -304,7 +344,7 @@ class Ingress:
             del choice["delta"]
         return JSONResponse(out, headers=headers)
 
-    async def _stream(self, route, usage_tags, events, chunk, prompt_tokens, started, include_usage,
+    async def _stream(self, route, usage_tags, events, chunk, prompt_tokens, started, options: StreamOptions,
                       chat) -> AsyncIterator[str]:
         completion_tokens, first_at, status = 0, None, 200
         try:
@@ -313,9 +353,10 @@ class Ingress:
             async for delta, lp, produced, reason in events:
                 first_at = first_at or time.monotonic()
                 completion_tokens = produced
-                if delta or lp or reason:
-                    yield _sse(chunk(delta, lp, reason))
-            if include_usage:
+                if delta or lp or reason:  # vLLM's continuous_usage_stats: the usage so far on every chunk
+                    usage = usage_dict(prompt_tokens, produced) if options.continuous_usage_stats else None
+                    yield _sse(chunk(delta, lp, reason, usage))
+            if options.include_usage:
                 final = chunk("", None, None, usage_dict(prompt_tokens, completion_tokens))
                 final["choices"] = []
                 yield _sse(final)

@@ -1,8 +1,14 @@
 """OpenAI API shapes: request models (validated strictly, so a wrong type is a 400 that names the
 field) and the response and stream-chunk builders. No Ray and no engine here.
 
-Extensions beyond OpenAI's API, as vLLM has them: `top_k`, `ignore_eos`; every response also carries
-`adapter: {"id", "version"}` (null for the base model) and `system_fingerprint` = `id@version`.
+Extensions beyond OpenAI's API, as vLLM has them: `top_k`, `min_p`, `repetition_penalty`,
+`ignore_eos`; every response also carries `adapter: {"id", "version"}` (null for the base model) and
+`system_fingerprint` = `id@version`.
+
+Every field is either honoured or refused with a 400 naming it: a request's unknown fields are refused
+(`extra="forbid"`), and a known field is accepted only with the values this server implements
+(`response_format` text, no `tools`, `tool_choice` none, `best_of` 1, no `suffix`). A client that asks
+for JSON output and gets prose would have been lied to.
 """
 
 from __future__ import annotations
@@ -11,20 +17,24 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jaxlora.sampling import MAX_LOGPROBS, MAX_TOP_K
 
 Text = Annotated[str, Field(max_length=1_000_000)]
 
 
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+
+
 class _Strict(BaseModel):
-    # strict: "8" is not a number and 1 is not a bool; unknown OpenAI fields (user, metadata, ...) are ignored
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # strict: "8" is not a number and 1 is not a bool; a field this server does not implement is refused
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far in every chunk (guidellm asks for it)
 
 
 class _SamplingFields(_Strict):
@@ -39,6 +49,23 @@ class _SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     n: Annotated[int, Field(ge=1, le=1)] = 1
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0  # vLLM's: prompt and output tokens
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # vLLM's
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids (non-negative integers as strings), got {key!r}")
+        return v
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """The bias as the engine takes it: (token id, bias) pairs, sorted by token id."""
+        return tuple(sorted((int(k), float(b)) for k, b in (self.logit_bias or {}).items()))
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -52,6 +79,22 @@ class CompletionRequest(_SamplingFields):
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: Literal[False] = False
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_candidate(cls, v: int | None) -> int | None:
+        if v not in (None, 1):
+            raise ValueError(f"only best_of=1 is supported (one candidate per request), got {v}")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("suffix (insertion after the completion) is not supported; send the prompt only")
+        return v
 
 
 class TextPart(_Strict):
@@ -63,6 +106,12 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | Annotated[list[TextPart], Field(max_length=100)] | None = None
     name: str | None = None
+    # What the openai client echoes back of an earlier assistant turn; accepted when empty.
+    refusal: str | None = None
+    tool_calls: Annotated[list[Any], Field(max_length=0)] | None = None
+    function_call: None = None
+    audio: None = None
+    annotations: Annotated[list[Any], Field(max_length=0)] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -75,6 +124,30 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v: dict | None) -> dict | None:
+        if v is not None and v != {"type": "text"}:
+            raise ValueError(f"only {{'type': 'text'}} is supported: this server cannot constrain output to JSON (got {v})")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, v: list | None) -> list | None:
+        if v:
+            raise ValueError("tool calling is not supported: send no tools")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, v):
+        if v not in (None, "none"):
+            raise ValueError(f"tool calling is not supported: tool_choice may only be 'none', got {v!r}")
+        return v
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

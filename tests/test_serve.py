@@ -215,6 +215,111 @@ def test_malformed_bodies_auth_and_size(server):
     assert ok.status_code == 200 and httpx.get(f"{server.url}/health").status_code == 200
 
 
+@pytest.mark.parametrize("route, extra, param", [
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
+    ("/v1/chat/completions", {"user": "end-user-1"}, "user"),
+    ("/v1/completions", {"best_of": 3}, "best_of"),
+    ("/v1/completions", {"suffix": "after"}, "suffix"),
+    ("/v1/completions", {"logit_bias": {"x": 1}}, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"99999": 1}}, "logit_bias"),  # outside the vocabulary
+    ("/v1/completions", {"presence_penalty": 2.5}, "presence_penalty"),
+    ("/v1/completions", {"frequency_penalty": -3}, "frequency_penalty"),
+    ("/v1/completions", {"repetition_penalty": 0}, "repetition_penalty"),
+    ("/v1/completions", {"min_p": 1.5}, "min_p"),
+    ("/v1/completions", {"no_such_field": 1}, "no_such_field"),
+])
+def test_fields_not_implemented_are_refused_naming_the_field(server, route, extra, param):
+    body = {"model": server.base, "max_tokens": 2, **extra}
+    body.update({"messages": [{"role": "user", "content": "x"}]} if "chat" in route else {"prompt": "x"})
+    r = server.post(route, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and param in err["message"] and err["type"] == "invalid_request_error", err
+
+
+def test_values_that_mean_the_default_are_accepted(server):
+    chat = server.client().chat.completions.create(
+        model=server.base, messages=[{"role": "user", "content": "x"}], max_tokens=2, response_format={"type": "text"},
+        tool_choice="none", presence_penalty=0, frequency_penalty=0)
+    assert chat.choices[0].message.content is not None
+    cmpl = server.client().completions.create(model=server.base, prompt="x", max_tokens=2, best_of=1)
+    assert cmpl.usage.completion_tokens == 2
+    again = server.client().chat.completions.create(  # an earlier answer sent back as the client returns it
+        model=server.base, max_tokens=2, messages=[{"role": "user", "content": "x"}, chat.choices[0].message.model_dump(),
+                                                   {"role": "user", "content": "y"}])
+    assert again.choices[0].finish_reason in ("length", "stop")
+
+
+def test_continuous_usage_stats_reports_the_usage_so_far_on_every_chunk(server):
+    """vLLM's stream option, which guidellm sends: every chunk carries the usage up to it."""
+    body = {"model": server.base, "prompt": "x", "max_tokens": 6, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    headers = {"Authorization": f"Bearer {server.keys['alice']}"}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=120) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert r.status_code == 200
+    counts = [e["usage"]["completion_tokens"] for e in events]
+    assert counts == sorted(counts) and counts[-1] == 6 and all("usage" in e for e in events)
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["prompt_tokens"] == events[0]["usage"]["prompt_tokens"]
+
+
+def _token_texts(server, **kw) -> list[str]:
+    r = server.client().completions.create(model=server.base, prompt="Once upon a time", max_tokens=24, temperature=0,
+                                           logprobs=0, extra_body={"ignore_eos": True, **kw.pop("extra", {})}, **kw)
+    return r.choices[0].logprobs.tokens
+
+
+def test_logit_bias_penalties_and_min_p_change_the_output_as_documented(server):
+    from jaxlora.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(server.model_dir)
+    forced, other = tok.encode(" the", add_special_tokens=False)[0], tok.encode(" and", add_special_tokens=False)[0]
+    r = server.client().completions.create(model=server.base, prompt="x", max_tokens=6, temperature=0,
+                                           logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == tok.decode([forced] * 6)  # +100 forces the token on every step
+    r = server.client().completions.create(model=server.base, prompt="x", max_tokens=6, temperature=0,
+                                           logit_bias={str(forced): -100, str(other): 100}, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == tok.decode([other] * 6)  # -100 bans it
+    plain = _token_texts(server)
+    most = max(collections.Counter(plain).values())
+    assert most >= 3, plain  # the random demo model repeats itself: the penalties have something to remove
+    for kw in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"extra": {"repetition_penalty": 3.0}}):
+        penalised = _token_texts(server, **kw)
+        assert max(collections.Counter(penalised).values()) < most, (kw, penalised)
+    # min_p = 1 keeps only the most probable token: sampling at temperature 1 is then greedy
+    r = server.client().completions.create(model=server.base, prompt="Once upon a time", max_tokens=24, temperature=1.0,
+                                           seed=7, logprobs=0, extra_body={"ignore_eos": True, "min_p": 1.0})
+    assert r.choices[0].logprobs.tokens == plain
+    r = server.client().completions.create(model=server.base, prompt="Once upon a time", max_tokens=24, temperature=1.0,
+                                           seed=7, logprobs=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].logprobs.tokens != plain  # without min_p the same seed samples other tokens
+
+
+def test_models_retrieve_names_the_publish_time_and_context_length(server):
+    import datetime
+
+    client = server.client()
+    base = client.models.retrieve(server.base)
+    assert base.id == server.base and base.max_model_len == ENGINE["max_seq_len"]
+    server.publish("alice", "dated", seed=23)
+    card = client.models.retrieve("dated")
+    manifest = json.loads((server.store.adapters_dir("alice") / "dated" / "v0001" / "manifest.json").read_text())
+    assert card.created == int(datetime.datetime.fromisoformat(manifest["created_at"]).timestamp())
+    assert card.max_model_len == ENGINE["max_seq_len"] and card.owned_by == "user:alice"
+    assert card.latest_version == "v0001" and client.models.retrieve("dated@v0001").created == card.created
+    listed = {m.id: m for m in client.models.list()}
+    assert listed["dated"].created == card.created
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("secret")  # bob's: exactly like a missing one
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-adapter")
+
+
 def test_back_pressure_answers_503_quickly(server):
     body = {"model": server.base, "prompt": "x", "max_tokens": 100, "ignore_eos": True, "temperature": 0}
     results = []
@@ -586,6 +691,14 @@ def test_killed_model_replica_fails_in_flight_requests_clearly_and_recovers(serv
     t.join(timeout=60)
     assert not t.is_alive(), "the in-flight request hung"
     assert result["status"] == 503 and result["body"]["error"]["code"] == "replica_failed", result
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # Serve notices the death (health checks every 2 s) well before a new
+        health = httpx.get(f"{server.url}/bp/health", timeout=30)  # replica has loaded and compiled the model
+        if health.status_code != 200:
+            break
+        time.sleep(0.2)
+    assert health.status_code == 503 and "LoRAModel has no running replica" in health.json()["error"]["message"], health.text
+    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200  # the other apps are unaffected
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # Serve starts a new replica; requests succeed again
         r = httpx.post(f"{server.url}/bp/v1/completions", json={**body, "max_tokens": 3}, timeout=120)
@@ -593,3 +706,4 @@ def test_killed_model_replica_fails_in_flight_requests_clearly_and_recovers(serv
             break
         time.sleep(1)
     assert r.status_code == 200
+    assert httpx.get(f"{server.url}/bp/health", timeout=30).json()["running_replicas"] == {"Tokenizer": 1, "LoRAModel": 1}

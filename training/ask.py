@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"{args.url} serves {fingerprint}")
     for row in rows:
-        answer = _complete(args.url, spec.adapter_id, row["prompt"], 8)["choices"][0]["text"]
+        answer = _complete(args.url, spec.adapter_id, row["prompt"], 16)["choices"][0]["text"]
         print(json.dumps({"prompt": row["prompt"], "trained": row["completion"], "answer": answer}))
     return 0
 
