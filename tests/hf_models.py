@@ -11,6 +11,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
+# Max abs difference of float32 logits between two computations that sum the same products in
+# different orders: JAX vs PyTorch (different kernels), or XLA at different shapes (its CPU matmul
+# blocking depends on the number of rows). Each such sum differs by a few ulps, which at logits up
+# to ~15 measured at most 3.4e-5 (AMD EPYC, also with XLA's codegen capped at AVX2 or at AVX without
+# FMA, PyTorch's at AVX2 or baseline, MKL on its conservative path): 1e-4 holds on any x86-64 host.
+LOGIT_TOL = 1e-4
+
 _COMMON = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256,
                bos_token_id=1, eos_token_id=2, pad_token_id=0)
 

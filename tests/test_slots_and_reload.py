@@ -55,9 +55,9 @@ def test_more_adapters_than_slots_stays_correct(tmp_path, model):
     expected = {name: _logits(params, cfg, big.stack, slot, prompt) for name, slot in big_slots.items()}
     small = _slots(params, cfg, fp, num_slots=3, host_capacity=2)  # two usable slots, two host entries
     rng = np.random.default_rng(0)
-    for i in rng.integers(0, 5, size=16):
+    for i in rng.integers(0, 5, size=16):  # bitwise: once gathered from its slot, shapes match the big stack's
         slot = small.acquire(refs[i])
-        np.testing.assert_allclose(_logits(params, cfg, small.stack, slot, prompt), expected[refs[i].adapter_id], atol=1e-6)
+        np.testing.assert_array_equal(_logits(params, cfg, small.stack, slot, prompt), expected[refs[i].adapter_id])
         small.release(slot)
     assert small.stats.evictions > 0 and small.stats.loads > 5
     a, b = small.acquire(refs[0]), small.acquire(refs[1])  # both usable slots pinned
@@ -65,7 +65,7 @@ def test_more_adapters_than_slots_stays_correct(tmp_path, model):
         small.acquire(refs[2])
     small.release(a)
     small.acquire(refs[2])  # evicts the released one, never the pinned one
-    np.testing.assert_allclose(_logits(params, cfg, small.stack, b, prompt), expected["ad1"], atol=1e-6)
+    np.testing.assert_array_equal(_logits(params, cfg, small.stack, b, prompt), expected["ad1"])
 
 
 def _greedy(params, cfg, stack, slot, prompt, steps, cache=None, start=None):
