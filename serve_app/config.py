@@ -118,8 +118,8 @@ def option_mismatches(deployment: str, a: AppArgs, running: dict[str, Any]) -> l
         for part in option.split("."):
             want = want.get(part) if isinstance(want, dict) else None
         have = running[option]
-        if isinstance(want, dict):  # env_vars: ours must all be there (Ray may add its own)
-            ok = isinstance(have, dict) and all(have.get(k) == v for k, v in want.items())
+        if option.endswith("env_vars"):  # ours must all be there; the app's runtime_env may add more
+            ok = isinstance(have, dict) and all(have.get(k) == v for k, v in (want or {}).items())
         else:
             ok = (want or 0) == (have or 0)
         if not ok:

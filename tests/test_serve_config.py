@@ -125,3 +125,18 @@ def test_a_deployments_block_that_overrides_args_is_refused_naming_the_field(ser
         message = status.deployments[name].message
         assert all(w in message for w in words) and "deployments:" in message, (name, message)
         assert any(where in message for _, _, where in OWNED_OPTIONS)
+
+
+def test_option_check_names_the_field_and_allows_what_the_app_adds():
+    from serve_app.config import option_mismatches
+
+    a = AppArgs(model_replicas=2, model_runtime_env={"env_vars": {"XLA_FLAGS": "--x"}})
+    ok = {"num_replicas": 2, "max_ongoing_requests": a.engine.max_batch_size + a.engine.max_queue,
+          "ray_actor_options.num_gpus": 0, "ray_actor_options.runtime_env.env_vars": {"XLA_FLAGS": "--x", "APP": "1"}}
+    assert option_mismatches("LoRAModel", a, ok) == []  # env vars the app-level runtime_env adds are fine
+    assert option_mismatches("LoRAModel", AppArgs(), {"ray_actor_options.runtime_env.env_vars": {"APP": "1"}}) == []
+    bad = option_mismatches("LoRAModel", a, {**ok, "num_replicas": 1, "ray_actor_options.runtime_env.env_vars": {}})
+    assert len(bad) == 2 and "args.model_replicas" in bad[0] and "args.model_runtime_env.env_vars" in bad[1]
+    assert option_mismatches("Tokenizer", AppArgs(), {"num_replicas": 3}) == [
+        "Tokenizer.num_replicas is 3 but args ask for 1: it is set by args.tokenizer_replicas only; "
+        "remove it from the `deployments:` block of the config file (or from .options())"]
