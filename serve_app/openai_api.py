@@ -19,12 +19,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from jaxlora.sampling import MAX_LOGPROBS, MAX_TOP_K
+from jaxlora.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_TOP_K
 
 Text = Annotated[str, Field(max_length=1_000_000)]
-
-
-MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
 
 
 class _Strict(BaseModel):
@@ -51,7 +48,7 @@ class _SamplingFields(_Strict):
     n: Annotated[int, Field(ge=1, le=1)] = 1
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0  # vLLM's: prompt and output tokens
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=MAX_REPETITION_PENALTY)] = 1.0  # vLLM's: prompt and output tokens
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # vLLM's
     logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=MAX_LOGIT_BIAS)] | None = None
 
