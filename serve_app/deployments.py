@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import ray
 from ray import serve
 
 from jaxlora.backend import LocalJaxLoRABackend
@@ -28,8 +29,6 @@ from serve_app.metrics import MODEL_METRICS, CounterExport, build
 def check_deployment_options(deployment: str, args: AppArgs) -> None:
     """Refuses to start a replica whose Serve options differ from what `args` set (a `deployments:`
     block overriding build_app), so a setting never silently fails to take effect."""
-    import ray
-
     config = serve.get_replica_context()._deployment_config
     resources = ray.get_runtime_context().get_assigned_resources()
     running = {"num_replicas": config.num_replicas, "max_ongoing_requests": config.max_ongoing_requests,

@@ -33,6 +33,22 @@ class TinyEngine:
             s.start()
         return s
 
+    def run_at_row(self, needle: tuple, fillers: list[tuple], position: int) -> tuple:
+        """`collect` of the needle request submitted after fillers[:position] and before the rest, all
+        queued before the loop starts, so the needle lands in decode row `position`."""
+        sched = self.scheduler(start=False)
+        try:
+            before = [sched.submit(*f) for f in fillers[:position]]
+            handle = sched.submit(*needle)
+            after = [sched.submit(*f) for f in fillers[position:]]
+            sched.start()
+            got = collect(handle)
+            for h in before + after:
+                collect(h)
+        finally:
+            sched.stop()
+        return got
+
 
 def build_tiny_engine(base_dir: Path, root: Path, config: EngineConfig = ENGINE_CONFIG) -> TinyEngine:
     params, cfg = load_params(base_dir)

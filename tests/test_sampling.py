@@ -207,17 +207,7 @@ def test_needle_is_bitwise_identical_alone_and_in_a_busy_batch(tiny, needle_kw):
                     SamplingParams(max_tokens=int(rng.integers(4, 30)), temperature=float(rng.choice([0.0, 1.0])),
                                    seed=int(rng.integers(0, 2**31)), ignore_eos=True, **_extended(rng)),
                     tiny.adapters.get(names[int(rng.integers(0, len(names)))])) for _ in range(10)]
-        sched = tiny.scheduler(start=False)  # queue everything first so the needle lands in row `position`
-        try:
-            before = [sched.submit(*f) for f in fillers[:position]]
-            handle = sched.submit(*needle)
-            after = [sched.submit(*f) for f in fillers[position:]]
-            sched.start()
-            got = collect(handle)
-            for h in before + after:
-                collect(h)
-        finally:
-            sched.stop()
+        got = tiny.run_at_row(needle, fillers, position)
         assert got[:3] == expected[:3], f"trial {trial}: row {position} differs"  # tokens, logprobs, alternatives
 
 
