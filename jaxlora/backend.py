@@ -26,7 +26,8 @@ from jaxlora.engine import Engine, EngineConfig, compile_count, uses_decode_kern
 from jaxlora.hot_reload import AdapterVersions
 from jaxlora.lora import zeros_stack
 from jaxlora.metrics import peak_memory_bytes
-from jaxlora.sampling import InvalidRequest, SamplingParams
+from jaxlora.errors import InvalidRequest
+from jaxlora.sampling import SamplingParams
 from jaxlora.scheduler import Finished, RequestHandle, Scheduler, TokenEvent
 from jaxlora.slots import SlotCache
 from jaxlora.tokenizer import TextStream, load_tokenizer, render_chat

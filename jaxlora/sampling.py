@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.errors import JaxLoraError
+from jaxlora.errors import InvalidRequest
 
 MAX_LOGPROBS = 5
 MAX_TOP_K = 256  # top_k above this is refused: the sampler keeps at most this many candidates
@@ -41,17 +41,9 @@ MAX_REPETITION_PENALTY = 10.0
 _DROPPED_ID = np.iinfo(np.int32).max  # a token id past every vocabulary: scatters drop it (bias and prompt padding)
 
 
-class InvalidRequest(JaxLoraError):
-    """A request the engine refuses as given (HTTP 400); the message names the parameter."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: as many as the context has room for after the prompt
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k cut
@@ -75,8 +67,9 @@ class SamplingParams:
             if isinstance(value, float) and not math.isfinite(value):
                 raise bad(param, f"must be finite, got {value}")
 
-        number("max_tokens", self.max_tokens, int)
-        if self.max_tokens < 1:
+        if self.max_tokens is not None:
+            number("max_tokens", self.max_tokens, int)
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise bad("max_tokens", f"must be at least 1, got {self.max_tokens}")
         number("temperature", self.temperature)
         if not 0.0 <= self.temperature <= 100.0:

@@ -32,20 +32,12 @@ import numpy as np
 
 from jaxlora.adapter_store import ResolvedAdapter
 from jaxlora.engine import Engine
-from jaxlora.errors import JaxLoraError
+from jaxlora.errors import EngineDead, InvalidRequest, JaxLoraError, NoFreeSlot, Overloaded
 from jaxlora.metrics import EngineMetrics
-from jaxlora.sampling import InvalidRequest, SamplingParams
-from jaxlora.slots import BASE_SLOT, NoFreeSlot, SlotCache
+from jaxlora.sampling import SamplingParams
+from jaxlora.slots import BASE_SLOT, SlotCache
 
 log = logging.getLogger(__name__)
-
-
-class Overloaded(JaxLoraError):
-    """The waiting queue is full (HTTP 503): try again later."""
-
-
-class EngineDead(JaxLoraError):
-    """The engine loop has stopped after an internal error; the replica must be replaced."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +174,8 @@ class Scheduler:
         limit = self.engine.config.max_seq_len
         if not prompt:
             raise InvalidRequest("the prompt is empty: give at least one token", param="prompt")
+        if params.max_tokens is None:  # the rest of the context (at least one token, else refused below)
+            params = dataclasses.replace(params, max_tokens=max(1, limit - len(prompt)))
         if len(prompt) + params.max_tokens > limit:
             raise InvalidRequest(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {len(prompt) + params.max_tokens} "

@@ -26,15 +26,11 @@ import numpy as np
 
 from jaxlora.adapter_format import LoraAdapter
 from jaxlora.adapter_store import ResolvedAdapter
-from jaxlora.errors import JaxLoraError
+from jaxlora.errors import AdapterFormatError, NoFreeSlot
 from jaxlora.lora import LoraModule, LoraStack
 
 AdapterKey = tuple[str, str, str]  # (owner, adapter id, version)
 BASE_SLOT = 0
-
-
-class NoFreeSlot(JaxLoraError):
-    """Every adapter slot is pinned by running requests; the caller should wait for one to finish."""
 
 
 @dataclasses.dataclass
@@ -75,7 +71,7 @@ def padded_slot_arrays(adapter: LoraAdapter, stack: LoraStack) -> tuple[dict[str
         out.append(arrays)
     untargeted = {m for _, m in adapter.weights} - set(stack.layers[0])
     if untargeted or adapter.r > R:
-        raise JaxLoraError(f"adapter needs modules {sorted(untargeted)} / rank {adapter.r}; the slots hold "
+        raise AdapterFormatError(f"adapter needs modules {sorted(untargeted)} / rank {adapter.r}; the slots hold "
                            f"{sorted(stack.layers[0])} at rank {R}")
     return tuple(out)
 

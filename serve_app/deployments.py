@@ -23,7 +23,7 @@ from jaxlora.sampling import SamplingParams
 from jaxlora.scheduler import Finished
 from jaxlora.tokenizer import load_tokenizer, render_chat
 from serve_app.config import AppArgs, option_mismatches
-from serve_app.errors import ApiError, api_error_for
+from serve_app.errors import api_error_for
 from serve_app.metrics import MODEL_METRICS, CounterExport, build
 
 def check_deployment_options(deployment: str, args: AppArgs) -> None:
@@ -100,7 +100,7 @@ class LoRAModel:
             handle = self.backend.submit(request["prompt_ids"], SamplingParams(**request["sampling"]),
                                          request.get("adapter"), request.get("user", "local"))
         except JaxLoraError as e:
-            err = api_error_for(e) or ApiError(500, "internal error", type_="internal_error")
+            err = api_error_for(e)
             yield {"error": err.body(), "status": err.status}
             return
         adapter = handle.adapter
@@ -116,7 +116,7 @@ class LoRAModel:
                     finished = True
                     fin = batch[-1]
                     if fin.error is not None:
-                        err = api_error_for(fin.error) or ApiError(500, "the engine failed on this request", type_="internal_error")
+                        err = api_error_for(fin.error)
                         yield {"error": err.body(), "status": err.status}
                     else:
                         yield {"done": {"reason": fin.reason, "prompt_tokens": fin.prompt_tokens,

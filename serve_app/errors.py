@@ -1,16 +1,15 @@
 """Errors as OpenAI shapes them: `{"error": {"message", "type", "param", "code"}}` with an HTTP status.
 
-`api_error_for` maps the core library's error types onto statuses; anything not listed there is an
-internal error (500) whose message is kept out of the response and in the logs.
+`STATUS` is the one table from the core library's error types (`jaxlora.errors`) to what a client
+sees. Every type there has a row (a test checks it); anything else that escapes is an internal error
+(500) whose message is kept out of the response and in the logs.
 """
 
 from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from jaxlora.errors import AdapterFormatError, AdapterNotFoundError, InvalidAdapterRef
-from jaxlora.sampling import InvalidRequest
-from jaxlora.scheduler import EngineDead, Overloaded
+from jaxlora import errors as core
 
 
 class ApiError(Exception):
@@ -26,20 +25,36 @@ class ApiError(Exception):
         headers = {"Retry-After": "1"} if self.status == 503 else None
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
+    @classmethod
+    def from_body(cls, status: int, body: dict) -> "ApiError":
+        """The inverse of `body`: an error another deployment sent in OpenAI's shape."""
+        e = body["error"]
+        return cls(status, e["message"], e["type"], e.get("param"), e.get("code"))
 
-def api_error_for(e: BaseException) -> ApiError | None:
-    """The API error a core-library exception stands for, or None for an internal error."""
-    if isinstance(e, InvalidRequest):
-        return ApiError(400, str(e), param=e.param)
-    if isinstance(e, InvalidAdapterRef):
-        return ApiError(400, str(e), param="model", code="invalid_model")
-    if isinstance(e, AdapterNotFoundError):
-        return ApiError(404, str(e), param="model", code="model_not_found")
-    if isinstance(e, AdapterFormatError):
-        return ApiError(400, str(e), param="model", code="adapter_unusable")
-    if isinstance(e, Overloaded):
-        return ApiError(503, str(e), type_="overloaded_error", code="overloaded")
-    if isinstance(e, EngineDead):
-        return ApiError(503, "the model replica is restarting; retry shortly", type_="overloaded_error",
-                        code="replica_unavailable")
-    return None
+
+INTERNAL = ApiError(500, "internal error", type_="internal_error")
+
+# core error type -> (status, OpenAI type, param (None: the error's own), code, message (None: the error's own))
+STATUS: dict[type[core.JaxLoraError], tuple[int, str, str | None, str | None, str | None]] = {
+    core.InvalidRequest: (400, "invalid_request_error", None, None, None),
+    core.DataError: (400, "invalid_request_error", "training_file", "invalid_training_file", None),
+    core.InvalidAdapterRef: (400, "invalid_request_error", "model", "invalid_model", None),
+    core.AdapterFormatError: (400, "invalid_request_error", "model", "adapter_unusable", None),
+    core.AdapterNotFoundError: (404, "invalid_request_error", "model", "model_not_found", None),
+    core.Overloaded: (503, "overloaded_error", None, "overloaded", None),
+    core.NoFreeSlot: (503, "overloaded_error", None, "overloaded", None),
+    core.EngineDead: (503, "overloaded_error", None, "replica_unavailable",
+                      "the model replica is restarting; retry shortly"),
+    # The operator's checkpoint, not the client's request: kept out of the response like any internal error.
+    core.ModelLoadError: (500, "internal_error", None, None, "internal error"),
+}
+
+
+def api_error_for(e: BaseException) -> ApiError:
+    """The API error a core-library exception stands for; `INTERNAL` for anything not in `STATUS`."""
+    for cls in type(e).__mro__:
+        if cls in STATUS:
+            status, type_, param, code, message = STATUS[cls]
+            return ApiError(status, str(e) if message is None else message, type_,
+                            getattr(e, "param", None) if param is None else param, code)
+    return INTERNAL

@@ -152,9 +152,8 @@ class Ingress:
     async def _start(self, user: str, body, prompt_ids: list[int], max_tokens: int | None,
                      logprobs: int | None):
         """Submits to a model replica and waits for its first message: an error or the start."""
-        limit = self.args.engine.max_seq_len
         sampling = {
-            "max_tokens": max_tokens if max_tokens is not None else max(1, limit - len(prompt_ids)),
+            "max_tokens": max_tokens,
             "temperature": body.temperature, "top_p": body.top_p, "top_k": max(0, body.top_k), "seed": body.seed,
             "ignore_eos": body.ignore_eos, "logprobs": logprobs, "presence_penalty": body.presence_penalty,
             "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
@@ -253,7 +252,7 @@ class Ingress:
         try:
             info = self.store.info(user, model_id)
         except JaxLoraError as e:
-            raise (api_error_for(e) or ApiError(500, "internal error", type_="internal_error")) from None
+            raise api_error_for(e) from None
         return self._adapter_card(info)
 
     @app.post("/v1/completions")

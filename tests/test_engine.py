@@ -13,8 +13,9 @@ from jaxlora.adapter_format import read_published
 from jaxlora.checkpoint import model_fingerprint
 from jaxlora.engine import compile_count
 from jaxlora.lora import zeros_stack
-from jaxlora.sampling import InvalidRequest, SamplingParams
-from jaxlora.scheduler import Overloaded, Scheduler
+from jaxlora.errors import InvalidRequest, Overloaded
+from jaxlora.sampling import SamplingParams
+from jaxlora.scheduler import Scheduler
 from jaxlora.slots import SlotCache
 from tests.engine_fixtures import build_tiny_engine, collect
 from tests.peft_adapters import load_peft

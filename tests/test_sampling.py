@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from jaxlora.engine import Engine, compile_count
-from jaxlora.sampling import MAX_LOGIT_BIAS, InvalidRequest, SamplingParams
+from jaxlora.errors import InvalidRequest
+from jaxlora.sampling import MAX_LOGIT_BIAS, SamplingParams
 from jaxlora.scheduler import Scheduler
 from tests.engine_fixtures import build_tiny_engine, collect
 from tests.hf_models import load_reference

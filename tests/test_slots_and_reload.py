@@ -15,7 +15,8 @@ from jaxlora.errors import AdapterFormatError, AdapterNotFoundError
 from jaxlora.hot_reload import AdapterVersions
 from jaxlora.lora import zeros_stack
 from jaxlora.model import KVCache, forward
-from jaxlora.slots import NoFreeSlot, SlotCache
+from jaxlora.errors import NoFreeSlot
+from jaxlora.slots import SlotCache
 
 MAX_RANK = 8
 MODULE_SETS = [("q_proj", "v_proj"), ("o_proj", "down_proj"), ("k_proj", "gate_proj", "up_proj"),

@@ -19,7 +19,8 @@ from jaxlora.lora import LoraModule, LoraStack, lora_scale
 from jaxlora.model import forward
 from jaxlora.tokenizer import load_tokenizer
 from tests.hf_models import LOGIT_TOL, load_reference
-from training.data import DataError, load_dataset
+from jaxlora.errors import DataError
+from training.data import load_dataset
 from training.losses import dpo_loss, sequence_logprobs
 from training.spec import TrainSpec
 from training.trainer import TrainingService, loss_fn

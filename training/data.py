@@ -23,12 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlora.errors import JaxLoraError
+from jaxlora.errors import DataError
 from jaxlora.tokenizer import render_chat
-
-
-class DataError(JaxLoraError):
-    """The training data cannot be used; the message names the file and line."""
 
 
 @dataclasses.dataclass(frozen=True)
