@@ -22,28 +22,22 @@ from bench.common import build_adapters, build_model, emit, machine
 
 
 def run_ours(model_dir: Path, peft_dirs: list[Path], prompts: list[list[int]], gen_len: int, repeats: int) -> dict:
-    from jaxlora.adapter_format import read_adapter
-    from jaxlora.adapter_store import ResolvedAdapter
-    from jaxlora.checkpoint import load_params
-    from jaxlora.engine import Engine, EngineConfig, compile_count
-    from jaxlora.lora import zeros_stack
+    from jaxlora.adapter_store import AdapterStore, ResolvedAdapter
+    from jaxlora.engine import EngineConfig, compile_count
+    from jaxlora.replica import build_replica
     from jaxlora.sampling import SamplingParams
-    from jaxlora.scheduler import Scheduler
-    from jaxlora.slots import SlotCache
 
     n = len(prompts)
-    params, cfg = load_params(model_dir)
     config = EngineConfig(max_batch_size=n, max_seq_len=len(prompts[0]) + gen_len, prefill_buckets=(len(prompts[0]),),
                           decode_steps=16, num_adapter_slots=len(peft_dirs) + 1, max_lora_rank=16)
-    slots = SlotCache(zeros_stack(params, config.num_adapter_slots, config.max_lora_rank),
-                      lambda r: read_adapter(r.path, cfg, config.max_lora_rank))
+    # The adapters are read straight from their PEFT folders (no store manifest to check).
+    replica = build_replica(model_dir, AdapterStore(tempfile.mkdtemp()), config, warm_up=False)
     adapters = [ResolvedAdapter("bench", d.name, "v0001", d) for d in peft_dirs]
-    engine = Engine(params, cfg, config)
     t0 = time.perf_counter()
-    slots.warm_up()
-    engine.warm_up(slots.stack)
+    replica.slots.warm_up()
+    replica.engine.warm_up(replica.slots.stack)
     warm_s = time.perf_counter() - t0
-    sched = Scheduler(engine, slots)
+    sched = replica.scheduler
     sched.start()
     sp = SamplingParams(max_tokens=gen_len, temperature=0.0, ignore_eos=True)
 

@@ -251,11 +251,6 @@ class AdapterStore:
                                                self.published_at(folder if latest == STATIC_VERSION else folder / latest))
         return list(seen.values())
 
-    def manifest(self, resolved: ResolvedAdapter) -> dict:
-        with contextlib.suppress(OSError, json.JSONDecodeError):
-            return json.loads((resolved.path / MANIFEST).read_text())
-        return {}
-
     # -- publishing -------------------------------------------------------------------------------
 
     @contextlib.contextmanager

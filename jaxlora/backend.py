@@ -1,8 +1,8 @@
 """`LocalJaxLoRABackend`: one model replica as a plain Python object.
 
-Built from a model directory (default: the demo model) and an adapter store root, it owns the
-engine, the scheduler loop, the adapter slots and the hot-reload watcher. The Ray model deployment
-wraps exactly this; scripts, notebooks and tests use it directly:
+Built from a model directory (default: the demo model) and an adapter store root, it owns a
+`replica.Replica` (engine, scheduler loop, adapter slots, hot-reload watcher) and the tokenizer.
+The Ray model deployment wraps exactly this; scripts, notebooks and tests use it directly:
 
     backend = LocalJaxLoRABackend(fs_root="/data/lora")
     out = backend.generate(messages=[{"role": "user", "content": "Hi"}], adapter="faq", max_tokens=32)
@@ -18,18 +18,14 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from jaxlora.adapter_format import read_published
 from jaxlora.adapter_store import DEFAULT_FS_ROOT, AdapterStore, ResolvedAdapter
-from jaxlora.checkpoint import load_params, model_fingerprint
 from jaxlora.demo import ensure_demo_model
-from jaxlora.engine import Engine, EngineConfig, compile_count, uses_decode_kernels
-from jaxlora.hot_reload import AdapterVersions
-from jaxlora.lora import zeros_stack
-from jaxlora.metrics import peak_memory_bytes
+from jaxlora.engine import EngineConfig, compile_count, uses_decode_kernels
 from jaxlora.errors import InvalidRequest
+from jaxlora.metrics import peak_memory_bytes
+from jaxlora.replica import build_replica
+from jaxlora.requests import Finished, RequestHandle, TokenEvent
 from jaxlora.sampling import SamplingParams
-from jaxlora.scheduler import Finished, RequestHandle, Scheduler, TokenEvent
-from jaxlora.slots import SlotCache
 from jaxlora.tokenizer import TextStream, load_tokenizer, render_chat
 
 
@@ -83,30 +79,16 @@ class LocalJaxLoRABackend:
         warm_up: bool = True,
         model_id: str | None = None,
     ):
-        self.model_dir = Path(model_dir) if model_dir else ensure_demo_model()
-        self.model_id = model_id or self.model_dir.name
-        self.config = engine_config
-        params, self.cfg = load_params(self.model_dir, engine_config.jnp_dtype)
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.fingerprint = model_fingerprint(self.model_dir)
-        self.store = AdapterStore(fs_root, registered_adapters, tuple(allowed_roots))
-        stack = zeros_stack(params, engine_config.num_adapter_slots, engine_config.max_lora_rank,
-                            dtype=engine_config.jnp_dtype)
-        self.slots = SlotCache(stack, self._load_adapter, engine_config.host_adapter_cache)
-        self.versions = AdapterVersions(self.store, self.slots, poll_interval_s)
-        self.engine = Engine(params, self.cfg, engine_config)
-        if warm_up:
-            self.slots.warm_up()
-            self.engine.warm_up(self.slots.stack)
-        eos = set(self.cfg.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.scheduler = Scheduler(self.engine, self.slots, tuple(sorted(eos)))
-        self.scheduler.start()
-        self.versions.start()
-
-    def _load_adapter(self, resolved: ResolvedAdapter):
-        return read_published(resolved.path, self.cfg, self.config.max_lora_rank, self.fingerprint)
+        model_dir = Path(model_dir) if model_dir else ensure_demo_model()
+        self.model_id = model_id or model_dir.name
+        self.tokenizer = load_tokenizer(model_dir)
+        tokenizer_eos = () if self.tokenizer.eos_token_id is None else (self.tokenizer.eos_token_id,)
+        self.replica = build_replica(model_dir, AdapterStore(fs_root, registered_adapters, tuple(allowed_roots)),
+                                     engine_config, eos_token_ids=tokenizer_eos, poll_interval_s=poll_interval_s,
+                                     warm_up=warm_up).start()
+        self.scheduler = self.replica.scheduler
+        self.store = self.replica.store
+        self.model_config = self.replica.model_config
 
     # -- token-level API (what the serving layer uses) --------------------------------------------
 
@@ -114,7 +96,7 @@ class LocalJaxLoRABackend:
         """None (or the base model id) means the base model; else the version new requests get."""
         if not adapter or adapter == self.model_id:
             return None
-        return self.versions.current(user, adapter)
+        return self.replica.versions.current(user, adapter)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
                user: str = "local") -> RequestHandle:
@@ -192,14 +174,12 @@ class LocalJaxLoRABackend:
 
     def metrics(self) -> dict:
         out = self.scheduler.snapshot()
-        out["adapter_cache"] = dataclasses.asdict(self.slots.stats)
-        out["adapter_reload"] = dataclasses.asdict(self.versions.stats)
+        out["adapter_cache"] = dataclasses.asdict(self.replica.slots.stats)
+        out["adapter_reload"] = dataclasses.asdict(self.replica.versions.stats)
         out["compilations"] = compile_count()
         out["memory"] = peak_memory_bytes()
-        out["decode_kernels"] = uses_decode_kernels(self.engine.params, self.slots.stack)  # or XLA's forms
+        out["decode_kernels"] = uses_decode_kernels(self.replica.engine.params, self.replica.slots.stack)  # or XLA's forms
         return out
 
     def close(self) -> None:
-        self.versions.stop()
-        self.scheduler.stop()
-        self.slots.close()
+        self.replica.close()

@@ -81,6 +81,13 @@ class EngineConfig:
         """The usable buckets: those below max_seq_len, plus max_seq_len itself."""
         return tuple(sorted({b for b in self.prefill_buckets if b < self.max_seq_len} | {self.max_seq_len}))
 
+    def bucket(self, n: int) -> int:
+        """The padded length a prompt of `n` tokens is prefilled at."""
+        for b in self.buckets:
+            if n <= b:
+                return b
+        raise ValueError(f"prompt of {n} tokens is longer than max_seq_len={self.max_seq_len}")
+
     @property
     def jnp_dtype(self):
         return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
@@ -215,13 +222,13 @@ def compile_count() -> int:
 
 
 class Engine:
-    """Holds the model and the jitted device functions for one replica."""
+    """Holds the model and the jitted device functions for one replica (`scheduler.EngineApi`)."""
 
     def __init__(self, params: Params, cfg: ModelConfig, config: EngineConfig):
         _CompileCounter.install()
         cpu_kernels.available()  # build the decode kernels now, not inside the first request
         self.params = params
-        self.cfg = cfg
+        self.model_config = cfg
         self.config = config
         self._counts = count_dtype(config.max_seq_len)
         self._prefill = jax.jit(functools.partial(_prefill, cfg=cfg, counts=self._counts))
@@ -229,30 +236,28 @@ class Engine:
         self._generate = jax.jit(functools.partial(_generate, cfg=cfg, steps=config.decode_steps), donate_argnums=(2,))
 
     def init_state(self) -> DecodeState:
-        B, V = self.config.max_batch_size, self.cfg.vocab_size
+        B, V = self.config.max_batch_size, self.vocab_size
 
         def zeros(dtype=jnp.int32, shape=(B,)):  # a fresh buffer per field: donated buffers must not be shared
             return jnp.zeros(shape, dtype)
 
         return DecodeState(
-            cache=KVCache.zeros(self.cfg, B, self.config.max_seq_len, self.params.embed.dtype),
+            cache=KVCache.zeros(self.model_config, B, self.config.max_seq_len, self.params.embed.dtype),
             tokens=zeros(), positions=zeros(), index=zeros(), slots=zeros(),
             sampling=RowSampling.of([(SamplingParams(temperature=0.0), 0)] * B),
             history=TokenHistory(generated=zeros(self._counts, (B, V)), in_prompt=zeros(jnp.bool_, (B, V))),
         )
 
-    def bucket(self, n: int) -> int:
-        for b in self.config.buckets:
-            if n <= b:
-                return b
-        raise ValueError(f"prompt of {n} tokens is longer than max_seq_len={self.config.max_seq_len}")
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
 
     def prefill(self, lora: LoraStack, items: list[tuple[list[int], int, SamplingParams, int]]) -> Prefix:
         """Prefills up to `prefill_batch` (prompt, slot, params, seed) of one length bucket, padded
         with dummy prompts to exactly `prefill_batch`, so the shape depends on the bucket alone."""
         P = self.config.prefill_batch
-        T = self.bucket(max(len(prompt) for prompt, *_ in items))
-        if len(items) > P or any(self.bucket(len(prompt)) != T for prompt, *_ in items):
+        T = self.config.bucket(max(len(prompt) for prompt, *_ in items))
+        if len(items) > P or any(self.config.bucket(len(prompt)) != T for prompt, *_ in items):
             raise ValueError(f"prefill takes at most {P} prompts of one length bucket")
         padding = ([0], 0, SamplingParams(max_tokens=1, temperature=0.0), 0)
         items = list(items) + [padding] * (P - len(items))

@@ -8,7 +8,8 @@ Each turn of the loop, in order:
   4. hand each running request its new tokens, and retire those that hit EOS, a stop token or
      `max_tokens` (their rows are free for the next turn).
 One thread, no per-stage queues: the order of events is the order of this code. Requests talk to
-the loop through `submit` / `cancel` and read their tokens from a `TokenStream` (sync or async).
+the loop through `submit`, and read their tokens from (or cancel them through) the `RequestHandle`
+it returns (`requests.py`). The device work goes through `EngineApi`.
 
 Errors: a bad request is refused in `submit` (InvalidRequest, Overloaded) before it queues; an
 adapter that fails to load fails only its requests; an exception in a device step fails every
@@ -17,7 +18,6 @@ request that was running and stops the loop, and `healthy` turns false so the re
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import dataclasses
@@ -25,141 +25,64 @@ import logging
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 
 from jaxlora.adapter_store import ResolvedAdapter
-from jaxlora.engine import Engine
+from jaxlora.engine import EngineConfig, StepTokens
 from jaxlora.errors import EngineDead, InvalidRequest, JaxLoraError, NoFreeSlot, Overloaded
+from jaxlora.lora import LoraStack
 from jaxlora.metrics import EngineMetrics
+from jaxlora.requests import Finished, Request, RequestHandle, TokenEvent, TokenStream
 from jaxlora.sampling import SamplingParams
 from jaxlora.slots import BASE_SLOT, SlotCache
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenEvent:
-    token_id: int
-    logprob: float
-    top_logprobs: tuple[tuple[int, float], ...]  # up to `logprobs` alternatives, best first
+class EngineApi(Protocol):
+    """What the loop needs of the device engine: `engine.Engine`, or the hand-computable mock the
+    scheduler's tests use (`tests/mock_engine.py`). The state and prefix are opaque here."""
 
+    config: EngineConfig
+    vocab_size: int
 
-@dataclasses.dataclass(frozen=True)
-class Finished:
-    reason: str  # "stop" (EOS or a stop token), "length", "cancelled" or "error"
-    prompt_tokens: int
-    completion_tokens: int
-    latency_s: float
-    ttft_s: float | None
-    seed: int
-    adapter: ResolvedAdapter | None
-    error: BaseException | None = None
+    def init_state(self) -> Any: ...
 
+    def prefill(self, lora: LoraStack, items: list[tuple[list[int], int, SamplingParams, int]]) -> Any: ...
 
-class TokenStream:
-    """Events of one request, pushed by the engine thread, read by a thread or a coroutine."""
+    def insert(self, prefix: Any, state: Any, rows: list[int]) -> Any: ...
 
-    def __init__(self):
-        self._items: collections.deque = collections.deque()
-        self._cond = threading.Condition()
-        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-
-    def put(self, item) -> None:
-        with self._cond:
-            self._items.append(item)
-            self._cond.notify_all()
-            waiters, self._async_waiters = self._async_waiters, []
-        for loop, event in waiters:
-            loop.call_soon_threadsafe(event.set)
-
-    def get(self, timeout: float | None = None):
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._items, timeout):
-                raise TimeoutError("no event from the engine in time")
-            return self._items.popleft()
-
-    def drain(self) -> list:
-        """Every event already waiting, without blocking."""
-        with self._cond:
-            items, self._items = list(self._items), collections.deque()
-            return items
-
-    async def aget(self):
-        loop = asyncio.get_running_loop()
-        while True:
-            with self._cond:
-                if self._items:
-                    return self._items.popleft()
-                event = asyncio.Event()
-                self._async_waiters.append((loop, event))
-            await event.wait()
-
-
-class RequestHandle:
-    """A submitted request: iterate it (sync or async) for TokenEvents, ending with Finished."""
-
-    def __init__(self, scheduler: "Scheduler", request: "_Request"):
-        self._scheduler = scheduler
-        self._request = request
-        self.seed = request.seed
-        self.adapter = request.adapter
-
-    def cancel(self) -> None:
-        self._scheduler.cancel(self._request)
-
-    def __iter__(self) -> Iterator[TokenEvent | Finished]:
-        while True:
-            item = self._request.stream.get()
-            yield item
-            if isinstance(item, Finished):
-                return
-
-    async def __aiter__(self) -> AsyncIterator[TokenEvent | Finished]:
-        async for batch in self.batches():
-            for item in batch:
-                yield item
-
-    async def batches(self) -> AsyncIterator[list[TokenEvent | Finished]]:
-        """Events in batches: whatever arrived while the consumer was busy comes at once, which
-        keeps per-message overhead (e.g. one Ray streaming item each) off the per-token path."""
-        while True:
-            batch = [await self._request.stream.aget()] + self._request.stream.drain()
-            yield batch
-            if isinstance(batch[-1], Finished):
-                return
+    def generate(self, lora: LoraStack, state: Any) -> tuple[Any, StepTokens]: ...
 
 
 @dataclasses.dataclass(eq=False)
-class _Request:
-    prompt: list[int]
-    params: SamplingParams
-    seed: int
-    adapter: ResolvedAdapter | None
+class _Live:
+    """A submitted request's progress. The engine thread owns it; `cancelled` is set by any thread."""
+
+    request: Request
     stream: TokenStream
-    submitted_at: float
-    stop_ids: frozenset[int]
-    row: int | None = None
-    slot: int = BASE_SLOT
+    adapter_ready: concurrent.futures.Future | None  # the host read of the adapter
+    row: int | None = None  # the decode row it holds while running
+    slot: int = BASE_SLOT  # the adapter slot it pins while running
     generated: int = 0
     first_token_at: float | None = None
     cancelled: bool = False
     done: bool = False
-    adapter_ready: concurrent.futures.Future | None = None  # the host read of the adapter
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, slots: SlotCache, eos_token_ids: tuple[int, ...] = ()):
+    def __init__(self, engine: EngineApi, slots: SlotCache, eos_token_ids: tuple[int, ...] = ()):
         self.engine = engine
         self.slots = slots
         self.eos_token_ids = frozenset(eos_token_ids)
         self.metrics = EngineMetrics()
         self._cond = threading.Condition()
-        self._waiting: collections.deque[_Request] = collections.deque()
-        self._to_cancel: list[_Request] = []
-        self._rows: list[_Request | None] = [None] * engine.config.max_batch_size
+        self._waiting: collections.deque[_Live] = collections.deque()
+        self._to_cancel: list[_Live] = []
+        self._rows: list[_Live | None] = [None] * engine.config.max_batch_size
         self._seed_rng = random.Random()
         self._state = None
         self._thread: threading.Thread | None = None
@@ -182,7 +105,7 @@ class Scheduler:
                 f"exceeds this model's max_seq_len of {limit}; shorten the prompt or lower max_tokens",
                 param="max_tokens",
             )
-        vocab = self.engine.cfg.vocab_size
+        vocab = self.engine.vocab_size
         if any(not (0 <= t < vocab) for t in prompt):
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
         past = [t for t, _ in params.logit_bias if t >= vocab]
@@ -197,19 +120,19 @@ class Scheduler:
             if len(self._waiting) >= self.engine.config.max_queue + self.free_rows():
                 self.metrics.requests_rejected_overload += 1
                 raise Overloaded(f"the server is at capacity ({len(self._waiting)} requests waiting); retry shortly")
-            req = _Request(list(prompt), params, seed, adapter, TokenStream(), time.monotonic(),
-                           frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids))
-            if adapter is not None:
-                req.adapter_ready = self.slots.prefetch(adapter)
+            request = Request(tuple(prompt), params, seed, adapter,
+                              frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids),
+                              time.monotonic())
+            req = _Live(request, TokenStream(), None if adapter is None else self.slots.prefetch(adapter))
             self._waiting.append(req)
             self.metrics.requests_submitted += 1
             self.metrics.prompt_tokens += len(prompt)
             self._cond.notify_all()
         if req.adapter_ready is not None:
             req.adapter_ready.add_done_callback(lambda _: self._wake())
-        return RequestHandle(self, req)
+        return RequestHandle(request, req.stream, lambda: self._cancel(req))
 
-    def cancel(self, req: _Request) -> None:
+    def _cancel(self, req: _Live) -> None:
         with self._cond:
             if not req.cancelled:
                 req.cancelled = True
@@ -272,7 +195,7 @@ class Scheduler:
         return bool(self._waiting) and any(self._admissible(r) for r in self._waiting)
 
     @staticmethod
-    def _admissible(req: _Request) -> bool:
+    def _admissible(req: _Live) -> bool:
         return req.adapter_ready is None or req.adapter_ready.done()
 
     def _admit(self) -> None:
@@ -284,12 +207,12 @@ class Scheduler:
                 return
             ready = []
             for i, req in enumerate(group):
-                if req.adapter is not None:
+                if req.request.adapter is not None:
                     if req.adapter_ready.exception() is not None:  # the adapter failed to load: this request only
                         self._finish(req, "error", req.adapter_ready.exception())
                         continue
                     try:
-                        req.slot = self.slots.acquire(req.adapter)
+                        req.slot = self.slots.acquire(req.request.adapter)
                     except NoFreeSlot:
                         with self._cond:  # they keep their places; rows finishing free slots
                             self._waiting.extendleft(reversed(group[i:]))
@@ -304,11 +227,11 @@ class Scheduler:
             if group is None:
                 return
 
-    def _start(self, reqs: list[_Request]) -> None:
+    def _start(self, reqs: list[_Live]) -> None:
         for req in reqs:
             req.row = self._rows.index(None)
             self._rows[req.row] = req
-        prefix = self.engine.prefill(self.slots.stack, [(r.prompt, r.slot, r.params, r.seed) for r in reqs])
+        prefix = self.engine.prefill(self.slots.stack, [(list(r.request.prompt), r.slot, r.request.params, r.request.seed) for r in reqs])
         self._state = self.engine.insert(prefix, self._state, [r.row for r in reqs])
         first = jax.device_get(prefix.first)
         now = time.monotonic()
@@ -316,17 +239,18 @@ class Scheduler:
             req.first_token_at = now
             self._accept(req, int(first.token[p]), float(first.logprob[p]), first.top_ids[p], first.top_logprobs[p])
 
-    def _next_group(self, limit: int) -> list[_Request]:
+    def _next_group(self, limit: int) -> list[_Live]:
         """The oldest waiting request that can start now and up to `limit - 1` more of its bucket;
         those whose adapter is still loading keep their place but do not hold up the others."""
-        group: list[_Request] = []
+        group: list[_Live] = []
         with self._cond:
             for req in list(self._waiting):
                 if len(group) == limit:
                     break
                 if req.cancelled or not self._admissible(req):
                     continue
-                if group and self.engine.bucket(len(req.prompt)) != self.engine.bucket(len(group[0].prompt)):
+                bucket = self.engine.config.bucket
+                if group and bucket(len(req.request.prompt)) != bucket(len(group[0].request.prompt)):
                     continue
                 self._waiting.remove(req)
                 group.append(req)
@@ -348,22 +272,22 @@ class Scheduler:
                 accepted += 1
         self.metrics.record_decode(time.monotonic() - t0, len(busy), len(self._rows), steps, accepted)
 
-    def _accept(self, req: _Request, token: int, logprob: float, top_ids: np.ndarray, top_lps: np.ndarray) -> None:
+    def _accept(self, req: _Live, token: int, logprob: float, top_ids: np.ndarray, top_lps: np.ndarray) -> None:
         req.generated += 1
-        n_top = req.params.logprobs or 0
+        n_top = req.request.params.logprobs or 0
         top = tuple((int(top_ids[i]), float(top_lps[i])) for i in range(n_top))
         req.stream.put(TokenEvent(token, logprob, top))
-        if token in req.stop_ids:
+        if token in req.request.stop_ids:
             self._retire(req, "stop")
-        elif req.generated >= req.params.max_tokens:
+        elif req.generated >= req.request.params.max_tokens:
             self._retire(req, "length")
 
-    def _retire(self, req: _Request, reason: str, error: BaseException | None = None) -> None:
+    def _retire(self, req: _Live, reason: str, error: BaseException | None = None) -> None:
         if req.done:
             return
         if req.row is not None:
             self._rows[req.row] = None
-            if req.adapter is not None:
+            if req.request.adapter is not None:
                 self.slots.release(req.slot)
         else:
             with self._cond:
@@ -371,13 +295,13 @@ class Scheduler:
                     self._waiting.remove(req)
         self._finish(req, reason, error)
 
-    def _finish(self, req: _Request, reason: str, error: BaseException | None = None) -> None:
+    def _finish(self, req: _Live, reason: str, error: BaseException | None = None) -> None:
         now = time.monotonic()
-        ttft = None if req.first_token_at is None else req.first_token_at - req.submitted_at
-        self.metrics.record_finish(ttft, now - req.submitted_at, req.generated, "error" if error else reason)
+        ttft = None if req.first_token_at is None else req.first_token_at - req.request.submitted_at
+        self.metrics.record_finish(ttft, now - req.request.submitted_at, req.generated, "error" if error else reason)
         req.done = True
-        req.stream.put(Finished(reason if error is None else "error", len(req.prompt), req.generated,
-                                now - req.submitted_at, ttft, req.seed, req.adapter, error))
+        req.stream.put(Finished(reason if error is None else "error", len(req.request.prompt), req.generated,
+                                now - req.request.submitted_at, ttft, req.request.seed, req.request.adapter, error))
 
     def _fail_all(self, error: BaseException) -> None:
         for row, req in enumerate(self._rows):

@@ -126,11 +126,6 @@ class SlotCache:
                 self._host.popitem(last=False)
         return adapter
 
-    def is_ready(self, key: AdapterKey) -> bool:
-        """True when `acquire(key)` will not wait for disk."""
-        with self._lock:
-            return key in self._slot_of or key in self._host
-
     def forget(self, key: AdapterKey) -> None:
         """Drops `key` from the host cache (e.g. its folder was deleted); device slots age out."""
         with self._lock:

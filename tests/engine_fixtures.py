@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from jaxlora.adapter_format import read_published
 from jaxlora.adapter_store import AdapterStore, ResolvedAdapter
-from jaxlora.checkpoint import load_params, model_fingerprint
+from jaxlora.checkpoint import model_fingerprint
 from jaxlora.engine import Engine, EngineConfig
-from jaxlora.lora import zeros_stack
-from jaxlora.scheduler import Finished, RequestHandle, Scheduler, TokenEvent
+from jaxlora.replica import Replica, build_replica
+from jaxlora.requests import Finished, RequestHandle, TokenEvent
+from jaxlora.scheduler import Scheduler
 from jaxlora.slots import SlotCache
 from tests.peft_adapters import ADAPTER_SPECS, make_peft_adapter
 
@@ -22,13 +22,24 @@ ENGINE_CONFIG = EngineConfig(max_batch_size=8, max_seq_len=64, prefill_buckets=(
 class TinyEngine:
     base_dir: Path
     peft_dirs: dict[str, Path]
-    store: AdapterStore
-    engine: Engine
-    slots: SlotCache
+    replica: Replica
     adapters: dict[str, ResolvedAdapter]
 
+    @property
+    def engine(self) -> Engine:
+        return self.replica.engine
+
+    @property
+    def slots(self) -> SlotCache:
+        return self.replica.slots
+
+    @property
+    def store(self) -> AdapterStore:
+        return self.replica.store
+
     def scheduler(self, start: bool = True) -> Scheduler:
-        s = Scheduler(self.engine, self.slots, self.engine.cfg.eos_token_ids)
+        """A new loop over the shared engine and slots (each test starts and stops its own)."""
+        s = Scheduler(self.engine, self.slots, self.replica.model_config.eos_token_ids)
         if start:
             s.start()
         return s
@@ -51,7 +62,6 @@ class TinyEngine:
 
 
 def build_tiny_engine(base_dir: Path, root: Path, config: EngineConfig = ENGINE_CONFIG) -> TinyEngine:
-    params, cfg = load_params(base_dir)
     fingerprint = model_fingerprint(base_dir)
     store = AdapterStore(root / "fs")
     peft_dirs, adapters = {}, {}
@@ -61,12 +71,7 @@ def build_tiny_engine(base_dir: Path, root: Path, config: EngineConfig = ENGINE_
         adapters[name] = store.publish(
             "alice", name, lambda d, src=src: [(d / f.name).write_bytes(f.read_bytes()) for f in src.iterdir()],
             base_model={"name": "tiny", "fingerprint": fingerprint})
-    slots = SlotCache(zeros_stack(params, config.num_adapter_slots, config.max_lora_rank),
-                      lambda r: read_published(r.path, cfg, config.max_lora_rank, fingerprint))
-    engine = Engine(params, cfg, config)
-    slots.warm_up()
-    engine.warm_up(slots.stack)
-    return TinyEngine(base_dir, peft_dirs, store, engine, slots, adapters)
+    return TinyEngine(base_dir, peft_dirs, build_replica(base_dir, store, config), adapters)
 
 
 def collect(handle: RequestHandle) -> tuple[list[int], list[float], list[tuple], Finished]:

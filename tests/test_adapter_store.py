@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxlora.adapter_store import AdapterStore, sha256_of
+from jaxlora.adapter_store import MANIFEST, AdapterStore, sha256_of
 from jaxlora.errors import AdapterNotFoundError, InvalidAdapterRef
 
 
@@ -35,7 +35,7 @@ def test_publish_resolve_pin_and_latest(tmp_path):
     assert _payload(store, "alice", "faq") == "two"
     assert _payload(store, "alice", "faq@v0001") == "one"
     assert store.resolve("alice", "faq").key == ("user:alice", "faq", "v0002")
-    m1, m2 = store.manifest(v1), store.manifest(v2)
+    m1, m2 = (json.loads((v.path / MANIFEST).read_text()) for v in (v1, v2))
     assert m1["parent_version"] is None and m2["parent_version"] == "v0001"
     assert m1["base_model"] == {"name": "demo", "fingerprint": "abc"}
     assert m1["weights_sha256"] == {"params.json": sha256_of(v1.path / "params.json")}

@@ -16,7 +16,7 @@ from jaxlora.adapter_format import read_adapter
 from jaxlora.config import ModelConfig
 from training.ray_entry import main, submit
 from training.spec import TrainSpec
-from training.trainer import TrainingService
+from training.trainer import train
 
 
 def _spec(demo_model_dir, tmp_path, fs: str) -> TrainSpec:
@@ -47,7 +47,7 @@ def test_killed_training_worker_resumes_and_loses_no_step(ray_local, demo_model_
     result = ray_local.get(ref, timeout=300)
     assert result["resumed_from_step"] >= 10 and result["steps"] == 60
 
-    straight = TrainingService().train(_spec(demo_model_dir, tmp_path, "local"))
+    straight = train(_spec(demo_model_dir, tmp_path, "local"))
     cfg = ModelConfig.from_dir(demo_model_dir)
     a, b = read_adapter(straight.path, cfg, 4), read_adapter(result["path"], cfg, 4)
     for k in a.weights:

@@ -213,9 +213,9 @@ def test_needle_is_bitwise_identical_alone_and_in_a_busy_batch(tiny, needle_kw):
 
 
 def test_no_compilation_when_such_requests_arrive_after_warm_up(tiny):
-    engine = Engine(tiny.engine.params, tiny.engine.cfg, tiny.engine.config)  # fresh jits: nothing compiled before
+    engine = Engine(tiny.engine.params, tiny.engine.model_config, tiny.engine.config)  # fresh jits: nothing compiled before
     engine.warm_up(tiny.slots.stack)
-    sched = Scheduler(engine, tiny.slots, engine.cfg.eos_token_ids)
+    sched = Scheduler(engine, tiny.slots, engine.model_config.eos_token_ids)
     sched.start()
     rng = np.random.default_rng(8)
     names = [None, *tiny.adapters]

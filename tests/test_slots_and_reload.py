@@ -12,7 +12,7 @@ from jaxlora.adapter_format import random_adapter, read_published, write_peft
 from jaxlora.adapter_store import AdapterStore
 from jaxlora.checkpoint import load_params, model_fingerprint
 from jaxlora.errors import AdapterFormatError, AdapterNotFoundError
-from jaxlora.hot_reload import AdapterVersions
+from jaxlora.adapter_versions import AdapterVersions
 from jaxlora.lora import zeros_stack
 from jaxlora.model import KVCache, forward
 from jaxlora.errors import NoFreeSlot

@@ -23,7 +23,7 @@ from jaxlora.errors import DataError
 from training.data import load_dataset
 from training.losses import dpo_loss, sequence_logprobs
 from training.spec import TrainSpec
-from training.trainer import TrainingService, loss_fn
+from training.trainer import _train, loss_fn, train
 
 FAQ_SPEC = "configs/train/demo_faq.yaml"
 
@@ -108,7 +108,7 @@ def test_dpo_loss_equals_its_formula(tiny_checkpoints):
 def faq_run(demo_model_dir, tmp_path_factory):
     fs = tmp_path_factory.mktemp("faq-fs")
     spec = TrainSpec.from_yaml(FAQ_SPEC).model_copy(update={"fs_root": str(fs), "model_dir": str(demo_model_dir)})
-    result = TrainingService().train(spec)
+    result = train(spec)
     return spec, result
 
 
@@ -158,10 +158,12 @@ def test_killed_run_resumes_to_the_same_weights(demo_model_dir, tmp_path):
                   grad_accum_steps=2, checkpoint_every=3, max_length=32, learning_rate=0.01, log_every=100,
                   lora={"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "up_proj"]},
                   weight_decay=0.01, seed=3)
-    straight = TrainingService().train(TrainSpec(**common, fs_root=str(tmp_path / "a")))
+    straight = train(TrainSpec(**common, fs_root=str(tmp_path / "a")))
     interrupted = TrainSpec(**common, fs_root=str(tmp_path / "b"))
-    assert TrainingService().train(interrupted, stop_after_steps=4) is None  # "killed" after step 4 (checkpoint at 3)
-    resumed = TrainingService().train(interrupted)
+    assert _train(interrupted, stop_after_steps=4) is None  # "killed" after step 4 (checkpoint at 3)
+    with pytest.raises(ValueError, match="made with seed 3, this spec has seed 4"):  # would replay other batches
+        train(interrupted.model_copy(update={"seed": 4}))
+    resumed = train(interrupted)
     assert resumed.resumed_from_step == 3 and straight.resumed_from_step == 0
     a = read_adapter(straight.path, load_params(demo_model_dir)[1], 4)
     b = read_adapter(resumed.path, load_params(demo_model_dir)[1], 4)
@@ -193,7 +195,7 @@ def test_dpo_needs_preference_rows_and_missing_files_fail_early(demo_model_dir, 
     with pytest.raises(DataError, match="d.jsonl:1: DPO needs 'prompt', 'chosen' and 'rejected'"):
         load_dataset(tmp_path / "d.jsonl", load_tokenizer(demo_model_dir), "dpo", 32)
     with pytest.raises(DataError, match="does not exist"):
-        TrainingService().train(_spec(data=str(tmp_path / "missing.jsonl"), model_dir=str(demo_model_dir),
+        train(_spec(data=str(tmp_path / "missing.jsonl"), model_dir=str(demo_model_dir),
                                       fs_root=str(tmp_path / "fs")))
     assert not (tmp_path / "fs").exists()  # nothing was written
 
@@ -214,6 +216,6 @@ def test_dpo_training_prefers_chosen(demo_model_dir, tmp_path):
     spec = TrainSpec(user_id="u", adapter_id="dpo", data=str(data), model_dir=str(demo_model_dir), objective="dpo",
                      steps=15, batch_size=4, max_length=32, learning_rate=0.01, fs_root=str(tmp_path / "fs"),
                      lora={"r": 4, "alpha": 8}, log_every=100)
-    result = TrainingService().train(spec)
+    result = train(spec)
     curve = json.loads(open(f"{result.path}/manifest.json").read())["training"]["loss_curve"]
     assert abs(curve[0] - np.log(2)) < 0.05 and curve[-1] < curve[0] / 2  # starts at log 2 (adapter = reference)

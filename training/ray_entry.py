@@ -26,12 +26,12 @@ from pathlib import Path
 import ray
 
 from training.spec import TrainSpec
-from training.trainer import TrainingService
+from training.trainer import train
 
 
 @ray.remote(max_retries=3, retry_exceptions=False)
 def train_task(spec_dict: dict) -> dict:
-    result = TrainingService().train(TrainSpec(**spec_dict))
+    result = train(TrainSpec(**spec_dict))
     return dataclasses.asdict(result)
 
 

@@ -1,4 +1,4 @@
-"""`TrainingService.train(spec)`: LoRA fine-tuning (SFT or DPO) with JAX + Optax, resumable, published
+"""`train(spec)`: LoRA fine-tuning (SFT or DPO) with JAX + Optax, resumable, published
 atomically to the adapter store. No Ray here (see `training.ray_entry`).
 
 The trained parameters are a one-slot `LoraStack` (slot 0 is the adapter being trained) over the
@@ -10,7 +10,8 @@ Phases of `train`:
   2. initialise LoRA as PEFT does (A ~ U(+-1/sqrt(in)), B = 0), or restore the last checkpoint;
   3. loop over optimizer steps: `grad_accum_steps` micro-batches each (optax.MultiSteps), AdamW
      with warm-up + cosine, global-norm clipping; float32 master weights, bf16 compute if asked;
-     checkpoint every `checkpoint_every` steps (params, optimizer state, step, data position, RNG);
+     checkpoint every `checkpoint_every` steps (params, optimizer state, step and seed: the step fixes
+     the data position and the RNG keys, so a resumed run replays exactly);
   4. publish a new version (PEFT files, manifest with config, data sha256, loss curve and final
      loss, and a loss-curve PNG) and return where it went.
 """
@@ -153,71 +154,78 @@ def load_checkpoint(folder: Path, trainable, opt_state):
     return restore(trainable, "lora/"), restore(opt_state, "opt/"), json.loads((last / "meta.json").read_text())
 
 
-class TrainingService:
-    """Trains one adapter per `train` call. `stop_after_steps` (tests, fault injection) ends the
-    run early, right after a checkpoint, as a killed task would."""
+def train(spec: TrainSpec) -> TrainResult:
+    """Trains one adapter and publishes it as a new version (resuming from its last checkpoint)."""
+    result = _train(spec)
+    assert result is not None
+    return result
 
-    def train(self, spec: TrainSpec, stop_after_steps: int | None = None) -> TrainResult | None:
-        # 1. everything that can fail on bad input, before any compute
-        model_dir = Path(spec.model_dir) if spec.model_dir else ensure_demo_model()
-        tokenizer = load_tokenizer(model_dir)
-        params, cfg = load_params(model_dir, jnp.bfloat16 if spec.precision == "bf16" else jnp.float32)
-        data = load_dataset(spec.data, tokenizer, spec.objective, spec.max_length)
-        stream = BatchStream(data, spec.batch_size, spec.max_length, spec.seed)
-        total = spec.steps or max(1, math.ceil(spec.epochs * stream.per_epoch / spec.grad_accum_steps))
-        optimizer = make_optimizer(spec, total)
 
-        # 2. initial state, or the last checkpoint
-        key = jax.random.PRNGKey(spec.seed)
-        trainable = init_lora(cfg, spec, jax.random.fold_in(key, 0))
-        opt_state = optimizer.init(trainable)
-        ckpt_dir = spec.checkpoint_path()
-        step, losses = 0, []
-        restored = load_checkpoint(ckpt_dir, trainable, opt_state)
-        if restored is not None:
-            trainable, opt_state, meta = restored
-            step, losses = meta["step"], meta["losses"]
-            log.info("resuming %s/%s from step %d", spec.user_id, spec.adapter_id, step)
-        resumed_from = step
+def _train(spec: TrainSpec, stop_after_steps: int | None = None) -> TrainResult | None:
+    """`train`, with a seam for tests: `stop_after_steps` ends the run right after a checkpoint,
+    as a killed task would, and returns None."""
+    # 1. everything that can fail on bad input, before any compute
+    model_dir = Path(spec.model_dir) if spec.model_dir else ensure_demo_model()
+    tokenizer = load_tokenizer(model_dir)
+    params, cfg = load_params(model_dir, jnp.bfloat16 if spec.precision == "bf16" else jnp.float32)
+    data = load_dataset(spec.data, tokenizer, spec.objective, spec.max_length)
+    stream = BatchStream(data, spec.batch_size, spec.max_length, spec.seed)
+    total = spec.steps or max(1, math.ceil(spec.epochs * stream.per_epoch / spec.grad_accum_steps))
+    optimizer = make_optimizer(spec, total)
 
-        # 3. the loop; micro-batch index and dropout keys derive from the step, so resuming replays exactly
-        train_step = jax.jit(functools.partial(_train_step, cfg=cfg, spec=spec, optimizer=optimizer),
-                             donate_argnums=(0, 1))
-        t0, tokens_seen = time.perf_counter(), 0
-        while step < total:
-            step_losses = []
-            for micro in range(spec.grad_accum_steps):
-                i = step * spec.grad_accum_steps + micro
-                batch: Batch = stream[i]
-                trainable, opt_state, loss, _ = train_step(
-                    trainable, opt_state, params, dataclasses.asdict(batch), jax.random.fold_in(key, 1 + i))
-                step_losses.append(float(loss))
-                tokens_seen += int(batch.mask.size)
-            step += 1
-            losses.append(float(np.mean(step_losses)))
-            if step % spec.log_every == 0 or step == total:
-                rate = tokens_seen / (time.perf_counter() - t0)
-                print(f"[{spec.user_id}/{spec.adapter_id}] step {step}/{total} loss {losses[-1]:.4f} "
-                      f"tokens/s {rate:.0f}", flush=True)
-            if step % spec.checkpoint_every == 0 or step == total:
-                save_checkpoint(ckpt_dir, trainable, opt_state, {"step": step, "losses": losses, "data_position": i + 1,
-                                                                 "seed": spec.seed})
-            if stop_after_steps is not None and step >= stop_after_steps and step < total:
-                return None
+    # 2. initial state, or the last checkpoint
+    key = jax.random.PRNGKey(spec.seed)
+    trainable = init_lora(cfg, spec, jax.random.fold_in(key, 0))
+    opt_state = optimizer.init(trainable)
+    ckpt_dir = spec.checkpoint_path()
+    step, losses = 0, []
+    restored = load_checkpoint(ckpt_dir, trainable, opt_state)
+    if restored is not None:
+        trainable, opt_state, meta = restored
+        if meta["seed"] != spec.seed:  # another seed orders the data differently: not a resume
+            raise ValueError(f"checkpoint in {ckpt_dir} was made with seed {meta['seed']}, this spec has "
+                             f"seed {spec.seed}; use the same seed or remove the checkpoint")
+        step, losses = meta["step"], meta["losses"]
+        log.info("resuming %s/%s from step %d", spec.user_id, spec.adapter_id, step)
+    resumed_from = step
 
-        # 4. publish
-        adapter = to_adapter(trainable, spec)
-        store = AdapterStore(spec.fs_root)
-        base = {"name": model_dir.name, "fingerprint": model_fingerprint(model_dir)}
+    # 3. the loop; micro-batch index and dropout keys derive from the step, so resuming replays exactly
+    train_step = jax.jit(functools.partial(_train_step, cfg=cfg, spec=spec, optimizer=optimizer),
+                         donate_argnums=(0, 1))
+    t0, tokens_seen = time.perf_counter(), 0
+    while step < total:
+        step_losses = []
+        for micro in range(spec.grad_accum_steps):
+            i = step * spec.grad_accum_steps + micro
+            batch: Batch = stream[i]
+            trainable, opt_state, loss, _ = train_step(
+                trainable, opt_state, params, dataclasses.asdict(batch), jax.random.fold_in(key, 1 + i))
+            step_losses.append(float(loss))
+            tokens_seen += int(batch.mask.size)
+        step += 1
+        losses.append(float(np.mean(step_losses)))
+        if step % spec.log_every == 0 or step == total:
+            rate = tokens_seen / (time.perf_counter() - t0)
+            print(f"[{spec.user_id}/{spec.adapter_id}] step {step}/{total} loss {losses[-1]:.4f} "
+                  f"tokens/s {rate:.0f}", flush=True)
+        if step % spec.checkpoint_every == 0 or step == total:
+            save_checkpoint(ckpt_dir, trainable, opt_state, {"step": step, "losses": losses, "seed": spec.seed})
+        if stop_after_steps is not None and step >= stop_after_steps and step < total:
+            return None
 
-        def write(folder: Path) -> None:
-            write_peft(adapter, folder, base_model=base["name"])
-            loss_curve_png(losses, folder / "loss_curve.png")
+    # 4. publish
+    adapter = to_adapter(trainable, spec)
+    store = AdapterStore(spec.fs_root)
+    base = {"name": model_dir.name, "fingerprint": model_fingerprint(model_dir)}
 
-        published = store.publish(spec.user_id, spec.adapter_id, write, base_model=base, extra_manifest={
-            "training": {"spec": spec.model_dump(), "data_sha256": data.sha256, "loss_curve": losses,
-                         "final_loss": losses[-1], "steps": total, "resumed_from_step": resumed_from}})
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is done; a new run starts fresh
-        print(f"[{spec.user_id}/{spec.adapter_id}] published {published.version} at {published.path}", flush=True)
-        return TrainResult(spec.user_id, spec.adapter_id, published.version, str(published.path), losses[-1], total,
-                           resumed_from)
+    def write(folder: Path) -> None:
+        write_peft(adapter, folder, base_model=base["name"])
+        loss_curve_png(losses, folder / "loss_curve.png")
+
+    published = store.publish(spec.user_id, spec.adapter_id, write, base_model=base, extra_manifest={
+        "training": {"spec": spec.model_dump(), "data_sha256": data.sha256, "loss_curve": losses,
+                     "final_loss": losses[-1], "steps": total, "resumed_from_step": resumed_from}})
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is done; a new run starts fresh
+    print(f"[{spec.user_id}/{spec.adapter_id}] published {published.version} at {published.path}", flush=True)
+    return TrainResult(spec.user_id, spec.adapter_id, published.version, str(published.path), losses[-1], total,
+                       resumed_from)

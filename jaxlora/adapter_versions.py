@@ -35,7 +35,7 @@ class ReloadStats:
 class _Tracked:
     current: ResolvedAdapter
     pointer: tuple[str | None, int]  # the `latest` pointer `current` was chosen under
-    failed_pointer: tuple[str | None, int] | None = None  # a pointer whose version failed to load
+    do_not_retry: tuple[str | None, int] | None = None  # a pointer whose version failed to load: not retried
 
 
 class AdapterVersions:
@@ -72,7 +72,7 @@ class AdapterVersions:
         for (user_id, adapter_id), tracked in items:
             adapter_dir = self.store.adapter_dir_of(tracked.current)
             pointer = self.store.pointer(adapter_dir)
-            if pointer in (tracked.pointer, tracked.failed_pointer):
+            if pointer in (tracked.pointer, tracked.do_not_retry):
                 continue
             try:
                 new = self.store.resolve(user_id, adapter_id)
@@ -88,7 +88,7 @@ class AdapterVersions:
             self.slots.prefetch(new).add_done_callback(
                 lambda fut, k=(user_id, adapter_id), new=new, pointer=pointer: self._loaded(k, new, pointer, fut)
             )
-            tracked.failed_pointer = pointer  # until the load succeeds, do not start it again
+            tracked.do_not_retry = pointer  # until the load succeeds, do not start it again
 
     def _loaded(self, k: tuple[str, str], new: ResolvedAdapter, pointer, fut) -> None:
         with self._lock:

@@ -1,0 +1,132 @@
+"""A request as the engine loop sees it, and the channel its tokens come back on.
+
+    Request       what was asked: prompt ids, sampling, seed, adapter version, stop ids (frozen)
+    TokenEvent    one generated token, with its logprob and top alternatives
+    Finished      the last event: why it ended, usage, timings, or the error that ended it
+    TokenStream   events pushed by the engine thread, read by a thread or a coroutine
+    RequestHandle what `Scheduler.submit` returns: iterate it (sync or async), or cancel it
+
+What it deliberately does not hold: where a request runs (row, slot, tokens so far): that state is
+the scheduler's, acquired when a row is free and dropped when it is retired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+
+from jaxlora.adapter_store import ResolvedAdapter
+from jaxlora.sampling import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    prompt: tuple[int, ...]
+    params: SamplingParams  # max_tokens resolved (never None here)
+    seed: int
+    adapter: ResolvedAdapter | None  # None: the base model
+    stop_ids: frozenset[int]  # EOS (unless ignore_eos) and the request's stop_token_ids
+    submitted_at: float  # time.monotonic()
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...]  # up to `logprobs` alternatives, best first
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" (EOS or a stop token), "length", "cancelled" or "error"
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    ttft_s: float | None
+    seed: int
+    adapter: ResolvedAdapter | None
+    error: BaseException | None = None
+
+
+class TokenStream:
+    """Events of one request, pushed by the engine thread, read by a thread or a coroutine."""
+
+    def __init__(self):
+        self._items: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    def put(self, item: TokenEvent | Finished) -> None:
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify_all()
+            waiters, self._async_waiters = self._async_waiters, []
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
+
+    def get(self, timeout: float | None = None) -> TokenEvent | Finished:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._items, timeout):
+                raise TimeoutError("no event from the engine in time")
+            return self._items.popleft()
+
+    def drain(self) -> list[TokenEvent | Finished]:
+        """Every event already waiting, without blocking."""
+        with self._cond:
+            items, self._items = list(self._items), collections.deque()
+            return items
+
+    async def aget(self) -> TokenEvent | Finished:
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cond:
+                if self._items:
+                    return self._items.popleft()
+                event = asyncio.Event()
+                self._async_waiters.append((loop, event))
+            await event.wait()
+
+
+class RequestHandle:
+    """A submitted request: iterate it (sync or async) for TokenEvents, ending with Finished."""
+
+    def __init__(self, request: Request, stream: TokenStream, cancel: Callable[[], None]):
+        self.request = request
+        self._stream = stream
+        self._cancel = cancel
+
+    @property
+    def seed(self) -> int:
+        return self.request.seed
+
+    @property
+    def adapter(self) -> ResolvedAdapter | None:
+        return self.request.adapter
+
+    def cancel(self) -> None:
+        """Ends the request: a waiting one leaves the queue, a running one frees its row."""
+        self._cancel()
+
+    def __iter__(self) -> Iterator[TokenEvent | Finished]:
+        while True:
+            item = self._stream.get()
+            yield item
+            if isinstance(item, Finished):
+                return
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent | Finished]:
+        async for batch in self.batches():
+            for item in batch:
+                yield item
+
+    async def batches(self) -> AsyncIterator[list[TokenEvent | Finished]]:
+        """Events in batches: whatever arrived while the consumer was busy comes at once, which
+        keeps per-message overhead (e.g. one Ray streaming item each) off the per-token path."""
+        while True:
+            batch = [await self._stream.aget()] + self._stream.drain()
+            yield batch
+            if isinstance(batch[-1], Finished):
+                return

@@ -1,0 +1,98 @@
+"""A device engine whose every token can be worked out on paper, for the scheduler's tests
+(JetStream's `mock_engine.py` is the model). It implements `scheduler.EngineApi` with numpy:
+
+    first token of a prompt p on adapter slot s:   (sum(p) + 100 * s) % VOCAB
+    each later token of that row:                  (previous token + 1) % VOCAB
+    logprob of a row's n-th token (n from 0):      -n
+    top alternatives:                              (token + i, -n - i) for i = 1, 2, ...
+
+So a base-model request for [3, 4] yields 7, 8, 9, ... with logprobs 0, -1, -2, ... Every device
+call is recorded in `calls`, and `gate` (when set) makes each generate call wait for one release,
+so a test can hold the loop at a known point and look at it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+
+from jaxlora.engine import EngineConfig, StepTokens
+from jaxlora.lora import LoraModule, LoraStack
+from jaxlora.sampling import SamplingParams
+
+VOCAB = 1000
+TOP = 5
+
+
+@dataclasses.dataclass
+class MockState:
+    tokens: np.ndarray  # [B] the token each row produced last
+    index: np.ndarray  # [B] how many tokens the row has produced
+    slots: np.ndarray  # [B]
+
+
+@dataclasses.dataclass
+class MockPrefix:
+    first: StepTokens  # [P] per field
+    slot: np.ndarray  # [P]
+
+
+def _tokens(token: np.ndarray, index: np.ndarray) -> StepTokens:
+    alt = np.arange(1, TOP + 1)
+    return StepTokens(token=token.astype(np.int32), logprob=-index.astype(np.float32),
+                      top_ids=((token[..., None] + alt) % VOCAB).astype(np.int32),
+                      top_logprobs=(-index[..., None] - alt).astype(np.float32))
+
+
+class MockEngine:
+    vocab_size = VOCAB
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.calls: list[tuple] = []  # ("prefill", prompts) / ("insert", rows) / ("generate",)
+        self.gate: threading.Semaphore | None = None
+        self.fail_next_generate: BaseException | None = None
+
+    def init_state(self) -> MockState:
+        B = self.config.max_batch_size
+        return MockState(np.zeros(B, np.int64), np.zeros(B, np.int64), np.zeros(B, np.int64))
+
+    def prefill(self, lora: LoraStack, items: list[tuple[list[int], int, SamplingParams, int]]) -> MockPrefix:
+        T = self.config.bucket(max(len(prompt) for prompt, *_ in items))
+        assert len(items) <= self.config.prefill_batch and all(self.config.bucket(len(p)) == T for p, *_ in items)
+        self.calls.append(("prefill", [tuple(p) for p, *_ in items]))
+        first = np.array([(sum(p) + 100 * slot) % VOCAB for p, slot, *_ in items])
+        return MockPrefix(_tokens(first, np.zeros(len(items), np.int64)), np.array([slot for _, slot, *_ in items]))
+
+    def insert(self, prefix: MockPrefix, state: MockState, rows: list[int]) -> MockState:
+        self.calls.append(("insert", list(rows)))
+        state = MockState(state.tokens.copy(), state.index.copy(), state.slots.copy())
+        for p, row in enumerate(rows):
+            state.tokens[row], state.index[row], state.slots[row] = prefix.first.token[p], 1, prefix.slot[p]
+        return state
+
+    def generate(self, lora: LoraStack, state: MockState) -> tuple[MockState, StepTokens]:
+        gate = self.gate
+        if gate is not None:
+            gate.acquire()
+        self.calls.append(("generate",))
+        if self.fail_next_generate is not None:
+            raise self.fail_next_generate
+        steps = []
+        tokens, index = state.tokens, state.index
+        for _ in range(self.config.decode_steps):
+            tokens = (tokens + 1) % VOCAB
+            steps.append(_tokens(tokens, index))
+            index = index + 1
+        out = StepTokens(*(np.stack([getattr(s, f.name) for s in steps]) for f in dataclasses.fields(StepTokens)))
+        return MockState(tokens, index, state.slots.copy()), out
+
+
+def tiny_stack(num_slots: int) -> LoraStack:
+    """A one-layer, one-module stack: the slot cache's bookkeeping is real, its arrays are tiny."""
+    import jax.numpy as jnp
+
+    module = LoraModule(a=jnp.zeros((num_slots, 2, 1)), b=jnp.zeros((num_slots, 1, 2)))
+    return LoraStack(layers=({"q_proj": module},), scale=jnp.zeros((num_slots,)))

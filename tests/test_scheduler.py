@@ -1,0 +1,213 @@
+"""The scheduler's loop on the hand-computable mock engine (`tests/mock_engine.py`): exact tokens,
+admission order, prefill grouping, retirement inside a multi-step call, adapter slots. What the
+real engine adds (bits, parity, compiles) is tested in test_engine.py."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from jaxlora.adapter_format import LoraAdapter
+from jaxlora.adapter_store import ResolvedAdapter
+from jaxlora.engine import EngineConfig
+from jaxlora.errors import EngineDead, Overloaded
+from jaxlora.sampling import SamplingParams
+from jaxlora.scheduler import Scheduler
+from jaxlora.slots import SlotCache
+from tests.engine_fixtures import collect
+from tests.mock_engine import MockEngine, tiny_stack
+
+CONFIG = EngineConfig(max_batch_size=3, max_seq_len=64, prefill_buckets=(8, 16), decode_steps=4, prefill_batch=2,
+                      max_queue=4, num_adapter_slots=3, max_lora_rank=1)
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def _adapter(name: str) -> ResolvedAdapter:
+    return ResolvedAdapter("user:t", name, "v0001", Path("/nowhere") / name)
+
+
+class _Loader:
+    """Adapter reads that finish when the test says so (`release(name)`), or fail."""
+
+    def __init__(self):
+        self.gates: dict[str, threading.Event] = {}
+        self.broken: set[str] = set()
+
+    def __call__(self, resolved: ResolvedAdapter) -> LoraAdapter:
+        gate = self.gates.get(resolved.adapter_id)
+        if gate is not None:
+            assert gate.wait(timeout=30)
+        if resolved.adapter_id in self.broken:
+            raise OSError(f"cannot read {resolved.path}")
+        return LoraAdapter(r=1, alpha=1.0, use_rslora=False, weights={})
+
+
+@pytest.fixture
+def loop():
+    """(scheduler not started, mock engine, loader); stopped after the test."""
+    engine, loader = MockEngine(CONFIG), _Loader()
+    slots = SlotCache(tiny_stack(CONFIG.num_adapter_slots), loader)
+    sched = Scheduler(engine, slots, eos_token_ids=(999,))
+    yield sched, engine, loader
+    sched.stop()
+    slots.close()
+
+
+def test_tokens_logprobs_and_alternatives_follow_the_rules(loop):
+    sched, engine, _ = loop
+    h = sched.submit([3, 4], SamplingParams(max_tokens=6, logprobs=2, **GREEDY))
+    sched.start()
+    tokens, logprobs, tops, fin = collect(h)
+    assert tokens == [7, 8, 9, 10, 11, 12]
+    assert logprobs == [0.0, -1.0, -2.0, -3.0, -4.0, -5.0]
+    assert tops[2] == ((10, -3.0), (11, -4.0))  # the 3rd token (9, n=2): alternatives 9+1, 9+2
+    assert (fin.reason, fin.prompt_tokens, fin.completion_tokens) == ("length", 2, 6)
+    # one prefill (the first token), then decode calls of 4 steps: 1 + 4 + 4 >= 6
+    assert [c[0] for c in engine.calls] == ["prefill", "insert", "generate", "generate"]
+
+
+def test_the_adapter_slot_reaches_the_engine(loop):
+    sched, _, _ = loop
+    h = sched.submit([3, 4], SamplingParams(max_tokens=2, **GREEDY), _adapter("a"))
+    sched.start()
+    assert collect(h)[0] == [107, 108]  # slot 1: 3 + 4 + 100
+
+
+def test_admission_is_oldest_first_and_groups_one_bucket_per_prefill(loop):
+    sched, engine, _ = loop
+    two = SamplingParams(max_tokens=2, **GREEDY)  # the first token at prefill, the second in a decode call
+    short1 = sched.submit([1], two)  # bucket 8
+    long1 = sched.submit([2] * 9, two)  # bucket 16
+    short2 = sched.submit([3], two)  # bucket 8
+    short3 = sched.submit([4], two)  # bucket 8, but the three rows are taken
+    sched.start()
+    for h in (short1, long1, short2, short3):
+        assert collect(h)[3].reason == "length"
+    # Three free rows: the oldest (short1) with the next of its bucket (short2), then long1 into the
+    # last row; short3 waits for the decode call that retires them.
+    assert [c[1] for c in engine.calls if c[0] == "prefill"] == [[(1,), (3,)], [(2,) * 9], [(4,)]]
+    assert [c[1] for c in engine.calls if c[0] == "insert"] == [[0, 1], [2], [0]]
+    assert [c[0] for c in engine.calls].index("generate") == 4  # both prefills came before any decode
+
+
+def test_a_request_done_at_prefill_never_holds_a_row(loop):
+    sched, engine, _ = loop
+    handles = [sched.submit([i], SamplingParams(max_tokens=1, **GREEDY)) for i in range(5)]
+    sched.start()
+    assert [collect(h)[0] for h in handles] == [[0], [1], [2], [3], [4]]
+    assert ("generate",) not in engine.calls
+    assert [c[1] for c in engine.calls if c[0] == "insert"] == [[0, 1], [0, 1], [0]]
+
+
+def test_a_stop_token_inside_a_decode_call_retires_the_row_there(loop):
+    sched, engine, _ = loop
+    stop = sched.submit([3, 4], SamplingParams(max_tokens=20, stop_token_ids=(9,), **GREEDY))
+    eos = sched.submit([996], SamplingParams(max_tokens=20, temperature=0.0))  # 996, 997, 998, 999 = EOS
+    ignore = sched.submit([996], SamplingParams(max_tokens=5, **GREEDY))  # ignore_eos: 999 is a token
+    sched.start()
+    tokens, _, _, fin = collect(stop)
+    assert tokens == [7, 8, 9] and fin.reason == "stop"
+    tokens, _, _, fin = collect(eos)
+    assert tokens == [996, 997, 998, 999] and fin.reason == "stop"
+    tokens, _, _, fin = collect(ignore)
+    assert tokens == [996, 997, 998, 999, 0] and fin.reason == "length"
+    assert sched.free_rows() == 3
+
+
+def test_max_tokens_none_fills_the_context(loop):
+    sched, _, _ = loop
+    h = sched.submit([5] * 10, SamplingParams(max_tokens=None, **GREEDY))
+    sched.start()
+    tokens, _, _, fin = collect(h)
+    assert len(tokens) == CONFIG.max_seq_len - 10 and fin.reason == "length"
+
+
+def test_while_the_loop_is_held_requests_wait_and_the_queue_is_bounded(loop):
+    sched, engine, _ = loop
+    engine.gate = gate = threading.Semaphore(0)  # every generate call waits for a release
+    running = [sched.submit([i], SamplingParams(max_tokens=5, **GREEDY)) for i in range(3)]
+    sched.start()
+    assert [next(iter(h)).token_id for h in running] == [0, 1, 2]  # prefilled; the decode call is held
+    waiting = [sched.submit([7], SamplingParams(max_tokens=1, **GREEDY)) for _ in range(CONFIG.max_queue)]
+    with pytest.raises(Overloaded, match="4 requests waiting"):
+        sched.submit([7], SamplingParams(max_tokens=1, **GREEDY))
+    snap = sched.snapshot()
+    assert (snap["queue_depth"], snap["active_rows"]) == (4, 3)
+    engine.gate = None  # later calls pass freely
+    gate.release()  # and the held one
+    assert all(collect(h)[3].reason == "length" for h in running + waiting)
+
+
+def test_cancelling_a_running_row_frees_it_for_the_next_request(loop):
+    sched, engine, _ = loop
+    engine.gate = gate = threading.Semaphore(0)
+    rows = [sched.submit([i], SamplingParams(max_tokens=50, **GREEDY)) for i in range(3)]
+    late = sched.submit([100], SamplingParams(max_tokens=2, **GREEDY))
+    sched.start()
+    for h in rows:
+        next(iter(h))
+    rows[1].cancel()
+    gate.release()  # this call still computes row 1; the next turn retires it and admits `late`
+    engine.gate = None
+    gate.release()
+    tokens, _, _, fin = collect(late)
+    assert tokens == [100, 101] and fin.reason == "length"
+    assert collect(rows[1])[3].reason == "cancelled"
+    assert ("insert", [1]) in engine.calls  # `late` took the cancelled request's row
+    for h in (rows[0], rows[2]):
+        h.cancel()
+
+
+def test_an_adapter_being_read_holds_up_only_its_request(loop):
+    sched, _, loader = loop
+    loader.gates["slow"] = gate = threading.Event()
+    slow = sched.submit([1], SamplingParams(max_tokens=2, **GREEDY), _adapter("slow"))
+    base = sched.submit([2], SamplingParams(max_tokens=3, **GREEDY))
+    sched.start()
+    assert collect(base)[0] == [2, 3, 4]
+    assert not gate.is_set()
+    gate.set()
+    assert collect(slow)[0] == [101, 102]
+
+
+def test_with_every_slot_pinned_a_request_waits_in_place(loop):
+    sched, engine, _ = loop
+    # two adapter slots (slot 0 is the base model): a third adapter waits until one is released
+    engine.gate = gate = threading.Semaphore(0)
+    a = sched.submit([1], SamplingParams(max_tokens=6, **GREEDY), _adapter("a"))
+    b = sched.submit([1], SamplingParams(max_tokens=6, **GREEDY), _adapter("b"))
+    sched.start()
+    assert [next(iter(h)).token_id for h in (a, b)] == [101, 201]
+    c = sched.submit([1], SamplingParams(max_tokens=1, **GREEDY), _adapter("c"))
+    engine.gate = None
+    gate.release()
+    assert collect(c)[0] == [101]  # slot 1 again, once a's row was retired and its slot unpinned
+    assert [c_[1] for c_ in engine.calls if c_[0] == "insert"] == [[0, 1], [0]]
+    assert collect(a)[3].reason == collect(b)[3].reason == "length"
+
+
+def test_a_failed_adapter_read_fails_only_its_request(loop):
+    sched, _, loader = loop
+    loader.broken.add("bad")
+    bad = sched.submit([1], SamplingParams(max_tokens=2, **GREEDY), _adapter("bad"))
+    good = sched.submit([1], SamplingParams(max_tokens=2, **GREEDY))
+    sched.start()
+    fin = collect(bad)[3]
+    assert fin.reason == "error" and "cannot read /nowhere/bad" in str(fin.error)
+    assert collect(good)[0] == [1, 2] and sched.healthy
+
+
+def test_a_failed_device_call_fails_every_request_and_the_loop(loop):
+    sched, engine, _ = loop
+    engine.fail_next_generate = RuntimeError("device fell over")
+    handles = [sched.submit([i], SamplingParams(max_tokens=5, **GREEDY)) for i in range(5)]  # 3 run, 2 wait
+    sched.start()
+    for h in handles:
+        fin = collect(h)[3]
+        assert fin.reason == "error" and "device fell over" in str(fin.error)
+    sched._thread.join(timeout=10)
+    assert not sched.healthy
+    with pytest.raises(EngineDead, match="device fell over"):
+        sched.submit([1], SamplingParams())
