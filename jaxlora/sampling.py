@@ -306,7 +306,9 @@ def sample(
         logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
         token_logprob_B = jnp.take_along_axis(logprobs_BxV, token_B[:, None], axis=-1)[:, 0]
         top_logprobs_Bx5, top_ids_Bx5 = jax.lax.top_k(logprobs_BxV, MAX_LOGPROBS)
-        return token_logprob_B, top_ids_Bx5.astype(jnp.int32), top_logprobs_Bx5
+        want_B, want_Bx1 = s.want_logprobs, s.want_logprobs[:, None]  # the others get no_logprobs' zeros
+        return (jnp.where(want_B, token_logprob_B, 0.0), jnp.where(want_Bx1, top_ids_Bx5, 0).astype(jnp.int32),
+                jnp.where(want_Bx1, top_logprobs_Bx5, 0.0))
 
     def no_logprobs():
         B = token_B.shape[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import multiprocessing
 import os
@@ -39,7 +40,8 @@ def test_publish_resolve_pin_and_latest(tmp_path):
     assert m1["parent_version"] is None and m2["parent_version"] == "v0001"
     assert m1["base_model"] == {"name": "demo", "fingerprint": "abc"}
     assert m1["weights_sha256"] == {"params.json": sha256_of(v1.path / "params.json")}
-    assert "created_at" in m1
+    age = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(m1["created_at"])
+    assert datetime.timedelta(0) <= age < datetime.timedelta(minutes=5)  # an aware UTC time of publishing
     with pytest.raises(AdapterNotFoundError, match="has no version v0009; available: v0001, v0002"):
         store.resolve("alice", "faq@v0009")
 
@@ -144,7 +146,10 @@ def test_two_concurrent_publishers_and_a_polling_reader(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(2) as pool:
         results = pool.starmap(_publish_many, [(str(tmp_path), "A", 6, 200_000), (str(tmp_path), "B", 6, 200_000)])
-    time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while "v0013" not in seen and not problems:  # the reader has also checked the final version
+        assert time.monotonic() < deadline, f"the reader never saw v0013, only {sorted(seen)}"
+        time.sleep(0.01)
     stop.set()
     t.join()
     published = results[0] + results[1]

@@ -57,7 +57,7 @@ def test_stream_equals_generate_and_ends_with_usage(backend):
 def test_stop_string_truncates_and_finishes(backend):
     full = backend.generate(prompt="Once upon a time", max_tokens=24, temperature=0.0, ignore_eos=True)
     stop = full.text[8:11]
-    assert stop and stop in full.text
+    assert len(stop) == 3  # the greedy text is long enough to take a stop string from
     out = backend.generate(prompt="Once upon a time", max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop])
     assert out.finish_reason == "stop" and out.text == full.text[: full.text.index(stop)]
     assert backend.scheduler.free_rows() == 4
@@ -71,15 +71,15 @@ def test_chat_messages_use_the_template(backend):
 
 
 def test_closing_a_stream_early_frees_the_row(backend):
+    cancelled = backend.metrics()["requests_cancelled"]
     stream = backend.stream(prompt="Hi", max_tokens=100, temperature=0.0, ignore_eos=True)
     next(stream)
     stream.close()
-    for _ in range(200):
-        if backend.scheduler.free_rows() == 4:
-            break
+    deadline = time.monotonic() + 10
+    while backend.scheduler.free_rows() != 4:
+        assert time.monotonic() < deadline, "the row of the closed stream was not freed"
         time.sleep(0.01)
-    assert backend.scheduler.free_rows() == 4
-    assert backend.metrics()["requests_cancelled"] >= 1
+    assert backend.metrics()["requests_cancelled"] == cancelled + 1
 
 
 def test_metrics_cover_the_engine(backend):
@@ -98,7 +98,6 @@ def test_text_stream_holds_back_partial_stop_strings(demo_model_dir):
     ts = TextStream(tok, stop=["STOP", "never"])
     pieces = [ts.add(i) for i in ids]
     assert "".join(pieces) == "alpha beta " and ts.stopped
-    assert all("S" not in p for p in pieces)
     ts2 = TextStream(tok, stop=["gamma delta"])
     text = "".join(ts2.add(i) for i in ids) + ts2.finish()
     assert text == "alpha beta STOP gamma" and not ts2.stopped

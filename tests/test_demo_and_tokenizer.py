@@ -24,8 +24,8 @@ def test_two_demo_builds_are_byte_identical(tmp_path, demo_model_dir):
     names = sorted(p.name for p in demo_model_dir.iterdir())
     assert names == sorted(p.name for p in again.iterdir())
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(names)
-    match, mismatch, errors = filecmp.cmpfiles(demo_model_dir, again, names, shallow=False)
-    assert mismatch == [] and errors == [] and len(match) == len(names)
+    _, mismatch, errors = filecmp.cmpfiles(demo_model_dir, again, names, shallow=False)
+    assert (mismatch, errors) == ([], [])  # cmpfiles puts each name in one of the three lists
 
 
 def test_demo_model_loads_in_transformers_and_matches(demo_model_dir):

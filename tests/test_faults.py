@@ -35,12 +35,12 @@ def test_publish_failure_at_any_phase_changes_nothing_visible(tmp_path, monkeypa
     def fail(*_a, **_k):
         raise boom
 
-    writer = _writer("two")
-    if phase == "write":
-        def writer(folder):  # noqa: F811 - the disk fills up half-way through the files
-            (folder / "params.json").write_text("{")
-            raise boom
-    elif phase == "fsync":
+    def half_written(folder):  # the disk fills up half-way through the files
+        (folder / "params.json").write_text("{")
+        raise boom
+
+    writer = half_written if phase == "write" else _writer("two")
+    if phase == "fsync":
         monkeypatch.setattr(adapter_store, "_fsync", fail)
     elif phase == "rename":
         monkeypatch.setattr(adapter_store.os, "rename", fail)

@@ -39,7 +39,8 @@ def test_killed_training_worker_resumes_and_loses_no_step(ray_local, demo_model_
     ref = submit([spec])[0]
     meta = spec.checkpoint_path() / "last" / "meta.json"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (meta.is_file() and json.loads(meta.read_text())["step"] >= 10):
+    while not (meta.is_file() and json.loads(meta.read_text())["step"] >= 10):
+        assert time.monotonic() < deadline, "no checkpoint at step 10 within 120 s"
         time.sleep(0.05)
     worker = _task_process("train:u/killme")
     assert worker is not None, "the training task's worker process was not found"
@@ -50,6 +51,7 @@ def test_killed_training_worker_resumes_and_loses_no_step(ray_local, demo_model_
     straight = train(_spec(demo_model_dir, tmp_path, "local"))
     cfg = ModelConfig.from_dir(demo_model_dir)
     a, b = read_adapter(straight.path, cfg, 4), read_adapter(result["path"], cfg, 4)
+    assert a.weights and a.weights.keys() == b.weights.keys()
     for k in a.weights:
         assert np.abs(a.weights[k][0] - b.weights[k][0]).max() <= 1e-6
         assert np.abs(a.weights[k][1] - b.weights[k][1]).max() <= 1e-6

@@ -3,6 +3,7 @@ FAQ for real, bitwise resume, the published adapter in PEFT, and data errors by 
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import jax
@@ -13,7 +14,7 @@ import torch
 
 from jaxlora.adapter_format import read_adapter
 from jaxlora.backend import LocalJaxLoRABackend
-from jaxlora.checkpoint import load_params
+from jaxlora.checkpoint import load_params, model_fingerprint
 from jaxlora.engine import EngineConfig
 from jaxlora.lora import LoraModule, LoraStack, lora_scale
 from jaxlora.model import forward
@@ -117,7 +118,8 @@ def test_demo_faq_is_learned_and_served(faq_run, demo_model_dir):
     manifest = json.loads(open(f"{result.path}/manifest.json").read())
     curve = manifest["training"]["loss_curve"]
     assert curve[-1] < curve[0] / 10
-    assert manifest["training"]["data_sha256"] and manifest["base_model"]["fingerprint"]
+    assert manifest["training"]["data_sha256"] == hashlib.sha256(open(spec.data, "rb").read()).hexdigest()
+    assert manifest["base_model"] == {"name": demo_model_dir.name, "fingerprint": model_fingerprint(demo_model_dir)}
     assert open(f"{result.path}/loss_curve.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(line) for line in open(spec.data)]
     backend = LocalJaxLoRABackend(demo_model_dir, spec.fs_root, EngineConfig(max_batch_size=8, max_seq_len=64,
@@ -167,6 +169,7 @@ def test_killed_run_resumes_to_the_same_weights(demo_model_dir, tmp_path):
     assert resumed.resumed_from_step == 3 and straight.resumed_from_step == 0
     a = read_adapter(straight.path, load_params(demo_model_dir)[1], 4)
     b = read_adapter(resumed.path, load_params(demo_model_dir)[1], 4)
+    assert a.weights and a.weights.keys() == b.weights.keys()
     for k in a.weights:  # bitwise: the same steps at the same shapes, from exactly restored state
         np.testing.assert_array_equal(a.weights[k][0], b.weights[k][0])
         np.testing.assert_array_equal(a.weights[k][1], b.weights[k][1])
