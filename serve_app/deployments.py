@@ -1,11 +1,9 @@
 """The two inner deployments: Tokenizer (CPU, scales out) and LoRAModel (one engine per replica).
 
 LoRAModel is a thin shim over `jaxlora.backend.LocalJaxLoRABackend`: it resolves the adapter for the
-caller's tenant, submits token ids, and streams events back as plain dicts:
-    {"start": {"adapter": {"id", "version"} | None, "seed", "replica"}}   first, once the request is accepted
-    {"tokens": [[token_id, logprob, [[alt_id, alt_logprob], ...]], ...]}   as they are produced
-    {"done": {"reason", "prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms"}}   last
-or {"error": {...OpenAI error...}, "status": code} instead of "start" when the request is refused.
+caller's tenant, submits the token ids of a `serve_app.wire.Generate`, and streams the engine's
+events back as the messages of `serve_app.wire` (Started, Tokens, Done, or Failed). It never sees
+text or HTTP; core errors become API errors here, through `serve_app.errors.STATUS`.
 """
 
 from __future__ import annotations
@@ -19,12 +17,12 @@ from ray import serve
 from jaxlora.backend import LocalJaxLoRABackend
 from jaxlora.demo import ensure_demo_model
 from jaxlora.errors import JaxLoraError
-from jaxlora.sampling import SamplingParams
 from jaxlora.scheduler import Finished
 from jaxlora.tokenizer import load_tokenizer, render_chat
 from serve_app.config import AppArgs, option_mismatches
 from serve_app.errors import api_error_for
 from serve_app.metrics import MODEL_METRICS, CounterExport, build
+from serve_app.wire import AdapterVersion, Done, Failed, Generate, Started, Tokens
 
 def check_deployment_options(deployment: str, args: AppArgs) -> None:
     """Refuses to start a replica whose Serve options differ from what `args` set (a `deployments:`
@@ -93,35 +91,28 @@ class LoRAModel:
         replica (its slots and host cache already hold it). The adapter itself travels in the payload."""
         return model_id
 
-    async def generate(self, request: dict):
+    async def generate(self, request: Generate):
         if serve.get_multiplexed_model_id():
             await self._adapter_affinity(serve.get_multiplexed_model_id())
         try:
-            handle = self.backend.submit(request["prompt_ids"], SamplingParams(**request["sampling"]),
-                                         request.get("adapter"), request.get("user", "local"))
+            handle = self.backend.submit(list(request.prompt_ids), request.sampling, request.adapter, request.user)
         except JaxLoraError as e:
-            err = api_error_for(e)
-            yield {"error": err.body(), "status": err.status}
+            yield Failed.of(api_error_for(e))
             return
         adapter = handle.adapter
-        yield {"start": {"seed": handle.seed, "replica": serve.get_replica_context().replica_id.unique_id,
-                         "adapter": None if adapter is None else {"id": adapter.adapter_id, "version": adapter.version}}}
+        yield Started(serve.get_replica_context().replica_id.unique_id,
+                      None if adapter is None else AdapterVersion(adapter.adapter_id, adapter.version))
         finished = False
         try:
             async for batch in handle.batches():
-                tokens = [[e.token_id, e.logprob, [list(t) for t in e.top_logprobs]] for e in batch if not isinstance(e, Finished)]
-                if tokens:
-                    yield {"tokens": tokens}
+                events = [e for e in batch if not isinstance(e, Finished)]
+                if events:
+                    yield Tokens(tuple(e.token_id for e in events), tuple(e.logprob for e in events),
+                                 tuple(e.top_logprobs for e in events))
                 if isinstance(batch[-1], Finished):
                     finished = True
                     fin = batch[-1]
-                    if fin.error is not None:
-                        err = api_error_for(fin.error)
-                        yield {"error": err.body(), "status": err.status}
-                    else:
-                        yield {"done": {"reason": fin.reason, "prompt_tokens": fin.prompt_tokens,
-                                        "completion_tokens": fin.completion_tokens, "latency_ms": fin.latency_s * 1000,
-                                        "ttft_ms": None if fin.ttft_s is None else fin.ttft_s * 1000}}
+                    yield Done(fin.reason, fin.completion_tokens) if fin.error is None else Failed.of(api_error_for(fin.error))
         finally:
             if not finished:  # the caller went away (client disconnect): free the row now
                 handle.cancel()

@@ -25,12 +25,6 @@ class ApiError(Exception):
         headers = {"Retry-After": "1"} if self.status == 503 else None
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
-    @classmethod
-    def from_body(cls, status: int, body: dict) -> "ApiError":
-        """The inverse of `body`: an error another deployment sent in OpenAI's shape."""
-        e = body["error"]
-        return cls(status, e["message"], e["type"], e.get("param"), e.get("code"))
-
 
 INTERNAL = ApiError(500, "internal error", type_="internal_error")
 

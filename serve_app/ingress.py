@@ -3,8 +3,11 @@
 Per request: authenticate (API key -> tenant), validate the body (a 400 naming the field), encode
 through the Tokenizer deployment, stream token ids from a LoRAModel replica (routed by the
 multiplexed id `tenant/adapter` for cache affinity; the adapter itself is in the payload), and turn
-them into text on the way out: incremental detokenization, stop strings, logprobs, SSE. Errors keep
-OpenAI's JSON shape; nothing a client sends can produce a 500.
+them into text on the way out: incremental detokenization, stop strings, logprobs, SSE. The replica's
+messages are `serve_app.wire`'s; the response objects come from the endpoint's formatter
+(`serve_app.openai_api`); sampling defaults and limits are the engine's, checked there. Each replica
+builds its own FastAPI app (`http_app`). Errors keep OpenAI's JSON shape; nothing a client sends can
+produce a 500.
 """
 
 
@@ -19,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxlora.adapter_store import AdapterInfo, AdapterStore
@@ -30,19 +33,35 @@ from serve_app.deployments import base_model_id, check_deployment_options, model
 from serve_app.errors import ApiError, api_error_for
 from serve_app.keys import ApiKeys
 from serve_app.metrics import INGRESS_METRICS, build
-from serve_app.openai_api import (ChatCompletionRequest, CompletionRequest, LogprobsBuilder, StreamOptions,
-                                  adapter_fields, new_id, now, usage_dict)
+from serve_app.openai_api import (ChatCompletionRequest, ChatFormat, CompletionFormat, CompletionRequest, StreamOptions,
+                                  TokenLogprob, now, usage_dict)
+from serve_app.wire import Done, Failed, Generate, Started, Tokens
 
 log = logging.getLogger("ray.serve")
-app = FastAPI(title="jaxlora", description="OpenAI-compatible multi-tenant LoRA serving")
 
 
-@app.exception_handler(ApiError)
+def http_app(ingress: "Ingress") -> FastAPI:
+    """The FastAPI app of one Ingress replica: its routes are `ingress`'s methods, errors keep OpenAI's
+    shape, and bodies over the replica's `max_request_bytes` are refused. Serve builds it on the replica,
+    after the constructor (`Ingress.__serve_build_asgi_app__`)."""
+    app = FastAPI(title="jaxlora", description="OpenAI-compatible multi-tenant LoRA serving")
+    app.add_middleware(BodyLimit, limit=ingress.args.max_request_bytes)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+    app.add_api_route("/health", ingress.health, methods=["GET"])
+    app.add_api_route("/v1/models", ingress.models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id}", ingress.model, methods=["GET"])
+    app.add_api_route("/v1/completions", ingress.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", ingress.chat_completions, methods=["POST"])
+    return app
+
+
 async def _api_error(_request: Request, e: ApiError) -> JSONResponse:
     return e.response()
 
 
-@app.exception_handler(RequestValidationError)
 async def _validation_error(_request: Request, e: RequestValidationError) -> JSONResponse:
     first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -56,12 +75,10 @@ async def _validation_error(_request: Request, e: RequestValidationError) -> JSO
     return ApiError(400, message, param=loc[0] if loc else None).response()
 
 
-@app.exception_handler(StarletteHTTPException)
 async def _http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
     return ApiError(e.status_code, str(e.detail), code="http_error").response()
 
 
-@app.exception_handler(Exception)
 async def _internal_error(_request: Request, e: Exception) -> JSONResponse:
     log.exception("unhandled error in the ingress")
     return ApiError(500, "internal error", type_="internal_error").response()
@@ -100,10 +117,28 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def _replica_failed(e: BaseException) -> ApiError:
-    log.warning("model replica failed during a request: %r", e)
-    return ApiError(503, "the model replica serving this request failed; retry the request",
-                    type_="overloaded_error", code="replica_failed")
+async def _replies(gen: DeploymentResponseGenerator) -> AsyncIterator[Started | Tokens | Done]:
+    """A model replica's messages for one request. The one place where a failure on the way becomes the
+    client's error: a `Failed` message, Serve's back-pressure, or a replica that died (Ray replaces it)."""
+    answered = False  # until a replica answers, `cancel()` would wait for Serve's routing and re-raise its error
+    try:
+        async for msg in gen:
+            answered = True
+            if isinstance(msg, Failed):
+                raise msg.error()
+            yield msg
+    except ApiError:
+        raise
+    except BackPressureError:
+        raise ApiError(503, "the model deployment is at capacity; retry shortly", type_="overloaded_error",
+                       code="overloaded") from None
+    except Exception as e:  # the client may retry elsewhere, instead of hanging
+        log.warning("model replica failed during a request: %r", e)
+        raise ApiError(503, "the model replica serving this request failed; retry the request",
+                       type_="overloaded_error", code="replica_failed") from None
+    finally:
+        if answered:
+            gen.cancel()  # no-op when finished; frees the engine row when the client went away
 
 
 def _sse(data: dict | str) -> str:
@@ -111,20 +146,22 @@ def _sse(data: dict | str) -> str:
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
-@serve.ingress(app)
+@serve.ingress()
 class Ingress:
     def __init__(self, tokenizer: DeploymentHandle, model: DeploymentHandle, args: dict):
         self.args = AppArgs(**args)
         check_deployment_options("Ingress", self.args)
-        app.add_middleware(BodyLimit, limit=self.args.max_request_bytes)
         self.tokenizer_handle = tokenizer
-        self.model = model
+        self.model_handle = model
         self.tokenizer = load_tokenizer(model_dir_of(self.args))
         self.base_model = base_model_id(self.args)
         self.started_at = now()
         self.store = AdapterStore(self.args.fs_root, self.args.registered_adapters, tuple(self.args.allowed_roots))
         self.keys = ApiKeys.load(self.args.api_keys_file) if self.args.auth else None
         self.metrics = build(INGRESS_METRICS)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return http_app(self)
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -144,71 +181,50 @@ class Ingress:
         tenant nor model: a model name a client made up must not become a series (serve_app.metrics)."""
         self.metrics["jaxlora_requests"].inc(tags={"tenant": tenant, "model": model, "route": route, "status": str(status)})
 
-    def _usage_tags(self, user: str, start: dict) -> dict[str, str]:
-        adapter = start["adapter"]
-        return {"tenant": user, "model": self.base_model if adapter is None else adapter["id"],
-                "adapter_version": "" if adapter is None else adapter["version"]}
+    def _usage_tags(self, user: str, start: Started) -> dict[str, str]:
+        adapter = start.adapter
+        return {"tenant": user, "model": self.base_model if adapter is None else adapter.id,
+                "adapter_version": "" if adapter is None else adapter.version}
 
-    async def _start(self, user: str, body, prompt_ids: list[int], max_tokens: int | None,
-                     logprobs: int | None):
-        """Submits to a model replica and waits for its first message: an error or the start."""
-        sampling = {
-            "max_tokens": max_tokens,
-            "temperature": body.temperature, "top_p": body.top_p, "top_k": max(0, body.top_k), "seed": body.seed,
-            "ignore_eos": body.ignore_eos, "logprobs": logprobs, "presence_penalty": body.presence_penalty,
-            "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
-            "min_p": body.min_p, "logit_bias": body.logit_bias_pairs(),
-        }
+    async def _submit(self, user: str, body: CompletionRequest | ChatCompletionRequest,
+                      prompt_ids: list[int]) -> tuple[Started, AsyncIterator[Tokens | Done]]:
+        """Submits to a model replica; returns its `Started` and its messages to come (an ApiError if refused)."""
         adapter = None if body.model == self.base_model else body.model
         affinity = f"{user}/{adapter.split('@')[0]}" if adapter else ""
-        gen = self.model.options(stream=True, multiplexed_model_id=affinity).generate.remote(
-            {"prompt_ids": prompt_ids, "sampling": sampling, "adapter": adapter, "user": user})
-        try:
-            first = await gen.__anext__()
-        except BackPressureError:
-            raise ApiError(503, "the model deployment is at capacity; retry shortly", type_="overloaded_error",
-                           code="overloaded") from None
-        except Exception as e:  # the replica died or is unreachable: the client may retry elsewhere
-            raise _replica_failed(e) from None
-        if "error" in first:
-            gen.cancel()
-            e = first["error"]["error"]
-            raise ApiError(first["status"], e["message"], e["type"], e.get("param"), e.get("code"))
-        return gen, first["start"]
+        replies = _replies(self.model_handle.options(stream=True, multiplexed_model_id=affinity).generate.remote(
+            Generate(tuple(prompt_ids), body.sampling_params(), adapter, user)))
+        return await anext(replies), replies
 
-    async def _events(self, gen, stop: list[str], logprobs: LogprobsBuilder | None):
-        """(text delta, logprobs delta, usage-so-far, finish reason) as tokens arrive."""
+    async def _events(self, replies: AsyncIterator[Tokens | Done], stop: list[str], logprobs: bool):
+        """(text delta, its token's logprob if asked for, tokens so far, finish reason) as tokens arrive."""
         text = TextStream(self.tokenizer, stop)
         emitted, produced = 0, 0
         try:
-            async for msg in gen:
-                if "tokens" in msg:
-                    for token_id, lp, top in msg["tokens"]:
-                        produced += 1
-                        delta = text.add(token_id)
-                        lp_delta = None if logprobs is None else logprobs.add(token_id, lp, top, emitted)
-                        emitted += len(delta)
-                        if text.stopped:
-                            yield delta, lp_delta, produced, "stop"
-                            return
-                        if delta or lp_delta:
-                            yield delta, lp_delta, produced, None
-                elif "done" in msg:
-                    yield text.finish(), None, msg["done"]["completion_tokens"], msg["done"]["reason"]
+            async for msg in replies:
+                if isinstance(msg, Done):
+                    yield text.finish(), None, msg.completion_tokens, msg.reason
                     return
-                elif "error" in msg:
-                    e = msg["error"]["error"]
-                    raise ApiError(msg["status"], e["message"], e["type"], e.get("param"), e.get("code"))
-        except ApiError:
-            raise
-        except Exception as e:  # the replica died mid-request (Ray replaces it): say so instead of hanging
-            raise _replica_failed(e) from None
+                for token_id, lp, top in zip(msg.ids, msg.logprobs, msg.top_logprobs):
+                    produced += 1
+                    delta = text.add(token_id)
+                    token = self._token_logprob(token_id, lp, top, emitted) if logprobs else None
+                    emitted += len(delta)
+                    if text.stopped:
+                        yield delta, token, produced, "stop"
+                        return
+                    if delta or token is not None:
+                        yield delta, token, produced, None
         finally:
-            gen.cancel()  # no-op when finished; frees the engine row when the client went away
+            await replies.aclose()  # cancels the request when it stopped early (a stop string, a client gone)
+
+    def _token_logprob(self, token_id: int, logprob: float, top: tuple[tuple[int, float], ...], offset: int) -> TokenLogprob:
+        def text(t: int) -> str:  # each token alone, as OpenAI's logprobs show it
+            return self.tokenizer.decode([t], skip_special_tokens=False)
+
+        return TokenLogprob(text(token_id), logprob, tuple((text(t), t_logprob) for t, t_logprob in top), offset)
 
     # -- routes -----------------------------------------------------------------------------------
 
-    @app.get("/health")
     async def health(self) -> dict:
         """200 while the deployments a request needs each have a running replica (Serve's view, which
         its health checks keep current); 503 naming the one that has none, so a load balancer stops
@@ -237,12 +253,10 @@ class Ingress:
         return self._model_card(a.adapter_id, a.owner, a.created, parent=self.base_model, versions=list(a.versions),
                                 latest_version=a.latest)
 
-    @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
         user = self._user(request)
         return {"object": "list", "data": [self._base_card()] + [self._adapter_card(a) for a in self.store.list(user)]}
 
-    @app.get("/v1/models/{model_id}")
     async def model(self, model_id: str, request: Request) -> dict:
         """OpenAI's models.retrieve: the base model, or one of the caller's (or shared) adapters;
         `created` is the publish time of the version `latest` names (or of a pinned `id@v0002`)."""
@@ -255,9 +269,8 @@ class Ingress:
             raise api_error_for(e) from None
         return self._adapter_card(info)
 
-    @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
-        route, started = "completions", time.monotonic()
+        route, received = "completions", time.monotonic()
         try:
             user = self._user(request)
             if isinstance(body.prompt, str) or (isinstance(body.prompt, list) and isinstance(body.prompt[0], str)):
@@ -265,65 +278,44 @@ class Ingress:
                 prompt_ids = await self.tokenizer_handle.encode_prompt.remote(prompt)
             else:
                 prompt_ids = list(body.prompt)
-            gen, start = await self._start(user, body, prompt_ids, body.max_tokens, body.logprobs)
+            start, replies = await self._submit(user, body, prompt_ids)
         except ApiError as e:
             self._count(route, e.status)
             raise
-        logprobs = None if body.logprobs is None else LogprobsBuilder(self._decode_one, chat=False)
-        rid, created = new_id("cmpl"), now()
-        extra = adapter_fields(start["adapter"], self.base_model)
+        return await self._respond(route, CompletionFormat(body.model, start.adapter, self.base_model), user, body,
+                                   start, replies, len(prompt_ids), received)
 
-        def chunk(text, lp, finish, usage=None):
-            out = {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                   "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}], **extra}
-            if usage is not None:
-                out["usage"] = usage
-            return out
-
-        return await self._respond(route, user, body, gen, logprobs, len(prompt_ids), started, chunk, start, chat=False)
-
-    @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        route, started = "chat", time.monotonic()
+        route, received = "chat", time.monotonic()
         try:
             user = self._user(request)
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             prompt_ids = await self.tokenizer_handle.encode_chat.remote(messages)
-            n_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-            gen, start = await self._start(user, body, prompt_ids, body.token_limit(), n_logprobs)
+            start, replies = await self._submit(user, body, prompt_ids)
         except ApiError as e:
             self._count(route, e.status)
             raise
-        logprobs = None if n_logprobs is None else LogprobsBuilder(self._decode_one, chat=True)
-        rid, created = new_id("chatcmpl"), now()
-        extra = adapter_fields(start["adapter"], self.base_model)
+        return await self._respond(route, ChatFormat(body.model, start.adapter, self.base_model), user, body,
+                                   start, replies, len(prompt_ids), received)
 
-        def chunk(text, lp, finish, usage=None, first=False):
-            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}], **extra}
-            if usage is not None:
-                out["usage"] = usage
-            return out
-
-        return await self._respond(route, user, body, gen, logprobs, len(prompt_ids), started, chunk, start, chat=True)
-
-    def _decode_one(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
-
-    async def _respond(self, route, user, body, gen, logprobs, prompt_tokens, started, chunk, start, chat: bool):
-        events = self._events(gen, body.stop_strings(), logprobs)
-        headers = {"x-jaxlora-replica": start["replica"]}  # which model replica served it (affinity, debugging)
+    async def _respond(self, route: str, fmt: CompletionFormat | ChatFormat, user: str,
+                       body: CompletionRequest | ChatCompletionRequest, start: Started,
+                       replies: AsyncIterator[Tokens | Done], prompt_tokens: int, received: float):
+        logprobs = body.top_logprob_count() is not None
+        events = self._events(replies, body.stop_strings(), logprobs)
+        headers = {"x-jaxlora-replica": start.replica}  # which model replica served it (affinity, debugging)
         usage_tags = self._usage_tags(user, start)
         if body.stream:
             options = body.stream_options or StreamOptions()
-            return StreamingResponse(self._stream(route, usage_tags, events, chunk, prompt_tokens, started, options, chat),
+            return StreamingResponse(self._stream(route, fmt, usage_tags, events, prompt_tokens, received, options),
                                      media_type="text/event-stream", headers=headers)
-        parts, completion_tokens, finish, first_at, status = [], 0, None, None, 200
+        parts, tokens, completion_tokens, finish, first_at, status = [], [], 0, None, None, 200
         try:
-            async for delta, _lp, produced, reason in events:
+            async for delta, token, produced, reason in events:
                 first_at = first_at or time.monotonic()
                 parts.append(delta)
+                if token is not None:
+                    tokens.append(token)
                 completion_tokens, finish = produced, reason or finish
         except ApiError as e:
             status = e.status
@@ -332,33 +324,24 @@ class Ingress:
             status = 499
             raise
         finally:
-            self._observe(route, usage_tags, started, first_at, prompt_tokens, completion_tokens, status)
-        text = "".join(parts)
-        usage = usage_dict(prompt_tokens, completion_tokens)
-        out = chunk(text, None if logprobs is None else logprobs.result(), finish, usage)
-        if chat:
-            out["object"] = "chat.completion"
-            choice = out["choices"][0]
-            choice["message"] = {"role": "assistant", "content": text}
-            del choice["delta"]
+            self._observe(route, usage_tags, received, first_at, prompt_tokens, completion_tokens, status)
+        out = fmt.final("".join(parts), tokens if logprobs else None, finish, usage_dict(prompt_tokens, completion_tokens))
         return JSONResponse(out, headers=headers)
 
-    async def _stream(self, route, usage_tags, events, chunk, prompt_tokens, started, options: StreamOptions,
-                      chat) -> AsyncIterator[str]:
+    async def _stream(self, route, fmt: CompletionFormat | ChatFormat, usage_tags, events, prompt_tokens, received,
+                      options: StreamOptions) -> AsyncIterator[str]:
         completion_tokens, first_at, status = 0, None, 200
         try:
-            if chat:
-                yield _sse(chunk("", None, None, first=True))
-            async for delta, lp, produced, reason in events:
+            if (first := fmt.first_chunk()) is not None:
+                yield _sse(first)
+            async for delta, token, produced, reason in events:
                 first_at = first_at or time.monotonic()
                 completion_tokens = produced
-                if delta or lp or reason:  # vLLM's continuous_usage_stats: the usage so far on every chunk
+                if delta or token is not None or reason:  # vLLM's continuous_usage_stats: the usage so far on every chunk
                     usage = usage_dict(prompt_tokens, produced) if options.continuous_usage_stats else None
-                    yield _sse(chunk(delta, lp, reason, usage))
+                    yield _sse(fmt.chunk(delta, None if token is None else [token], reason, usage))
             if options.include_usage:
-                final = chunk("", None, None, usage_dict(prompt_tokens, completion_tokens))
-                final["choices"] = []
-                yield _sse(final)
+                yield _sse(fmt.usage_chunk(usage_dict(prompt_tokens, completion_tokens)))
         except ApiError as e:
             status = e.status
             yield _sse(e.body())
@@ -366,10 +349,10 @@ class Ingress:
             status = 499
             raise
         finally:
-            self._observe(route, usage_tags, started, first_at, prompt_tokens, completion_tokens, status)
+            self._observe(route, usage_tags, received, first_at, prompt_tokens, completion_tokens, status)
         yield _sse("[DONE]")
 
-    def _observe(self, route, usage_tags, started, first_at, prompt_tokens, completion_tokens, status) -> None:
+    def _observe(self, route, usage_tags, received, first_at, prompt_tokens, completion_tokens, status) -> None:
         """Counts a request a replica accepted, once its usage is final (what the response reported, or what a
         client that left was sent), and, for complete answers, its latencies."""
         self._count(route, status, usage_tags["tenant"], usage_tags["model"])
@@ -379,7 +362,7 @@ class Ingress:
         if status != 200 or first_at is None:
             return
         latency_tags = {"route": route, "model": usage_tags["model"]}
-        ttft, e2e = first_at - started, time.monotonic() - started
+        ttft, e2e = first_at - received, time.monotonic() - received
         self.metrics["jaxlora_time_to_first_token_seconds"].observe(ttft, tags=latency_tags)
         self.metrics["jaxlora_e2e_request_latency_seconds"].observe(e2e, tags=latency_tags)
         if completion_tokens > 1:

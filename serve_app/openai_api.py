@@ -1,5 +1,6 @@
 """OpenAI API shapes: request models (validated strictly, so a wrong type is a 400 that names the
-field) and the response and stream-chunk builders. No Ray and no engine here.
+field; each becomes the engine's `SamplingParams`, leaving to the engine what the request leaves open)
+and one formatter per endpoint for its stream chunks and whole answers. No Ray and no engine here.
 
 Extensions beyond OpenAI's API, as vLLM has them: `top_k`, `min_p`, `repetition_penalty`,
 `ignore_eos`; every response also carries `adapter: {"id", "version"}` (null for the base model) and
@@ -13,13 +14,16 @@ for JSON output and gets prose would have been lied to.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from jaxlora.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_TOP_K
+from jaxlora.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_SEED, MAX_TOP_K, SamplingParams
+from serve_app.wire import AdapterVersion
 
 Text = Annotated[str, Field(max_length=1_000_000)]
 
@@ -40,7 +44,7 @@ class _SamplingFields(_Strict):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] = 0  # -1 or 0: off (vLLM uses -1)
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     stop: Annotated[str, Field(max_length=1000)] | Annotated[list[Annotated[str, Field(max_length=1000)]], Field(max_length=8)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -64,6 +68,22 @@ class _SamplingFields(_Strict):
         """The bias as the engine takes it: (token id, bias) pairs, sorted by token id."""
         return tuple(sorted((int(k), float(b)) for k, b in (self.logit_bias or {}).items()))
 
+    def sampling_params(self) -> SamplingParams:
+        """The engine's parameters for this request. What the request leaves open stays open (a None
+        max_tokens: the engine gives the rest of the context); the engine checks them again."""
+        return SamplingParams(
+            max_tokens=self.token_limit(), temperature=self.temperature, top_p=self.top_p, top_k=max(0, self.top_k),
+            seed=self.seed, ignore_eos=self.ignore_eos, logprobs=self.top_logprob_count(),
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, min_p=self.min_p, logit_bias=self.logit_bias_pairs())
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    def top_logprob_count(self) -> int | None:
+        """None: no logprobs; else the alternatives to report beside each chosen token's logprob."""
+        raise NotImplementedError
+
     def stop_strings(self) -> list[str]:
         if self.stop is None:
             return []
@@ -78,6 +98,9 @@ class CompletionRequest(_SamplingFields):
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     best_of: int | None = None
     suffix: str | None = None
+
+    def top_logprob_count(self) -> int | None:
+        return self.logprobs
 
     @field_validator("best_of")
     @classmethod
@@ -149,6 +172,9 @@ class ChatCompletionRequest(_SamplingFields):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def top_logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -163,42 +189,91 @@ def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def adapter_fields(adapter: dict | None, base_model: str) -> dict[str, Any]:
-    """`adapter` is {"id", "version"} or None (base model)."""
-    fingerprint = base_model if adapter is None else f"{adapter['id']}@{adapter['version']}"
-    return {"adapter": adapter, "system_fingerprint": fingerprint}
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's logprob with its text: what both APIs' logprobs formats are made of."""
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]  # the alternatives (their text, logprob), best first
+    offset: int  # characters of the completion's text before this token
 
 
-class LogprobsBuilder:
-    """Accumulates per-token logprobs in the completions (legacy) or chat format."""
+class _Format:
+    """The objects of one response: what a stream's chunks and the whole answer look like. Subclasses
+    give the endpoint's object names, its choice shape and its logprobs format."""
 
-    def __init__(self, decode_token, chat: bool):
-        self._decode = decode_token  # token id -> its text
-        self._chat = chat
-        self.content: list[dict] = []
-        self.tokens: list[str] = []
-        self.token_logprobs: list[float] = []
-        self.top_logprobs: list[dict[str, float]] = []
-        self.text_offset: list[int] = []
+    prefix: ClassVar[str]  # of the response id
+    chunk_object: ClassVar[str]
 
-    def add(self, token_id: int, logprob: float, top: list[list], offset: int) -> dict:
-        """Records one token; returns just this token's entry in the request's format."""
-        text = self._decode(token_id)
-        if self._chat:
-            entry = {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace")),
-                     "top_logprobs": [{"token": self._decode(t), "logprob": lp,
-                                       "bytes": list(self._decode(t).encode("utf-8", "replace"))} for t, lp in top]}
-            self.content.append(entry)
-            return {"content": [entry]}
-        top_map = {self._decode(t): lp for t, lp in top}
-        self.tokens.append(text)
-        self.token_logprobs.append(logprob)
-        self.top_logprobs.append(top_map)
-        self.text_offset.append(offset)
-        return {"tokens": [text], "token_logprobs": [logprob], "top_logprobs": [top_map], "text_offset": [offset]}
+    def __init__(self, model: str, adapter: AdapterVersion | None, base_model: str):
+        self.id, self.created, self.model = new_id(self.prefix), now(), model
+        self.adapter = None if adapter is None else {"id": adapter.id, "version": adapter.version}
+        self.fingerprint = base_model if adapter is None else f"{adapter.id}@{adapter.version}"
 
-    def result(self) -> dict:
-        if self._chat:
-            return {"content": self.content}
-        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,
-                "text_offset": self.text_offset}
+    def _object(self, object_: str, choices: list[dict], usage: dict | None) -> dict:
+        out = {"id": self.id, "object": object_, "created": self.created, "model": self.model, "choices": choices,
+               "adapter": self.adapter, "system_fingerprint": self.fingerprint}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    def first_chunk(self) -> dict | None:
+        """What a stream opens with before any token, if anything."""
+        return None
+
+    def usage_chunk(self, usage: dict) -> dict:
+        """A stream's last chunk when `stream_options.include_usage` asks for it: no choices, the usage."""
+        return self._object(self.chunk_object, [], usage)
+
+
+class CompletionFormat(_Format):
+    """/v1/completions: `text_completion` objects, legacy logprobs (columns of tokens and offsets)."""
+
+    prefix, chunk_object = "cmpl", "text_completion"
+
+    def chunk(self, text: str, logprobs: Sequence[TokenLogprob] | None, finish: str | None,
+              usage: dict | None = None) -> dict:
+        """A chunk, or the whole answer: the two have the same shape here."""
+        choice = {"index": 0, "text": text, "logprobs": _completion_logprobs(logprobs), "finish_reason": finish}
+        return self._object(self.chunk_object, [choice], usage)
+
+    final = chunk
+
+
+class ChatFormat(_Format):
+    """/v1/chat/completions: `chat.completion.chunk` deltas (the first names the role) and a
+    `chat.completion` message; logprobs as `content` entries with their UTF-8 bytes."""
+
+    prefix, chunk_object = "chatcmpl", "chat.completion.chunk"
+
+    def first_chunk(self) -> dict:
+        return self._choice_chunk({"role": "assistant", "content": ""}, None, None)
+
+    def chunk(self, text: str, logprobs: Sequence[TokenLogprob] | None, finish: str | None,
+              usage: dict | None = None) -> dict:
+        return self._choice_chunk({"content": text} if text else {}, _chat_logprobs(logprobs), finish, usage)
+
+    def final(self, text: str, logprobs: Sequence[TokenLogprob] | None, finish: str | None, usage: dict) -> dict:
+        choice = {"index": 0, "logprobs": _chat_logprobs(logprobs), "finish_reason": finish,
+                  "message": {"role": "assistant", "content": text}}
+        return self._object("chat.completion", [choice], usage)
+
+    def _choice_chunk(self, delta: dict, logprobs: dict | None, finish: str | None, usage: dict | None = None) -> dict:
+        return self._object(self.chunk_object, [{"index": 0, "delta": delta, "logprobs": logprobs,
+                                                 "finish_reason": finish}], usage)
+
+
+def _completion_logprobs(logprobs: Sequence[TokenLogprob] | None) -> dict | None:
+    if logprobs is None:
+        return None
+    return {"tokens": [t.token for t in logprobs], "token_logprobs": [t.logprob for t in logprobs],
+            "top_logprobs": [dict(t.top) for t in logprobs], "text_offset": [t.offset for t in logprobs]}
+
+
+def _chat_logprobs(logprobs: Sequence[TokenLogprob] | None) -> dict | None:
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "replace"))}
+
+    if logprobs is None:
+        return None
+    return {"content": [entry(t.token, t.logprob) | {"top_logprobs": [entry(*alt) for alt in t.top]} for t in logprobs]}

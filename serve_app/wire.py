@@ -1,0 +1,66 @@
+"""The messages between the ingress and a LoRAModel replica: frozen dataclasses both sides import.
+
+The ingress sends one `Generate`; the replica answers with a stream (a Ray streaming call):
+    Started | Failed                    first: accepted, or refused
+    Tokens ...                          as the engine produces them, one message per batch of tokens
+    Done | Failed                       last
+`Failed` carries the API error the core error became on the replica (`serve_app.errors.STATUS`);
+`Failed.error()` is the one way back to an `ApiError`. Tokens travel as columns of plain numbers, so
+a message costs little per token. No HTTP, no OpenAI shapes and no text here: the ingress detokenizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxlora.sampling import SamplingParams
+from serve_app.errors import ApiError
+
+
+@dataclasses.dataclass(frozen=True)
+class Generate:
+    prompt_ids: tuple[int, ...]  # [prompt_len]
+    sampling: SamplingParams
+    adapter: str | None  # "id" or "id@version" as the client named it; None: the base model
+    user: str  # the tenant whose adapters `adapter` is looked up among
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterVersion:
+    id: str
+    version: str  # "v0001": the version this request is served by (pinned, or what `latest` named)
+
+
+@dataclasses.dataclass(frozen=True)
+class Started:
+    replica: str  # Serve's id of the replica serving the request
+    adapter: AdapterVersion | None  # None: the base model
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+    ids: tuple[int, ...]  # [n]
+    logprobs: tuple[float, ...]  # [n]
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...]  # [n][k] (token id, logprob), best first
+
+
+@dataclasses.dataclass(frozen=True)
+class Done:
+    reason: str  # the engine's finish reason: "stop" or "length" ("cancelled" if the row was freed first)
+    completion_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    status: int
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+    @classmethod
+    def of(cls, e: ApiError) -> Failed:
+        return cls(e.status, e.message, e.type, e.param, e.code)
+
+    def error(self) -> ApiError:
+        return ApiError(self.status, self.message, self.type, self.param, self.code)
