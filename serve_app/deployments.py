@@ -17,7 +17,7 @@ from ray import serve
 from jaxlora.backend import LocalJaxLoRABackend
 from jaxlora.demo import ensure_demo_model
 from jaxlora.errors import JaxLoraError
-from jaxlora.scheduler import Finished
+from jaxlora.requests import Finished
 from jaxlora.tokenizer import load_tokenizer, render_chat
 from serve_app.config import AppArgs, option_mismatches
 from serve_app.errors import api_error_for
