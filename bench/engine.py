@@ -24,9 +24,10 @@ from bench.common import build_adapters, build_model, emit, machine
 def run_ours(model_dir: Path, peft_dirs: list[Path], prompts: list[list[int]], gen_len: int, repeats: int) -> dict:
     from jaxlora.adapter_format import read_adapter
     from jaxlora.adapter_store import ResolvedAdapter
-    from jaxlora.checkpoint import load_params
+    from jaxlora.hf_checkpoint import load_params
     from jaxlora.engine import Engine, EngineConfig, compile_count
     from jaxlora.lora import zeros_stack
+    from jaxlora.model import lora_shapes
     from jaxlora.sampling import SamplingParams
     from jaxlora.scheduler import Scheduler
     from jaxlora.slots import SlotCache
@@ -35,7 +36,7 @@ def run_ours(model_dir: Path, peft_dirs: list[Path], prompts: list[list[int]], g
     params, cfg = load_params(model_dir)
     config = EngineConfig(max_batch_size=n, max_seq_len=len(prompts[0]) + gen_len, prefill_buckets=(len(prompts[0]),),
                           decode_steps=16, num_adapter_slots=len(peft_dirs) + 1, max_lora_rank=16)
-    slots = SlotCache(zeros_stack(params, config.num_adapter_slots, config.max_lora_rank),
+    slots = SlotCache(zeros_stack(lora_shapes(cfg), config.num_adapter_slots, config.max_lora_rank),
                       lambda r: read_adapter(r.path, cfg, config.max_lora_rank))
     adapters = [ResolvedAdapter("bench", d.name, "v0001", d) for d in peft_dirs]
     engine = Engine(params, cfg, config)

@@ -20,12 +20,13 @@ from pathlib import Path
 
 from jaxlora.adapter_format import read_published
 from jaxlora.adapter_store import DEFAULT_FS_ROOT, AdapterStore, ResolvedAdapter
-from jaxlora.checkpoint import load_params, model_fingerprint
 from jaxlora.demo import ensure_demo_model
-from jaxlora.engine import Engine, EngineConfig, compile_count, uses_decode_kernels
+from jaxlora.engine import Engine, EngineConfig, compile_count
+from jaxlora.hf_checkpoint import load_params, model_fingerprint
 from jaxlora.hot_reload import AdapterVersions
 from jaxlora.lora import zeros_stack
 from jaxlora.metrics import peak_memory_bytes
+from jaxlora.model import lora_shapes
 from jaxlora.errors import InvalidRequest
 from jaxlora.sampling import SamplingParams
 from jaxlora.scheduler import Finished, RequestHandle, Scheduler, TokenEvent
@@ -90,7 +91,7 @@ class LocalJaxLoRABackend:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.fingerprint = model_fingerprint(self.model_dir)
         self.store = AdapterStore(fs_root, registered_adapters, tuple(allowed_roots))
-        stack = zeros_stack(params, engine_config.num_adapter_slots, engine_config.max_lora_rank,
+        stack = zeros_stack(lora_shapes(self.cfg), engine_config.num_adapter_slots, engine_config.max_lora_rank,
                             dtype=engine_config.jnp_dtype)
         self.slots = SlotCache(stack, self._load_adapter, engine_config.host_adapter_cache)
         self.versions = AdapterVersions(self.store, self.slots, poll_interval_s)
@@ -196,7 +197,7 @@ class LocalJaxLoRABackend:
         out["adapter_reload"] = dataclasses.asdict(self.versions.stats)
         out["compilations"] = compile_count()
         out["memory"] = peak_memory_bytes()
-        out["decode_kernels"] = uses_decode_kernels(self.engine.params, self.slots.stack)  # or XLA's forms
+        out["decode_kernels"] = self.engine.decode_kernels  # or XLA's forms
         return out
 
     def close(self) -> None:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from jaxlora.adapter_format import read_published
 from jaxlora.adapter_store import AdapterStore, ResolvedAdapter
-from jaxlora.checkpoint import load_params, model_fingerprint
+from jaxlora.hf_checkpoint import load_params, model_fingerprint
 from jaxlora.engine import Engine, EngineConfig
 from jaxlora.lora import zeros_stack
+from jaxlora.model import lora_shapes
 from jaxlora.scheduler import Finished, RequestHandle, Scheduler, TokenEvent
 from jaxlora.slots import SlotCache
 from tests.peft_adapters import ADAPTER_SPECS, make_peft_adapter
@@ -61,7 +62,7 @@ def build_tiny_engine(base_dir: Path, root: Path, config: EngineConfig = ENGINE_
         adapters[name] = store.publish(
             "alice", name, lambda d, src=src: [(d / f.name).write_bytes(f.read_bytes()) for f in src.iterdir()],
             base_model={"name": "tiny", "fingerprint": fingerprint})
-    slots = SlotCache(zeros_stack(params, config.num_adapter_slots, config.max_lora_rank),
+    slots = SlotCache(zeros_stack(lora_shapes(cfg), config.num_adapter_slots, config.max_lora_rank),
                       lambda r: read_published(r.path, cfg, config.max_lora_rank, fingerprint))
     engine = Engine(params, cfg, config)
     slots.warm_up()

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from jaxlora.adapter_format import read_published
-from jaxlora.checkpoint import model_fingerprint
+from jaxlora.hf_checkpoint import model_fingerprint
 from jaxlora.engine import compile_count
 from jaxlora.lora import zeros_stack
+from jaxlora.model import lora_shapes
 from jaxlora.errors import InvalidRequest, Overloaded
 from jaxlora.sampling import SamplingParams
 from jaxlora.scheduler import Scheduler
@@ -87,7 +88,7 @@ def test_tokens_do_not_depend_on_the_adapter_slot(tiny):
     config, fingerprint = tiny.engine.config, model_fingerprint(tiny.base_dir)
     results, slots_used = [], []
     for loaded_first in ([], ["a_qv_r4", "c_mlp_r2"]):
-        slots = SlotCache(zeros_stack(tiny.engine.params, config.num_adapter_slots, config.max_lora_rank),
+        slots = SlotCache(zeros_stack(lora_shapes(tiny.engine.cfg), config.num_adapter_slots, config.max_lora_rank),
                           lambda r: read_published(r.path, tiny.engine.cfg, config.max_lora_rank, fingerprint))
         for name in loaded_first:
             slots.release(slots.acquire(tiny.adapters[name]))

@@ -20,7 +20,7 @@ from ray import serve  # noqa: E402
 
 from jaxlora.adapter_format import random_adapter, write_peft  # noqa: E402
 from jaxlora.adapter_store import AdapterStore  # noqa: E402
-from jaxlora.checkpoint import model_fingerprint  # noqa: E402
+from jaxlora.hf_checkpoint import model_fingerprint  # noqa: E402
 from jaxlora.config import ModelConfig  # noqa: E402
 from serve_app.app import build_app  # noqa: E402
 from serve_app.keys import add_key  # noqa: E402
