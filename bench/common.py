@@ -11,7 +11,6 @@ from pathlib import Path
 BENCH_LLAMA = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
-ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build_model(out: Path, seed: int = 0) -> Path:
@@ -31,13 +30,15 @@ def build_adapters(model_dir: Path, out: Path, n: int, r: int = 16) -> list[Path
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from jaxlora.model import PROJECTIONS
+
     dirs = []
     for i in range(n):
         d = out / f"adapter{i}"
         if not (d / "adapter_model.safetensors").is_file():
             torch.manual_seed(100 + i)
             base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-            model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL_MODULES,
+            model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(PROJECTIONS),
                                                     init_lora_weights=False))
             model.save_pretrained(d)
         dirs.append(d)

@@ -39,7 +39,7 @@ def start_app(port: int, max_batch_size: int = 16, max_queue: int = 64, max_queu
     publish_demo_adapters(fs, model_dir)
     from jaxlora.adapter_format import random_adapter, write_peft
     from jaxlora.adapter_store import AdapterStore
-    from jaxlora.checkpoint import model_fingerprint
+    from jaxlora.hf_checkpoint import model_fingerprint
     from jaxlora.config import ModelConfig
 
     cfg, store = ModelConfig.from_dir(model_dir), AdapterStore(fs)

@@ -19,19 +19,20 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ALL_MODULES, build_model, emit, machine
+from bench.common import build_model, emit, machine
 
 
 def run_ours(model_dir: Path, batch: dict, steps: int) -> float:
     import jax
 
-    from jaxlora.checkpoint import load_params
+    from jaxlora.hf_checkpoint import load_params
+    from jaxlora.model import PROJECTIONS
     from training.spec import TrainSpec
     from training.trainer import _train_step, init_lora, make_optimizer
 
     params, cfg = load_params(model_dir)
     spec = TrainSpec(user_id="bench", adapter_id="bench", data="-", steps=steps, learning_rate=1e-4,
-                     lora={"r": 16, "alpha": 32, "target_modules": ALL_MODULES})
+                     lora={"r": 16, "alpha": 32, "target_modules": list(PROJECTIONS)})
     optimizer = make_optimizer(spec, steps + 2)
     trainable = init_lora(cfg, spec, jax.random.PRNGKey(0))
     opt_state = optimizer.init(trainable)
@@ -52,9 +53,11 @@ def run_peer(model_dir: Path, batch: dict, steps: int) -> float:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from jaxlora.model import PROJECTIONS
+
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                           LoraConfig(r=16, lora_alpha=32, target_modules=ALL_MODULES, lora_dropout=0.0))
+                           LoraConfig(r=16, lora_alpha=32, target_modules=list(PROJECTIONS), lora_dropout=0.0))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     # transformers shifts labels itself: give it the full sequence, tokens then the last target.

@@ -29,14 +29,15 @@ from safetensors.numpy import load_file, save_file
 from jaxlora.adapter_store import MANIFEST, sha256_of
 from jaxlora.config import ModelConfig
 from jaxlora.errors import AdapterFormatError
-from jaxlora.lora import LORA_MODULES, lora_scale
+from jaxlora.lora import lora_scale
+from jaxlora.model import PROJECTIONS
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 LEGACY_PARAMS = "params.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
-_MODULE_PATH = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
+_MODULE_PATH = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(\w+)\.(\w+)$")  # layer, block, module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,34 +58,17 @@ class LoraAdapter:
     def target_modules(self) -> tuple[str, ...]:
         return tuple(sorted({m for _, m in self.weights}))
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
-
-
-def module_in_out(cfg: ModelConfig, module: str) -> tuple[int, int]:
-    D, F = cfg.hidden_size, cfg.intermediate_size
-    return {
-        "q_proj": (D, cfg.q_size),
-        "k_proj": (D, cfg.kv_size),
-        "v_proj": (D, cfg.kv_size),
-        "o_proj": (cfg.q_size, D),
-        "gate_proj": (D, F),
-        "up_proj": (D, F),
-        "down_proj": (F, D),
-    }[module]
-
 
 def _module_path(layer: int, module: str) -> str:
-    return f"model.layers.{layer}.{LORA_MODULES[module][1]}.{module}"
+    return f"model.layers.{layer}.{PROJECTIONS[module].hf_path}"
 
 
 def _parse_module_path(path: str, source: str) -> tuple[int, str]:
     m = _MODULE_PATH.match(path)
-    if not m or m.group(3) not in LORA_MODULES or LORA_MODULES[m.group(3)][1] != m.group(2):
+    if not m or m.group(3) not in PROJECTIONS or PROJECTIONS[m.group(3)].block != m.group(2):
         raise AdapterFormatError(
             f"{source}: LoRA weights for {path!r}, which this model lacks; LoRA is supported on "
-            f"model.layers.N.{{self_attn,mlp}}.{{{','.join(LORA_MODULES)}}}"
+            f"model.layers.N.{{self_attn,mlp}}.{{{','.join(PROJECTIONS)}}}"
         )
     return int(m.group(1)), m.group(3)
 
@@ -119,11 +103,11 @@ def _check_peft_config(c: dict, path: Path) -> None:
             refuse(key, f"remove {key} from the adapter")
     targets = c.get("target_modules")
     if isinstance(targets, list):  # a string is a regex; the tensor names are checked either way
-        lacking = [t for t in targets if t.rsplit(".", 1)[-1] not in LORA_MODULES]
+        lacking = [t for t in targets if t.rsplit(".", 1)[-1] not in PROJECTIONS]
         if lacking:
             raise AdapterFormatError(
                 f"adapter {path}: target_modules {lacking} are not in this model; LoRA is supported on "
-                f"{', '.join(LORA_MODULES)}"
+                f"{', '.join(PROJECTIONS)}"
             )
     for key in ("r", "lora_alpha"):
         if not isinstance(c.get(key), (int, float)) or c[key] <= 0:
@@ -251,7 +235,7 @@ def validate(adapter: LoraAdapter, cfg: ModelConfig, max_rank: int, source: str 
                 f"{source}: {where} targets layer {layer}, but this model has {cfg.num_layers} layers; "
                 "was the adapter trained for another base model?"
             )
-        d_in, d_out = module_in_out(cfg, module)
+        d_in, d_out = PROJECTIONS[module].shape(cfg)
         if a.shape != (d_in, adapter.r) or b.shape != (adapter.r, d_out):
             raise AdapterFormatError(
                 f"{source}: {where} has A {a.shape[::-1]} / B {b.shape[::-1]} (PEFT orientation) but this model with "
@@ -294,7 +278,7 @@ def write_peft(adapter: LoraAdapter, out: str | Path, base_model: str | None = N
 
 
 def random_adapter(
-    cfg: ModelConfig, r: int, alpha: float, modules=tuple(LORA_MODULES), seed: int = 0, std: float = 0.1,
+    cfg: ModelConfig, r: int, alpha: float, modules=tuple(PROJECTIONS), seed: int = 0, std: float = 0.1,
     use_rslora: bool = False,
 ) -> LoraAdapter:
     """An adapter with random A and B (both non-zero), for demos, tests and benchmarks."""
@@ -302,7 +286,7 @@ def random_adapter(
     weights = {}
     for layer in range(cfg.num_layers):
         for m in modules:
-            d_in, d_out = module_in_out(cfg, m)
+            d_in, d_out = PROJECTIONS[m].shape(cfg)
             a = rng.normal(0, std, (d_in, r)).astype(np.float32)
             b = rng.normal(0, std / math.sqrt(r), (r, d_out)).astype(np.float32)
             weights[(layer, m)] = (a, b)

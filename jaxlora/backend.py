@@ -20,7 +20,7 @@ from pathlib import Path
 
 from jaxlora.adapter_store import DEFAULT_FS_ROOT, AdapterStore, ResolvedAdapter
 from jaxlora.demo import ensure_demo_model
-from jaxlora.engine import EngineConfig, compile_count, uses_decode_kernels
+from jaxlora.engine import EngineConfig, compile_count
 from jaxlora.errors import InvalidRequest
 from jaxlora.metrics import peak_memory_bytes
 from jaxlora.replica import build_replica
@@ -178,7 +178,7 @@ class LocalJaxLoRABackend:
         out["adapter_reload"] = dataclasses.asdict(self.replica.versions.stats)
         out["compilations"] = compile_count()
         out["memory"] = peak_memory_bytes()
-        out["decode_kernels"] = uses_decode_kernels(self.replica.engine.params, self.replica.slots.stack)  # or XLA's forms
+        out["decode_kernels"] = self.replica.engine.decode_kernels  # or XLA's forms
         return out
 
     def close(self) -> None:

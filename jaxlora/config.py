@@ -3,7 +3,9 @@
 `ModelConfig` is frozen and hashable so it can be a static argument of `jax.jit`. It is read from a
 checkpoint's `config.json` by `ModelConfig.from_hf_dict`, which refuses what the forward cannot run
 (an unknown architecture, an unsupported RoPE scaling type) with a message naming what is supported.
-It deliberately knows nothing about weights or tokenizers.
+One field is not read from the checkpoint: `decode_kernels`, the engine's choice of decode kernels,
+carried here so that the forward sees it as static configuration. It deliberately knows nothing
+about weights or tokenizers.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ class ModelConfig:
     """Keys further back than this many positions are masked (Mistral); None means full attention."""
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    decode_kernels: bool = False
+    """Decode steps (one token per row against a KV cache) run attention and LoRA through the CPU
+    kernels (`jaxlora.kernels`). Never read from config.json: the engine decides once, when it is
+    built, and sets it on its decode steps' config only; a forward with more tokens per row, or
+    without a cache, refuses it."""
 
     @property
     def q_size(self) -> int:

@@ -95,7 +95,7 @@ def _build_weights(out: Path, vocab_size: int, seed: int = 0) -> None:
     from safetensors.numpy import save_file
     from transformers import LlamaConfig
 
-    from jaxlora.checkpoint import hf_tensor_names
+    from jaxlora.hf_checkpoint import hf_tensor_names
     from jaxlora.config import ModelConfig
 
     bos, eos_end, eos = (SPECIAL_TOKENS.index(t) for t in ("<|bos|>", "<|end|>", "<|eos|>"))
@@ -170,7 +170,7 @@ def publish_demo_adapters(fs_root: str | Path, model_dir: str | Path) -> list[st
     random weights, so each steers the demo model to different text. Returns their ids."""
     from jaxlora.adapter_format import random_adapter, write_peft
     from jaxlora.adapter_store import AdapterStore
-    from jaxlora.checkpoint import model_fingerprint
+    from jaxlora.hf_checkpoint import model_fingerprint
     from jaxlora.config import ModelConfig
 
     store = AdapterStore(fs_root)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"demo adapters in {args.adapters}: {', '.join(publish_demo_adapters(args.adapters, model_dir))}")
     if args.prompt is not None:
         from jaxlora.generate import greedy_generate
-        from jaxlora.checkpoint import load_params
+        from jaxlora.hf_checkpoint import load_params
         from jaxlora.tokenizer import load_tokenizer
 
         params, cfg = load_params(model_dir)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora import cpu_kernels
+from jaxlora import kernels
 from jaxlora.config import ModelConfig
 from jaxlora.lora import LoraStack, gather_rows
 from jaxlora.model import KVCache, Params, forward, hidden_states, lm_head
@@ -167,22 +167,18 @@ def _insert(prefix: Prefix, state: DecodeState, rows_P) -> DecodeState:
     return state
 
 
-def uses_decode_kernels(params: Params, lora: LoraStack) -> bool:
-    """Whether decode steps run attention and LoRA through the CPU kernels (`cpu_kernels`: float32
-    weights, cache and adapters, kernels built here). Fixed for a replica; its metrics report it."""
-    return cpu_kernels.applies(lora.dtype) and cpu_kernels.applies(params.embed.dtype)
-
-
 def _generate(params: Params, lora: LoraStack, state: DecodeState, cfg: ModelConfig, steps: int):
-    kernels = uses_decode_kernels(params, lora)
-    if kernels:  # the CPU LoRA kernel reads each row's slot in place
+    if cfg.decode_kernels:  # the CPU LoRA kernel reads each row's slot in place
+        if lora.dtype != jnp.float32:
+            raise ValueError(f"the adapter stack is {lora.dtype}, but this engine's decode kernels take float32: "
+                             "build it with the engine's dtype")
         rows_lora, rows_slots = lora, state.slots
     else:  # XLA's form: each row's adapter gathered once per call, not once per step (a row's slot is fixed here)
         rows_lora, rows_slots = gather_rows(lora, state.slots), None
 
     def step(state: DecodeState, _):
         logits_Bx1xV, cache = forward(params, state.tokens[:, None], state.positions[:, None], cfg, state.cache, rows_lora,
-                                      rows_slots, decode_kernels=kernels)
+                                      rows_slots)
         out = StepTokens(*sample(logits_Bx1xV[:, 0], state.sampling, state.history, state.index))
         state = dataclasses.replace(state, cache=cache, tokens=out.token, positions=state.positions + 1, index=state.index + 1,
                                     history=state.history.add(out.token))
@@ -226,14 +222,19 @@ class Engine:
 
     def __init__(self, params: Params, cfg: ModelConfig, config: EngineConfig):
         _CompileCounter.install()
-        cpu_kernels.available()  # build the decode kernels now, not inside the first request
         self.params = params
         self.model_config = cfg
         self.config = config
+        # Decided once for the replica, and the kernels built now, not inside the first request:
+        # decode steps run attention and LoRA through the CPU kernels (float32 weights, cache and
+        # adapters, kernels built here) or through XLA's forms. The replica's metrics report which.
+        self.decode_kernels = kernels.applies(params.embed.dtype) and kernels.applies(config.jnp_dtype)
+        decode_cfg = dataclasses.replace(cfg, decode_kernels=self.decode_kernels)
         self._counts = count_dtype(config.max_seq_len)
         self._prefill = jax.jit(functools.partial(_prefill, cfg=cfg, counts=self._counts))
         self._insert = jax.jit(_insert, donate_argnums=(1,))
-        self._generate = jax.jit(functools.partial(_generate, cfg=cfg, steps=config.decode_steps), donate_argnums=(2,))
+        self._generate = jax.jit(functools.partial(_generate, cfg=decode_cfg, steps=config.decode_steps),
+                                 donate_argnums=(2,))
 
     def init_state(self) -> DecodeState:
         B, V = self.config.max_batch_size, self.vocab_size

@@ -15,33 +15,19 @@ one-slot stack whose slot 0 is the adapter being trained.
 
 `scale` is `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA (see `lora_scale`). `b` is kept
 unscaled so that the arrays are exactly PEFT's (transposed) and gradients match PEFT's.
+
+This module is array math only: which projections exist and their shapes are the model's
+(`model.PROJECTIONS`), and the decode step's C++ kernel is chosen in `model.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-
-from jaxlora import cpu_kernels
-
-if TYPE_CHECKING:
-    from jaxlora.model import Params
-
-# PEFT module name -> (LayerParams weight field, whether it lives under self_attn or mlp).
-LORA_MODULES: dict[str, tuple[str, str]] = {
-    "q_proj": ("wq", "self_attn"),
-    "k_proj": ("wk", "self_attn"),
-    "v_proj": ("wv", "self_attn"),
-    "o_proj": ("wo", "self_attn"),
-    "gate_proj": ("w_gate", "mlp"),
-    "up_proj": ("w_up", "mlp"),
-    "down_proj": ("w_down", "mlp"),
-}
 
 
 @jax.tree_util.register_dataclass
@@ -74,42 +60,28 @@ def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def module_shape(params: "Params", layer: int, module: str) -> tuple[int, int]:
-    """(in, out) of a base projection."""
-    return getattr(params.layers[layer], LORA_MODULES[module][0]).shape
+def zeros_stack(shapes: Sequence[Mapping[str, tuple[int, int]]], num_slots: int, max_rank: int,
+                dtype=jnp.float32) -> LoraStack:
+    """An all-zero stack; `shapes` holds, per layer, (in, out) of each projection (`model.lora_shapes`)."""
+    def zeros(d_in: int, d_out: int) -> LoraModule:
+        return LoraModule(a=jnp.zeros((num_slots, d_in, max_rank), dtype), b=jnp.zeros((num_slots, max_rank, d_out), dtype))
+
+    layers = tuple({m: zeros(d_in, d_out) for m, (d_in, d_out) in layer.items()} for layer in shapes)
+    return LoraStack(layers=layers, scale=jnp.zeros((num_slots,), jnp.float32))
 
 
-def zeros_stack(
-    params: "Params", num_slots: int, max_rank: int, modules: tuple[str, ...] = tuple(LORA_MODULES), dtype=jnp.float32
-) -> LoraStack:
-    layers = []
-    for i in range(len(params.layers)):
-        layer = {}
-        for m in modules:
-            d_in, d_out = module_shape(params, i, m)
-            layer[m] = LoraModule(a=jnp.zeros((num_slots, d_in, max_rank), dtype), b=jnp.zeros((num_slots, max_rank, d_out), dtype))
-        layers.append(layer)
-    return LoraStack(layers=tuple(layers), scale=jnp.zeros((num_slots,), jnp.float32))
-
-
-def lora_delta(x_BxTxD: jax.Array, mod: LoraModule, scale_S: jax.Array, slots_B: jax.Array | None,
-               kernel: bool = False) -> jax.Array:
+def lora_delta(x_BxTxD: jax.Array, mod: LoraModule, scale_S: jax.Array, slots_B: jax.Array | None) -> jax.Array:
     """scale[slot] * (x @ a[slot]) @ b[slot] for each row, gathered by the row's slot.
 
     With `slots_B=None` the stack is already per row (see `gather_rows`): row b uses entry b.
-    Three forms of the same product: a one-slot stack (training) takes plain matmuls with a
-    hand-written gradient; `kernel=True` (decoding on CPU, one token per row, float32, chosen by
-    the engine through `cpu_kernels.applies`) takes the C++ kernel in `cpu_kernels.py`, which has no gradient;
-    everything else, XLA's batched matmuls over each row's gathered adapter.
+    Two forms of the same product: a one-slot stack (training) takes plain matmuls with a
+    hand-written gradient; everything else, XLA's batched matmuls over each row's gathered adapter.
+    (Decode steps on CPU take a third, the C++ kernel `kernels.bgmv`, chosen in `model.py`.)
     """
     if slots_B is not None and mod.a.shape[0] == 1:  # one slot (training): every row uses it
         x_NxD = x_BxTxD.reshape(-1, x_BxTxD.shape[-1]).astype(mod.a.dtype)
         y_NxO = _one_slot_delta(x_NxD, mod.a[0], mod.b[0], scale_S[0].astype(mod.a.dtype))
         return y_NxO.reshape(*x_BxTxD.shape[:-1], -1).astype(x_BxTxD.dtype)
-    if kernel:
-        if slots_B is None or x_BxTxD.shape[1] != 1:
-            raise ValueError("the BGMV kernel takes one token per row and the slot stack with slots_B")
-        return cpu_kernels.bgmv(x_BxTxD[:, 0], mod.a, mod.b, scale_S, slots_B)[:, None].astype(x_BxTxD.dtype)
     if slots_B is None:
         a_BxDxR, b_BxRxO, scale_B = mod.a, mod.b, scale_S
     else:
@@ -149,19 +121,3 @@ def gather_rows(stack: LoraStack, slots_B: jax.Array) -> LoraStack:
     """The stack re-indexed by row: entry b holds row b's adapter. Decoding gathers once per
     device call with this instead of once per step (the slots of a row do not change inside it)."""
     return jax.tree.map(lambda leaf: leaf[slots_B], stack)
-
-
-def merge(params: "Params", stack: LoraStack, slot: int) -> "Params":
-    """The base params with one slot's adapter folded into the weights, W + scale * a @ b, for a
-    replica that serves a single adapter. The merged model needs no LoRA stack at all."""
-    scale = stack.scale[slot]
-    layers = []
-    for lp, lora_layer in zip(params.layers, stack.layers):
-        updates = {}
-        for m, mod in lora_layer.items():
-            field = LORA_MODULES[m][0]
-            w = getattr(lp, field)
-            delta = scale * (mod.a[slot].astype(jnp.float32) @ mod.b[slot].astype(jnp.float32))
-            updates[field] = (w.astype(jnp.float32) + delta).astype(w.dtype)
-        layers.append(dataclasses.replace(lp, **updates))
-    return dataclasses.replace(params, layers=tuple(layers))

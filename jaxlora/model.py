@@ -10,9 +10,15 @@ place. Cache index == token position, so a query at position p sees exactly the 
 length is masked now and overwritten by that row's later decode steps.
 
 Weights are stored `[in, out]` so every projection reads `y = x @ W`; the checkpoint loader
-transposes Hugging Face's `[out, in]` once. Shape suffixes: B batch, T new tokens, S cache length,
-D hidden, N query heads, K kv heads, G = N // K query heads per kv head, H head dim, F MLP width,
-V vocab.
+(`hf_checkpoint.py`) transposes Hugging Face's `[out, in]` once. `PROJECTIONS` is the one table of
+the seven LoRA-able projections: their PEFT and Hugging Face names, their `LayerParams` fields and
+their shapes; the loader, the adapter formats, training and the benchmarks read it.
+
+A decode step's config may carry `decode_kernels`, decided once by the engine: attention and LoRA
+then run through the CPU kernels (`kernels/`) instead of XLA's forms, with the same semantics.
+
+Shape suffixes: B batch, T new tokens, S cache length, D hidden, N query heads, K kv heads,
+G = N // K query heads per kv head, H head dim, F MLP width, V vocab.
 
 What it deliberately does not do: sampling, batching policy, LoRA slot management (see the
 engine and the adapter modules), or any I/O.
@@ -26,7 +32,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxlora import cpu_kernels
+from jaxlora import kernels
 from jaxlora.config import ModelConfig
 from jaxlora.lora import LoraModule, LoraStack, lora_delta
 
@@ -50,6 +56,48 @@ class LayerParams:
     b_gate: jax.Array | None = None  # [F] (Llama mlp_bias)
     b_up: jax.Array | None = None  # [F]
     b_down: jax.Array | None = None  # [D]
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+    """One LoRA-able linear layer of a decoder layer, under every name it goes by."""
+
+    name: str  # PEFT's module name, also the last part of its Hugging Face name
+    block: str  # the submodule it lives in, "self_attn" or "mlp" (in Hugging Face and PEFT names)
+    weight: str  # LayerParams field of its weight [in, out]
+    bias: str  # LayerParams field of its bias [out], which exists when the config's `bias_flag` is set
+    bias_flag: str  # the ModelConfig flag that gives it a bias
+    d_in: str  # the ModelConfig size of its input
+    d_out: str  # the ModelConfig size of its output
+
+    @property
+    def hf_path(self) -> str:
+        """Its module under `model.layers.{i}.`: Hugging Face's tensors and PEFT's adapters both use it."""
+        return f"{self.block}.{self.name}"
+
+    def shape(self, cfg: ModelConfig) -> tuple[int, int]:
+        """(in, out): the shape of its weight here, and LoRA's a [in, r] and b [r, out] have them."""
+        return getattr(cfg, self.d_in), getattr(cfg, self.d_out)
+
+    def has_bias(self, cfg: ModelConfig) -> bool:
+        return getattr(cfg, self.bias_flag)
+
+
+PROJECTIONS: dict[str, Projection] = {p.name: p for p in (
+    #          name         block        weight    bias      bias_flag         d_in                 d_out
+    Projection("q_proj",    "self_attn", "wq",     "bq",     "attention_bias", "hidden_size",       "q_size"),
+    Projection("k_proj",    "self_attn", "wk",     "bk",     "attention_bias", "hidden_size",       "kv_size"),
+    Projection("v_proj",    "self_attn", "wv",     "bv",     "attention_bias", "hidden_size",       "kv_size"),
+    Projection("o_proj",    "self_attn", "wo",     "bo",     "o_bias",         "q_size",            "hidden_size"),
+    Projection("gate_proj", "mlp",       "w_gate", "b_gate", "mlp_bias",       "hidden_size",       "intermediate_size"),
+    Projection("up_proj",   "mlp",       "w_up",   "b_up",   "mlp_bias",       "hidden_size",       "intermediate_size"),
+    Projection("down_proj", "mlp",       "w_down", "b_down", "mlp_bias",       "intermediate_size", "hidden_size"),
+)}
+
+
+def lora_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, int]], ...]:
+    """Per layer, (in, out) of every projection: the shapes `lora.zeros_stack` allocates for."""
+    return tuple({name: p.shape(cfg) for name, p in PROJECTIONS.items()} for _ in range(cfg.num_layers))
 
 
 @jax.tree_util.register_dataclass
@@ -137,7 +185,7 @@ class _RowLora:
     scale_S: jax.Array
     slots_B: jax.Array | None
     dropout: tuple[jax.Array, float] | None = None  # (PRNG key of this layer, rate): training only
-    kernel: bool = False  # decode through the CPU BGMV kernel (`cpu_kernels.py`); the engine decides
+    kernel: bool = False  # a decode step with `cfg.decode_kernels`: the CPU BGMV kernel (`kernels.bgmv`)
 
     def delta(self, name: str, x: jax.Array) -> jax.Array | None:
         mod = self.modules.get(name)
@@ -147,11 +195,18 @@ class _RowLora:
             key, rate = self.dropout
             keep = jax.random.bernoulli(jax.random.fold_in(key, sorted(self.modules).index(name)), 1 - rate, x.shape)
             x = jnp.where(keep, x / (1 - rate), 0).astype(x.dtype)
-        return lora_delta(x, mod, self.scale_S, self.slots_B, self.kernel)
+        if self.kernel:  # reads each row's slot in place; `lora_delta`'s XLA forms are the same product
+            if self.slots_B is None:
+                raise ValueError("the BGMV kernel takes one token per row and the slot stack with slots_B")
+            return kernels.bgmv(x[:, 0], mod.a, mod.b, self.scale_S, self.slots_B)[:, None].astype(x.dtype)
+        return lora_delta(x, mod, self.scale_S, self.slots_B)
 
 
-def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None, lora: _RowLora | None, name: str) -> jax.Array:
-    y = x @ w
+def _project(x: jax.Array, lp: LayerParams, name: str, lora: _RowLora | None) -> jax.Array:
+    """x @ W + b of projection `name` (a row of PROJECTIONS), plus the row's LoRA delta."""
+    p = PROJECTIONS[name]
+    y = x @ getattr(lp, p.weight)
+    b = getattr(lp, p.bias)
     if b is not None:
         y = y + b
     delta = None if lora is None else lora.delta(name, x)
@@ -198,13 +253,12 @@ def decoder_layer(
     k_cache: jax.Array | None,
     v_cache: jax.Array | None,
     lora: _RowLora | None = None,
-    decode_kernels: bool = False,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     B, T, _ = x_BxTxD.shape
     h = rms_norm(x_BxTxD, lp.attn_norm, cfg.rms_norm_eps)
-    q = _linear(h, lp.wq, lp.bq, lora, "q_proj").reshape(B, T, cfg.num_heads, cfg.head_dim)
-    k = _linear(h, lp.wk, lp.bk, lora, "k_proj").reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    v = _linear(h, lp.wv, lp.bv, lora, "v_proj").reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    q = _project(h, lp, "q_proj", lora).reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = _project(h, lp, "k_proj", lora).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v = _project(h, lp, "v_proj", lora).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     q = apply_rope(q, rope)
     k = apply_rope(k, rope)
     if k_cache is None:  # attend to this call's tokens only (training, reference)
@@ -213,15 +267,15 @@ def decoder_layer(
         k_cache = _write_cache(k_cache, k, positions_BxT)
         v_cache = _write_cache(v_cache, v, positions_BxT)
         keys, values = k_cache, v_cache
-    if decode_kernels:  # one token per row, against the cache (checked in hidden_states)
-        attn = cpu_kernels.decode_attention(q[:, 0], keys, values, positions_BxT[:, 0], cfg.sliding_window)[:, None]
+    if cfg.decode_kernels:  # one token per row, against the cache (checked in hidden_states)
+        attn = kernels.decode_attention(q[:, 0], keys, values, positions_BxT[:, 0], cfg.sliding_window)[:, None]
     else:
         attn = attention(q, keys, values, visible_BxTxS)
-    x_BxTxD = x_BxTxD + _linear(attn.reshape(B, T, cfg.q_size), lp.wo, lp.bo, lora, "o_proj")
+    x_BxTxD = x_BxTxD + _project(attn.reshape(B, T, cfg.q_size), lp, "o_proj", lora)
     h = rms_norm(x_BxTxD, lp.mlp_norm, cfg.rms_norm_eps)
-    gate = _linear(h, lp.w_gate, lp.b_gate, lora, "gate_proj")
-    up = _linear(h, lp.w_up, lp.b_up, lora, "up_proj")
-    x_BxTxD = x_BxTxD + _linear(jax.nn.silu(gate) * up, lp.w_down, lp.b_down, lora, "down_proj")
+    gate = _project(h, lp, "gate_proj", lora)
+    up = _project(h, lp, "up_proj", lora)
+    x_BxTxD = x_BxTxD + _project(jax.nn.silu(gate) * up, lp, "down_proj", lora)
     return x_BxTxD, k_cache, v_cache
 
 
@@ -234,29 +288,27 @@ def hidden_states(
     lora: LoraStack | None = None,
     slots_B: jax.Array | None = None,
     lora_dropout: tuple[jax.Array, float] | None = None,
-    decode_kernels: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """The final normed hidden states [B, T, D] and the updated cache; `forward` without the head.
-    `lora_dropout` = (key, rate) drops LoRA inputs as PEFT does when training; `decode_kernels`
-    computes attention and LoRA with the CPU decode kernels (one token per row against a float32
-    cache, float32 weights: `cpu_kernels.applies`, decided by the engine)."""
+    `lora_dropout` = (key, rate) drops LoRA inputs as PEFT does when training. With
+    `cfg.decode_kernels` (a decode step's config, set by the engine) attention and LoRA run through
+    the CPU decode kernels: one token per row against a float32 cache, float32 weights."""
     if lora is None and slots_B is not None:
         raise ValueError("slots_B without a LoRA stack")
-    if decode_kernels and (cache is None or tokens_BxT.shape[1] != 1):
+    if cfg.decode_kernels and (cache is None or tokens_BxT.shape[1] != 1):
         raise ValueError("the decode kernels take one token per row and a KV cache")
     rope = rope_angles(positions_BxT, cfg)
     # Without a cache a row attends to this call's tokens; with one, cache entry s is position s.
     k_pos_BxS = positions_BxT if cache is None else jnp.arange(cache.max_len)[None, :]
-    visible_BxTxS = None if decode_kernels else visible(positions_BxT, k_pos_BxS, cfg.sliding_window)
+    visible_BxTxS = None if cfg.decode_kernels else visible(positions_BxT, k_pos_BxS, cfg.sliding_window)
     x = params.embed[tokens_BxT]
     new_k, new_v = [], []
     for i, lp in enumerate(params.layers):
         k_cache = None if cache is None else cache.k[i]
         v_cache = None if cache is None else cache.v[i]
         dropout = None if lora_dropout is None else (jax.random.fold_in(lora_dropout[0], i), lora_dropout[1])
-        row_lora = None if lora is None else _RowLora(lora.layers[i], lora.scale, slots_B, dropout, decode_kernels)
-        x, k_cache, v_cache = decoder_layer(lp, x, positions_BxT, rope, visible_BxTxS, cfg, k_cache, v_cache, row_lora,
-                                            decode_kernels)
+        row_lora = None if lora is None else _RowLora(lora.layers[i], lora.scale, slots_B, dropout, cfg.decode_kernels)
+        x, k_cache, v_cache = decoder_layer(lp, x, positions_BxT, rope, visible_BxTxS, cfg, k_cache, v_cache, row_lora)
         new_k.append(k_cache)
         new_v.append(v_cache)
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
@@ -278,12 +330,11 @@ def forward(
     lora: LoraStack | None = None,
     slots_B: jax.Array | None = None,
     lora_dropout: tuple[jax.Array, float] | None = None,
-    decode_kernels: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """Returns float32 logits [B, T, V] and the updated cache (None in, None out).
 
     With `lora`, row b adds the adapter in slot `slots_B[b]` to every projection it targets;
     with `lora` and no `slots_B`, `lora` is per row already (`lora.gather_rows`).
     """
-    x, cache = hidden_states(params, tokens_BxT, positions_BxT, cfg, cache, lora, slots_B, lora_dropout, decode_kernels)
+    x, cache = hidden_states(params, tokens_BxT, positions_BxT, cfg, cache, lora, slots_B, lora_dropout)
     return lm_head(params, x), cache

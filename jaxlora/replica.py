@@ -22,11 +22,11 @@ from pathlib import Path
 from jaxlora.adapter_format import read_published
 from jaxlora.adapter_store import AdapterStore
 from jaxlora.adapter_versions import AdapterVersions
-from jaxlora.checkpoint import load_params, model_fingerprint
+from jaxlora.hf_checkpoint import load_params, model_fingerprint
 from jaxlora.config import ModelConfig
 from jaxlora.engine import Engine, EngineConfig
 from jaxlora.lora import zeros_stack
-from jaxlora.model import Params
+from jaxlora.model import lora_shapes
 from jaxlora.scheduler import Scheduler
 from jaxlora.slots import SlotCache
 
@@ -53,9 +53,10 @@ class Replica:
         self.slots.close()
 
 
-def build_slots(params: Params, model_config: ModelConfig, config: EngineConfig, fingerprint: str) -> SlotCache:
+def build_slots(model_config: ModelConfig, config: EngineConfig, fingerprint: str) -> SlotCache:
     """Empty device slots for `config`, loading published versions checked against `fingerprint`."""
-    stack = zeros_stack(params, config.num_adapter_slots, config.max_lora_rank, dtype=config.jnp_dtype)
+    stack = zeros_stack(lora_shapes(model_config), config.num_adapter_slots, config.max_lora_rank,
+                        dtype=config.jnp_dtype)
     return SlotCache(stack, lambda r: read_published(r.path, model_config, config.max_lora_rank, fingerprint),
                      config.host_adapter_cache)
 
@@ -67,7 +68,7 @@ def build_replica(model_dir: str | Path, store: AdapterStore, config: EngineConf
     model_dir = Path(model_dir)
     params, model_config = load_params(model_dir, config.jnp_dtype)
     fingerprint = model_fingerprint(model_dir)
-    slots = build_slots(params, model_config, config, fingerprint)
+    slots = build_slots(model_config, config, fingerprint)
     engine = Engine(params, model_config, config)
     if warm_up:
         slots.warm_up()

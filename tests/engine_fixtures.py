@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from jaxlora.adapter_store import AdapterStore, ResolvedAdapter
-from jaxlora.checkpoint import model_fingerprint
+from jaxlora.hf_checkpoint import model_fingerprint
 from jaxlora.engine import Engine, EngineConfig
 from jaxlora.replica import Replica, build_replica
 from jaxlora.requests import Finished, RequestHandle, TokenEvent

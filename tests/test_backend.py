@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from jaxlora import kernels
 from jaxlora.adapter_format import random_adapter, write_peft
 from jaxlora.backend import LocalJaxLoRABackend
 from jaxlora.engine import EngineConfig
@@ -88,7 +89,7 @@ def test_metrics_cover_the_engine(backend):
     for key in ("decode_tokens_per_s", "batch_occupancy", "queue_depth", "ttft_s", "tpot_s", "compilations", "memory"):
         assert key in m
     assert m["adapter_cache"]["loads"] >= 1 and m["memory"]["host_peak_rss_bytes"] > 0
-    assert m["decode_kernels"] is True  # float32 demo model on a CPU with a compiler
+    assert m["decode_kernels"] is kernels.available()  # the float32 demo model takes them wherever they are built
     assert backend.healthy
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jaxlora.checkpoint import load_params
+from jaxlora.hf_checkpoint import load_params
 from jaxlora.errors import ModelLoadError
 
 

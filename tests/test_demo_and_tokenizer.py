@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxlora.checkpoint import load_params
+from jaxlora.hf_checkpoint import load_params
 from jaxlora.demo import build_demo_model
 from jaxlora.errors import ModelLoadError
 from jaxlora.model import forward

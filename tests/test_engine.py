@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxlora.checkpoint import model_fingerprint
+from jaxlora.hf_checkpoint import model_fingerprint
 from jaxlora.engine import compile_count
 from jaxlora.errors import InvalidRequest, Overloaded
 from jaxlora.replica import build_slots
@@ -85,7 +85,7 @@ def test_tokens_do_not_depend_on_the_adapter_slot(tiny):
     config, fingerprint = tiny.engine.config, model_fingerprint(tiny.base_dir)
     results, slots_used = [], []
     for loaded_first in ([], ["a_qv_r4", "c_mlp_r2"]):
-        slots = build_slots(tiny.engine.params, tiny.engine.model_config, config, fingerprint)
+        slots = build_slots(tiny.engine.model_config, config, fingerprint)
         for name in loaded_first:
             slots.release(slots.acquire(tiny.adapters[name]))
         slots_used.append(slots.acquire(needle[2]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import jax.numpy as jnp
 
 from jaxlora.adapter_store import ResolvedAdapter
 from jaxlora.adapter_format import LoraAdapter, random_adapter, read_adapter, write_peft
-from jaxlora.checkpoint import load_params
-from jaxlora.lora import LoraModule, lora_delta, merge, zeros_stack
-from jaxlora.model import forward
+from jaxlora.hf_checkpoint import load_params
+from jaxlora.lora import LoraModule, LoraStack, lora_delta, zeros_stack
+from jaxlora.model import PROJECTIONS, Params, forward, lora_shapes
 from jaxlora.slots import SlotCache
 from tests.hf_models import LOGIT_TOL
 from tests.peft_adapters import ADAPTER_SPECS, load_peft, make_peft_adapter
@@ -35,8 +36,8 @@ def peft_adapters(tiny_checkpoints, tmp_path_factory):
     }
 
 
-def _slots_for(params, cfg, adapters: dict[str, LoraAdapter]) -> tuple[SlotCache, dict[str, int]]:
-    cache = SlotCache(zeros_stack(params, num_slots=len(adapters) + 1, max_rank=MAX_RANK),
+def _slots_for(cfg, adapters: dict[str, LoraAdapter]) -> tuple[SlotCache, dict[str, int]]:
+    cache = SlotCache(zeros_stack(lora_shapes(cfg), num_slots=len(adapters) + 1, max_rank=MAX_RANK),
                       loader=lambda r: adapters[r.adapter_id])
     return cache, {name: cache.acquire(ResolvedAdapter("test", name, "v0001", Path("/nowhere"))) for name in adapters}
 
@@ -61,7 +62,7 @@ def test_each_adapter_matches_peft(tiny_checkpoints, peft_adapters, arch):
     params, cfg = load_params(tiny_checkpoints[arch])
     adapters = {n: read_adapter(d, cfg, MAX_RANK) for n, d in peft_adapters[arch].items()}
     assert adapters["b_all_r8_rslora"].use_rslora
-    cache, slot_of = _slots_for(params, cfg, adapters)
+    cache, slot_of = _slots_for(cfg, adapters)
     peft_model = load_peft(tiny_checkpoints[arch], peft_adapters[arch])
     prompt = _prompts(cfg.vocab_size, [9])[0]
     base, _ = forward(params, np.array([prompt]), np.arange(9)[None], cfg)
@@ -79,7 +80,7 @@ def test_each_adapter_matches_peft(tiny_checkpoints, peft_adapters, arch):
 def test_mixed_batch_equals_rows_alone_and_peft_mixed_batch(tiny_checkpoints, peft_adapters, arch):
     params, cfg = load_params(tiny_checkpoints[arch])
     adapters = {n: read_adapter(d, cfg, MAX_RANK) for n, d in peft_adapters[arch].items()}
-    cache, slot_of = _slots_for(params, cfg, adapters)
+    cache, slot_of = _slots_for(cfg, adapters)
     row_adapters = ["__base__", "a_qv_r4", "b_all_r8_rslora", "c_mlp_r2", "a_qv_r4", "__base__"]
     slots = np.array([slot_of.get(n, 0) for n in row_adapters], np.int32)
     prompts = _prompts(cfg.vocab_size, [5, 11, 8, 3, 11, 7], seed=1)
@@ -152,7 +153,7 @@ def test_written_adapter_loads_in_peft_with_equal_logits(tiny_checkpoints, tmp_p
     write_peft(ours, tmp_path / "ours", base_model="tiny")
     again = read_adapter(tmp_path / "ours", cfg, MAX_RANK)
     assert again.weights.keys() == ours.weights.keys() and again.scale == ours.scale
-    cache, slot_of = _slots_for(params, cfg, {"ours": ours})
+    cache, slot_of = _slots_for(cfg, {"ours": ours})
     peft_model = load_peft(tiny_checkpoints[arch], {"ours": tmp_path / "ours"})
     prompt = _prompts(cfg.vocab_size, [7], seed=4)[0]
     got, _ = forward(params, np.array([prompt]), np.arange(7)[None], cfg, lora=cache.stack, slots_B=np.array([slot_of["ours"]]))
@@ -176,15 +177,31 @@ def test_legacy_params_json_equals_peft(tiny_checkpoints, peft_adapters, tmp_pat
         np.testing.assert_array_equal(old.weights[k][1], b)
 
 
+def _merge(params: Params, stack: LoraStack, slot: int) -> Params:
+    """The base params with one slot's adapter folded into the weights, W + scale * a @ b: the
+    model a replica serving a single adapter could run, with no LoRA stack at all."""
+    scale = stack.scale[slot]
+    layers = []
+    for lp, lora_layer in zip(params.layers, stack.layers):
+        updates = {}
+        for m, mod in lora_layer.items():
+            field = PROJECTIONS[m].weight
+            w = getattr(lp, field)
+            delta = scale * (mod.a[slot].astype(jnp.float32) @ mod.b[slot].astype(jnp.float32))
+            updates[field] = (w.astype(jnp.float32) + delta).astype(w.dtype)
+        layers.append(dataclasses.replace(lp, **updates))
+    return dataclasses.replace(params, layers=tuple(layers))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_merged_weights_equal_lora_forward(tiny_checkpoints, peft_adapters, arch):
     params, cfg = load_params(tiny_checkpoints[arch])
     ad = read_adapter(peft_adapters[arch]["b_all_r8_rslora"], cfg, MAX_RANK)
-    cache, slot_of = _slots_for(params, cfg, {"b": ad})
+    cache, slot_of = _slots_for(cfg, {"b": ad})
     prompt = _prompts(cfg.vocab_size, [10], seed=5)[0]
     tok, pos = np.array([prompt]), np.arange(10)[None]
     with_lora, _ = forward(params, tok, pos, cfg, lora=cache.stack, slots_B=np.array([slot_of["b"]]))
-    merged, _ = forward(merge(params, cache.stack, slot_of["b"]), tok, pos, cfg)
+    merged, _ = forward(_merge(params, cache.stack, slot_of["b"]), tok, pos, cfg)
     # W + s*A@B rounds each weight once more than x@W + s*(x@A)@B does, a summation-order-sized
     # difference; measured <= 3.4e-5 (qwen2_bias, whose rsLoRA adapter outweighs W) at logits ~4.
     assert np.abs(np.asarray(merged) - np.asarray(with_lora)).max() <= LOGIT_TOL
@@ -192,7 +209,7 @@ def test_merged_weights_equal_lora_forward(tiny_checkpoints, peft_adapters, arch
 
 def test_zero_slot_is_the_base_model(tiny_checkpoints):
     params, cfg = load_params(tiny_checkpoints["llama_gqa"])
-    stack = zeros_stack(params, num_slots=3, max_rank=4)
+    stack = zeros_stack(lora_shapes(cfg), num_slots=3, max_rank=4)
     prompt = np.array([_prompts(cfg.vocab_size, [6])[0]])
     base, _ = forward(params, prompt, np.arange(6)[None], cfg)
     slot0, _ = forward(params, prompt, np.arange(6)[None], cfg, lora=stack, slots_B=np.array([0]))

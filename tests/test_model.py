@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 import jax.numpy as jnp
 
-from jaxlora.checkpoint import load_params
+from jaxlora.hf_checkpoint import load_params
 from jaxlora.generate import greedy_generate
 from jaxlora.model import KVCache, forward
 from tests.hf_models import LOGIT_TOL, TINY_CONFIGS, load_reference, save_tiny
@@ -59,11 +61,12 @@ def test_prefill_then_decode_equals_one_forward(tiny_checkpoints, arch, decode_k
     prefill_tokens, prefill_pos = _right_padded([f[:m] for f, m in zip(full, n)])
     cache = KVCache.zeros(cfg, len(full), 24)
     _, cache = forward(params, prefill_tokens, prefill_pos, cfg, cache)
+    decode_cfg = dataclasses.replace(cfg, decode_kernels=decode_kernels)
     step_logits = []
     for i in range(k):
         tok = np.array([[f[m + i]] for f, m in zip(full, n)], np.int32)
         pos = np.array([[m + i] for m in n], np.int32)
-        logits, cache = forward(params, tok, pos, cfg, cache, decode_kernels=decode_kernels)
+        logits, cache = forward(params, tok, pos, decode_cfg, cache)
         step_logits.append(np.asarray(logits[:, 0]))
     tokens, positions = _right_padded(full)
     ref, _ = forward(params, tokens, positions, cfg)
@@ -82,7 +85,7 @@ def test_greedy_32_tokens_equal_transformers_generate(tiny_checkpoints, arch, de
     ref = load_reference(tiny_checkpoints[arch])
     ref.generation_config.eos_token_id = None  # generate all 32 tokens, as greedy_generate does
     prompts = _prompts(cfg.vocab_size, seed=3)
-    ours = greedy_generate(params, cfg, prompts, max_new_tokens=32, decode_kernels=decode_kernels)
+    ours = greedy_generate(params, dataclasses.replace(cfg, decode_kernels=decode_kernels), prompts, max_new_tokens=32)
     # Exact tokens are honest here: the smallest top-1 minus top-2 logit gap on these trajectories
     # (2.6e-4, mistral) is over twice LOGIT_TOL, and the logits differ by <= 1e-5.
     for p, got in zip(prompts, ours):
@@ -90,6 +93,16 @@ def test_greedy_32_tokens_equal_transformers_generate(tiny_checkpoints, arch, de
             out = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                do_sample=False, max_new_tokens=32, min_new_tokens=32, pad_token_id=0)
         assert got == out[0, len(p):].tolist()
+
+
+def test_a_decode_steps_config_refuses_other_calls(tiny_checkpoints):
+    """The kernels' config is for decode steps alone: prefill (many tokens) and training (no cache) refuse it."""
+    params, cfg = load_params(tiny_checkpoints["llama_gqa"])
+    decode_cfg = dataclasses.replace(cfg, decode_kernels=True)
+    tokens, positions = _right_padded(_prompts(cfg.vocab_size))
+    for tok, pos, cache in [(tokens, positions, KVCache.zeros(cfg, 3, 16)), (tokens[:, :1], positions[:, :1], None)]:
+        with pytest.raises(ValueError, match="the decode kernels take one token per row and a KV cache"):
+            forward(params, tok, pos, decode_cfg, cache)
 
 
 # bf16 weights, activations and KV cache (float32 norms, softmax and logits) against float32: the

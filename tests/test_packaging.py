@@ -1,5 +1,6 @@
-"""What gets installed: serving and training need no test dependency, and every third-party package
-the code imports is declared in pyproject.toml itself (not merely pulled in by something else)."""
+"""What gets installed: serving and training need no test dependency, every third-party package
+the code imports is declared in pyproject.toml itself (not merely pulled in by something else), and
+the kernels' C++ sources ship with the package."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import subprocess
 import sys
 import tomllib
+from fnmatch import fnmatch
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
@@ -68,3 +70,15 @@ def test_every_imported_package_is_a_declared_runtime_dependency():
     assert not missing, f"imported but not declared in pyproject.toml dependencies: {missing}"
     assert "jinja2" in declared  # transformers renders chat templates with it
     assert not declared & TEST_ONLY
+
+
+def test_the_kernel_sources_are_found_and_installed_with_the_package():
+    """The CPU kernels are compiled from their C++ on first use, so an install must carry every
+    source file their build reads, as package data of the package that builds them."""
+    from jaxlora import kernels
+
+    sources = kernels._sources()
+    assert {"bgmv.cc", "attention.cc"} <= {p.name for p in sources}
+    assert all(p.parent == Path(kernels.__file__).parent for p in sources)
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][kernels.__name__]
+    assert all(any(fnmatch(p.name, g) for g in globs) for p in sources)

@@ -20,7 +20,7 @@ from ray import serve  # noqa: E402
 
 from jaxlora.adapter_format import random_adapter, write_peft  # noqa: E402
 from jaxlora.adapter_store import AdapterStore  # noqa: E402
-from jaxlora.checkpoint import model_fingerprint  # noqa: E402
+from jaxlora.hf_checkpoint import model_fingerprint  # noqa: E402
 from jaxlora.config import ModelConfig  # noqa: E402
 from serve_app.app import build_app  # noqa: E402
 from serve_app.keys import add_key  # noqa: E402
@@ -479,7 +479,7 @@ def test_health_check_fails_when_the_engine_loop_died():
 
 def test_metrics_are_exported_from_the_model_replica(server):
     """The replica's stats count what this test's own requests did (no other test sends traffic meanwhile)."""
-    from jaxlora import cpu_kernels
+    from jaxlora import kernels
 
     for i in range(2):
         server.publish("alice", f"counted{i}", seed=50 + i)  # new adapters: each is loaded exactly once
@@ -494,7 +494,7 @@ def test_metrics_are_exported_from_the_model_replica(server):
     assert stats["adapter_cache"]["loads"] - before["adapter_cache"]["loads"] == 2
     assert stats["compilations"] > 0 and 0 < stats["batch_occupancy"] <= 1
     # ENGINE keeps the default float32, so the replica decodes with the kernels exactly where they build.
-    assert stats["decode_kernels"] is cpu_kernels.available()
+    assert stats["decode_kernels"] is kernels.available()
 
 
 class _Scrape:

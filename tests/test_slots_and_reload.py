@@ -10,11 +10,11 @@ import pytest
 
 from jaxlora.adapter_format import random_adapter, read_published, write_peft
 from jaxlora.adapter_store import AdapterStore
-from jaxlora.checkpoint import load_params, model_fingerprint
+from jaxlora.hf_checkpoint import load_params, model_fingerprint
 from jaxlora.errors import AdapterFormatError, AdapterNotFoundError
 from jaxlora.adapter_versions import AdapterVersions
 from jaxlora.lora import zeros_stack
-from jaxlora.model import KVCache, forward
+from jaxlora.model import KVCache, forward, lora_shapes
 from jaxlora.errors import NoFreeSlot
 from jaxlora.slots import SlotCache
 
@@ -37,7 +37,7 @@ def _publish(store, cfg, fingerprint, user, adapter_id, seed, r=4, modules=MODUL
 
 
 def _slots(params, cfg, fingerprint, num_slots, host_capacity=64):
-    return SlotCache(zeros_stack(params, num_slots, MAX_RANK),
+    return SlotCache(zeros_stack(lora_shapes(cfg), num_slots, MAX_RANK),
                      loader=lambda r: read_published(r.path, cfg, MAX_RANK, fingerprint), host_capacity=host_capacity)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from jaxlora.adapter_format import read_adapter
 from jaxlora.backend import LocalJaxLoRABackend
-from jaxlora.checkpoint import load_params, model_fingerprint
+from jaxlora.hf_checkpoint import load_params, model_fingerprint
 from jaxlora.engine import EngineConfig
 from jaxlora.lora import LoraModule, LoraStack, lora_scale
 from jaxlora.model import forward

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from jaxlora.adapter_store import DEFAULT_FS_ROOT, check_id
 from jaxlora.errors import InvalidAdapterRef
-from jaxlora.lora import LORA_MODULES
+from jaxlora.model import PROJECTIONS
 
 
 class LoraSpec(BaseModel):
@@ -19,15 +19,15 @@ class LoraSpec(BaseModel):
     r: int = Field(16, ge=1, le=256)
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: list(LORA_MODULES))
+    target_modules: list[str] = Field(default_factory=lambda: list(PROJECTIONS))
     use_rslora: bool = False
 
     @field_validator("target_modules")
     @classmethod
     def _known_modules(cls, v: list[str]) -> list[str]:
-        unknown = [m for m in v if m not in LORA_MODULES]
+        unknown = [m for m in v if m not in PROJECTIONS]
         if unknown or not v:
-            raise ValueError(f"target_modules {unknown or v} not supported; choose from {list(LORA_MODULES)}")
+            raise ValueError(f"target_modules {unknown or v} not supported; choose from {list(PROJECTIONS)}")
         return v
 
 

@@ -34,13 +34,13 @@ import numpy as np
 import optax
 from safetensors.numpy import load_file, save_file
 
-from jaxlora.adapter_format import LoraAdapter, module_in_out, write_peft
+from jaxlora.adapter_format import LoraAdapter, write_peft
 from jaxlora.adapter_store import AdapterStore
-from jaxlora.checkpoint import load_params, model_fingerprint
 from jaxlora.config import ModelConfig
 from jaxlora.demo import ensure_demo_model
+from jaxlora.hf_checkpoint import load_params, model_fingerprint
 from jaxlora.lora import LoraModule, LoraStack, lora_scale
-from jaxlora.model import Params, forward
+from jaxlora.model import PROJECTIONS, Params, forward
 from jaxlora.tokenizer import load_tokenizer
 from training.data import Batch, BatchStream, load_dataset
 from training.losses import dpo_loss, sequence_logprobs, sft_loss
@@ -67,7 +67,7 @@ def init_lora(cfg: ModelConfig, spec: TrainSpec, key: jax.Array) -> tuple[dict[s
     for i in range(cfg.num_layers):
         layer = {}
         for j, m in enumerate(spec.lora.target_modules):
-            d_in, d_out = module_in_out(cfg, m)
+            d_in, d_out = PROJECTIONS[m].shape(cfg)
             bound = 1.0 / math.sqrt(d_in)
             a = jax.random.uniform(jax.random.fold_in(key, i * 16 + j), (1, d_in, spec.lora.r), jnp.float32, -bound, bound)
             layer[m] = LoraModule(a=a, b=jnp.zeros((1, spec.lora.r, d_out), jnp.float32))

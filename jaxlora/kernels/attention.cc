@@ -1,5 +1,5 @@
 // Decode attention on CPU: one new token per row against that row's KV cache, reading only the
-// cache entries the token can see. Called from JAX through XLA's FFI; see jaxlora/cpu_kernels.py.
+// cache entries the token can see. Called from JAX through XLA's FFI; see jaxlora/kernels/__init__.py.
 // Semantics (model.attention for one query position p per row; G = N / K query heads per kv head):
 //
 //   for b, n:  kv = n // G;  seen = [s for s in range(S) if s <= p[b] and (W == 0 or s > p[b] - W)]

@@ -1,6 +1,6 @@
 // BGMV for decoding on CPU: every row adds its own adapter's LoRA product, reading the adapter's
 // weights in place in the slot stack (no per-row copies). Called from JAX through XLA's FFI; see
-// jaxlora/cpu_kernels.py for why it exists and how it is built. Semantics (the reference loop):
+// jaxlora/kernels/__init__.py for why it exists and how it is built. Semantics (the reference loop):
 //
 //   for i in range(rows):
 //       s = slots[i]

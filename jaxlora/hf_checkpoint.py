@@ -1,9 +1,11 @@
 """Loads a Hugging Face causal-LM checkpoint from a local directory into a `Params` pytree.
 
 Reads `config.json` and either `model.safetensors` or a sharded `model.safetensors.index.json`,
-maps every tensor through one explicit name table (`hf_tensor_names`), checks every shape against
-the config and transposes projections to `[in, out]`. It never reaches a hub and never unpickles:
-a directory holding only `pytorch_model.bin` is refused with a note on converting it.
+maps every tensor through one explicit name table (`hf_tensor_names`, derived from the model's
+`PROJECTIONS` plus the norms), checks every shape against the config and transposes projections to
+`[in, out]`. It never reaches a hub and never unpickles: a directory holding only
+`pytorch_model.bin` is refused with a note on converting it. (Training checkpoints, the LoRA
+weights and optimizer state of a run, are `training/trainer.py`'s.)
 """
 
 from __future__ import annotations
@@ -20,50 +22,22 @@ from safetensors import SafetensorError, safe_open
 
 from jaxlora.config import ModelConfig
 from jaxlora.errors import ModelLoadError
-from jaxlora.model import LayerParams, Params
+from jaxlora.model import PROJECTIONS, LayerParams, Params
 
-# LayerParams field -> (Hugging Face name under `model.layers.{i}.`, is a projection to transpose).
-LAYER_TENSORS: dict[str, tuple[str, bool]] = {
-    "attn_norm": ("input_layernorm.weight", False),
-    "wq": ("self_attn.q_proj.weight", True),
-    "wk": ("self_attn.k_proj.weight", True),
-    "wv": ("self_attn.v_proj.weight", True),
-    "wo": ("self_attn.o_proj.weight", True),
-    "bq": ("self_attn.q_proj.bias", False),
-    "bk": ("self_attn.k_proj.bias", False),
-    "bv": ("self_attn.v_proj.bias", False),
-    "bo": ("self_attn.o_proj.bias", False),
-    "mlp_norm": ("post_attention_layernorm.weight", False),
-    "w_gate": ("mlp.gate_proj.weight", True),
-    "w_up": ("mlp.up_proj.weight", True),
-    "w_down": ("mlp.down_proj.weight", True),
-    "b_gate": ("mlp.gate_proj.bias", False),
-    "b_up": ("mlp.up_proj.bias", False),
-    "b_down": ("mlp.down_proj.bias", False),
-}
+# LayerParams field -> Hugging Face name under `model.layers.{i}.`, for the tensors that are not projections.
+_NORMS = {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight"}
 
 
-def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Hugging Face shapes ([out, in] for projections) of the tensors one layer of `cfg` has."""
-    D, F = cfg.hidden_size, cfg.intermediate_size
-    shapes = {
-        "attn_norm": (D,),
-        "wq": (cfg.q_size, D),
-        "wk": (cfg.kv_size, D),
-        "wv": (cfg.kv_size, D),
-        "wo": (D, cfg.q_size),
-        "mlp_norm": (D,),
-        "w_gate": (F, D),
-        "w_up": (F, D),
-        "w_down": (D, F),
-    }
-    if cfg.attention_bias:
-        shapes |= {"bq": (cfg.q_size,), "bk": (cfg.kv_size,), "bv": (cfg.kv_size,)}
-    if cfg.o_bias:
-        shapes["bo"] = (D,)
-    if cfg.mlp_bias:
-        shapes |= {"b_gate": (F,), "b_up": (F,), "b_down": (D,)}
-    return shapes
+def layer_tensors(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """LayerParams field -> (Hugging Face name under `model.layers.{i}.`, its shape there) of every
+    tensor one layer of `cfg` has; Hugging Face stores projection weights [out, in]."""
+    tensors = {field: (name, (cfg.hidden_size,)) for field, name in _NORMS.items()}
+    for p in PROJECTIONS.values():
+        d_in, d_out = p.shape(cfg)
+        tensors[p.weight] = (f"{p.hf_path}.weight", (d_out, d_in))
+        if p.has_bias(cfg):
+            tensors[p.bias] = (f"{p.hf_path}.bias", (d_out,))
+    return tensors
 
 
 def hf_tensor_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -71,9 +45,10 @@ def hf_tensor_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     names = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), "model.norm.weight": (cfg.hidden_size,)}
     if not cfg.tie_word_embeddings:
         names["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    layer = layer_tensors(cfg).values()
     for i in range(cfg.num_layers):
-        for field, shape in layer_shapes(cfg).items():
-            names[f"model.layers.{i}.{LAYER_TENSORS[field][0]}"] = shape
+        for name, shape in layer:
+            names[f"model.layers.{i}.{name}"] = shape
     return names
 
 
@@ -163,16 +138,16 @@ def load_params(model_dir: str | Path, dtype=jnp.float32) -> tuple[Params, Model
         a = a.T if transpose else a
         return jnp.asarray(np.ascontiguousarray(a), dtype=dtype)
 
-    layers = []
-    for i in range(cfg.num_layers):
-        fields = {}
-        for field in layer_shapes(cfg):
-            hf_name, transpose = LAYER_TENSORS[field]
-            fields[field] = put(tensors[f"model.layers.{i}.{hf_name}"], transpose)
-        layers.append(LayerParams(**fields))
+    layer = layer_tensors(cfg)
+    weights = {p.weight for p in PROJECTIONS.values()}  # transposed to [in, out]
+    layers = tuple(
+        LayerParams(**{field: put(tensors[f"model.layers.{i}.{name}"], transpose=field in weights)
+                       for field, (name, _) in layer.items()})
+        for i in range(cfg.num_layers)
+    )
     params = Params(
         embed=put(tensors["model.embed_tokens.weight"]),
-        layers=tuple(layers),
+        layers=layers,
         final_norm=put(tensors["model.norm.weight"]),
         lm_head=None if cfg.tie_word_embeddings else put(tensors["lm_head.weight"], transpose=True),
     )

@@ -1,4 +1,4 @@
-"""The decode step's two CPU kernels, in C++ (`kernels/*.cc`), called through XLA's FFI.
+"""The decode step's two CPU kernels, in C++ (the `*.cc` beside this file), called through XLA's FFI.
 
     bgmv(x, a, b, scale, slots)                  each row's own adapter's LoRA product (Punica's BGMV)
     decode_attention(q, k, v, positions, window) one new token per row against its own KV cache
@@ -23,7 +23,8 @@ then registered as FFI targets. The hot loops are built for AVX-512, AVX2 and pl
 picked at load time; with `-ffp-contract=off` all three give the same bits, and no libm call
 depends on the host (attention's softmax has its own `exp`). Without a compiler,
 on another backend, or for bfloat16, `model.py`'s XLA forms run instead: same semantics, and the
-tests compare the two.
+tests compare the two. The engine decides once which it uses (`applies`) and carries the choice in
+its decode steps' config (`ModelConfig.decode_kernels`).
 
 What it deliberately does not do: prefill (many tokens per row, where XLA's matmuls are good),
 gradients (training never calls it), dtypes other than float32.
@@ -50,7 +51,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-_SOURCES = Path(__file__).parent / "kernels"
+_SOURCES = Path(__file__).parent
 _TARGETS = {"jaxlora_bgmv": "JaxloraBgmv", "jaxlora_decode_attention": "JaxloraDecodeAttention"}
 # Portable: no -march (the file may be shared across hosts; the hot loops pick their ISA at load).
 _FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC")
