@@ -37,7 +37,8 @@ def start_app(port: int, max_batch_size: int = 16, max_queue: int = 64, max_queu
     fs = tempfile.mkdtemp(prefix="jaxlora-load-")
     model_dir = ensure_demo_model()
     publish_demo_adapters(fs, model_dir)
-    from jaxlora.adapter_format import random_adapter, write_peft
+    from jaxlora.adapter_format import write_peft
+    from jaxlora.demo import random_adapter
     from jaxlora.adapter_store import AdapterStore
     from jaxlora.hf_checkpoint import model_fingerprint
     from jaxlora.config import ModelConfig

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from pathlib import Path
 
@@ -275,19 +274,3 @@ def write_peft(adapter: LoraAdapter, out: str | Path, base_model: str | None = N
         "base_model_name_or_path": base_model or adapter.base_model,
     }
     (out / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def random_adapter(
-    cfg: ModelConfig, r: int, alpha: float, modules=tuple(PROJECTIONS), seed: int = 0, std: float = 0.1,
-    use_rslora: bool = False,
-) -> LoraAdapter:
-    """An adapter with random A and B (both non-zero), for demos, tests and benchmarks."""
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for layer in range(cfg.num_layers):
-        for m in modules:
-            d_in, d_out = PROJECTIONS[m].shape(cfg)
-            a = rng.normal(0, std, (d_in, r)).astype(np.float32)
-            b = rng.normal(0, std / math.sqrt(r), (r, d_out)).astype(np.float32)
-            weights[(layer, m)] = (a, b)
-    return LoraAdapter(r=r, alpha=alpha, use_rslora=use_rslora, weights=weights)

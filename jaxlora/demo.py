@@ -15,13 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from jaxlora.adapter_format import LoraAdapter
+    from jaxlora.config import ModelConfig
 
 DEMO_NAME = "demo-llama-v2"
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|start|>", "<|end|>"]
@@ -162,13 +168,32 @@ def ensure_demo_model(path: str | Path | None = None) -> Path:
     return path
 
 
+def random_adapter(
+    cfg: ModelConfig, r: int, alpha: float, modules: tuple[str, ...] | None = None, seed: int = 0, std: float = 0.1,
+    use_rslora: bool = False,
+) -> LoraAdapter:
+    """An adapter with random A and B (both non-zero), for demos, tests and benchmarks."""
+    from jaxlora.adapter_format import LoraAdapter
+    from jaxlora.model import PROJECTIONS
+
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for layer in range(cfg.num_layers):
+        for m in modules or tuple(PROJECTIONS):
+            d_in, d_out = PROJECTIONS[m].shape(cfg)
+            a = rng.normal(0, std, (d_in, r)).astype(np.float32)
+            b = rng.normal(0, std / math.sqrt(r), (r, d_out)).astype(np.float32)
+            weights[(layer, m)] = (a, b)
+    return LoraAdapter(r=r, alpha=alpha, use_rslora=use_rslora, weights=weights)
+
+
 DEMO_ADAPTERS = {"demo-concise": 1, "demo-verbose": 2}  # shared adapter id -> seed
 
 
 def publish_demo_adapters(fs_root: str | Path, model_dir: str | Path) -> list[str]:
     """Publishes the demo adapters (random rank-8 LoRA, shared with every tenant) unless present;
     random weights, so each steers the demo model to different text. Returns their ids."""
-    from jaxlora.adapter_format import random_adapter, write_peft
+    from jaxlora.adapter_format import write_peft
     from jaxlora.adapter_store import AdapterStore
     from jaxlora.hf_checkpoint import model_fingerprint
     from jaxlora.config import ModelConfig

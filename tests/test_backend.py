@@ -7,7 +7,8 @@ import time
 import pytest
 
 from jaxlora import kernels
-from jaxlora.adapter_format import random_adapter, write_peft
+from jaxlora.adapter_format import write_peft
+from jaxlora.demo import random_adapter
 from jaxlora.backend import LocalJaxLoRABackend
 from jaxlora.engine import EngineConfig
 from jaxlora.errors import AdapterNotFoundError

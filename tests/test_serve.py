@@ -18,7 +18,8 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from jaxlora.adapter_format import random_adapter, write_peft  # noqa: E402
+from jaxlora.adapter_format import write_peft  # noqa: E402
+from jaxlora.demo import random_adapter  # noqa: E402
 from jaxlora.adapter_store import AdapterStore  # noqa: E402
 from jaxlora.hf_checkpoint import model_fingerprint  # noqa: E402
 from jaxlora.config import ModelConfig  # noqa: E402

@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from jaxlora.adapter_format import random_adapter, read_published, write_peft
+from jaxlora.adapter_format import read_published, write_peft
+from jaxlora.demo import random_adapter
 from jaxlora.adapter_store import AdapterStore
 from jaxlora.hf_checkpoint import load_params, model_fingerprint
 from jaxlora.errors import AdapterFormatError, AdapterNotFoundError
