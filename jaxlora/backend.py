@@ -100,7 +100,7 @@ class LocalJaxLoRABackend:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
                user: str = "local") -> RequestHandle:
-        return self.scheduler.submit(prompt_ids, params, self.resolve_adapter(adapter, user))
+        return self.scheduler.submit(prompt_ids, params, self.resolve_adapter(adapter, user), tenant=user)
 
     def usage(self, fin: Finished) -> Usage:
         return Usage(

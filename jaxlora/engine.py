@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxlora import kernels
 from jaxlora.config import ModelConfig
+from jaxlora.fairness import POLICIES
 from jaxlora.lora import LoraStack, gather_rows
 from jaxlora.model import KVCache, Params, forward, hidden_states, lm_head
 from jaxlora.sampling import RowSampling, SamplingParams, TokenHistory, count_dtype, sample
@@ -60,6 +61,10 @@ class EngineConfig:
     """Adapters kept in host memory behind the device slots."""
     dtype: str = "float32"
     """Weights, activations and KV cache: float32 or bfloat16 (norms, softmax and logits stay float32)."""
+    scheduling: str = "fair"
+    """Who gets a free row: `fair` (least service in tokens across tenants, `fairness.py`) or `fifo`."""
+    completion_token_weight: float = 2.0
+    """Under `fair`, a completion token counts as this many prompt tokens of service."""
 
     def __post_init__(self):
         for name in ("max_batch_size", "decode_steps", "prefill_batch", "max_lora_rank", "host_adapter_cache"):
@@ -73,6 +78,10 @@ class EngineConfig:
             raise ValueError(f"prefill_buckets must be positive lengths, got {self.prefill_buckets}")
         if self.num_adapter_slots < 2:
             raise ValueError("num_adapter_slots must be >= 2 (slot 0 is the base model)")
+        if self.scheduling not in POLICIES:
+            raise ValueError(f"scheduling must be one of {', '.join(POLICIES)}, got {self.scheduling!r}")
+        if not self.completion_token_weight > 0:
+            raise ValueError(f"completion_token_weight must be > 0, got {self.completion_token_weight}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
 

@@ -30,6 +30,8 @@ class Request:
     adapter: ResolvedAdapter | None  # None: the base model
     stop_ids: frozenset[int]  # EOS (unless ignore_eos) and the request's stop_token_ids
     submitted_at: float  # time.monotonic()
+    tenant: str = ""  # whose request: fair scheduling counts service per tenant
+    weight: float = 1.0  # the tenant's share under fair scheduling (2: twice the tokens of a tenant of 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Each turn of the loop, in order:
   1. drop cancelled requests (waiting ones, and running ones, whose rows free at once);
-  2. admit waiting requests into free rows: pin the adapter's slot, prefill, insert;
-     a request whose adapter is still being read from disk waits without blocking the others;
+  2. admit waiting requests into free rows, in the order the policy gives (`fairness.py`: least
+     service across tenants, or arrival): pin the adapter's slot, prefill, insert; a request whose
+     adapter is still being read from disk waits without blocking the others;
   3. run `decode_steps` decode steps for all rows in one device call;
   4. hand each running request its new tokens, and retire those that hit EOS, a stop token or
      `max_tokens` (their rows are free for the next turn).
@@ -33,6 +34,7 @@ import numpy as np
 from jaxlora.adapter_store import ResolvedAdapter
 from jaxlora.engine import EngineConfig, StepTokens
 from jaxlora.errors import EngineDead, InvalidRequest, JaxLoraError, NoFreeSlot, Overloaded
+from jaxlora.fairness import TokenCounters
 from jaxlora.lora import LoraStack
 from jaxlora.metrics import EngineMetrics
 from jaxlora.requests import Finished, Request, RequestHandle, TokenEvent, TokenStream
@@ -79,6 +81,7 @@ class Scheduler:
         self.slots = slots
         self.eos_token_ids = frozenset(eos_token_ids)
         self.metrics = EngineMetrics()
+        self.counters = TokenCounters(engine.config.completion_token_weight)
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Live] = collections.deque()
         self._to_cancel: list[_Live] = []
@@ -91,8 +94,10 @@ class Scheduler:
 
     # -- any thread -------------------------------------------------------------------------------
 
-    def submit(self, prompt: list[int], params: SamplingParams, adapter: ResolvedAdapter | None = None) -> RequestHandle:
-        """Queues a request, or refuses it at once (InvalidRequest, Overloaded, EngineDead)."""
+    def submit(self, prompt: list[int], params: SamplingParams, adapter: ResolvedAdapter | None = None,
+               tenant: str = "", weight: float = 1.0) -> RequestHandle:
+        """Queues a request, or refuses it at once (InvalidRequest, Overloaded, EngineDead). `tenant`
+        and its `weight` matter to fair scheduling only: they decide when the request runs."""
         params.validate()
         limit = self.engine.config.max_seq_len
         if not prompt:
@@ -122,8 +127,11 @@ class Scheduler:
                 raise Overloaded(f"the server is at capacity ({len(self._waiting)} requests waiting); retry shortly")
             request = Request(tuple(prompt), params, seed, adapter,
                               frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids),
-                              time.monotonic())
+                              time.monotonic(), tenant, weight)
             req = _Live(request, TokenStream(), None if adapter is None else self.slots.prefetch(adapter))
+            waiting = {r.request.tenant for r in self._waiting}
+            if tenant not in waiting:
+                self.counters.activate(tenant, waiting)
             self._waiting.append(req)
             self.metrics.requests_submitted += 1
             self.metrics.prompt_tokens += len(prompt)
@@ -214,8 +222,10 @@ class Scheduler:
                     try:
                         req.slot = self.slots.acquire(req.request.adapter)
                     except NoFreeSlot:
-                        with self._cond:  # they keep their places; rows finishing free slots
+                        with self._cond:  # they keep their places (and their service); rows finishing free slots
                             self._waiting.extendleft(reversed(group[i:]))
+                        for back in group[i:]:
+                            self.counters.charge_prompt(back.request.tenant, -len(back.request.prompt), back.request.weight)
                         group = None
                         break
                     except JaxLoraError as e:  # e.g. evicted from the host cache and then unreadable
@@ -240,21 +250,30 @@ class Scheduler:
             self._accept(req, int(first.token[p]), float(first.logprob[p]), first.top_ids[p], first.top_logprobs[p])
 
     def _next_group(self, limit: int) -> list[_Live]:
-        """The oldest waiting request that can start now and up to `limit - 1` more of its bucket;
-        those whose adapter is still loading keep their place but do not hold up the others."""
+        """Up to `limit` waiting requests that can start now, all of the first one's length bucket
+        (one prefill call), each the next by the scheduling policy (`_pick`); those whose adapter
+        is still loading keep their place but do not hold up the others. Charges their prompts."""
+        bucket = self.engine.config.bucket
         group: list[_Live] = []
         with self._cond:
-            for req in list(self._waiting):
-                if len(group) == limit:
-                    break
-                if req.cancelled or not self._admissible(req):
-                    continue
-                bucket = self.engine.config.bucket
-                if group and bucket(len(req.request.prompt)) != bucket(len(group[0].request.prompt)):
-                    continue
+            candidates = [r for r in self._waiting if not r.cancelled and self._admissible(r)]
+            while candidates and len(group) < limit:
+                req = self._pick(candidates)
+                candidates.remove(req)
                 self._waiting.remove(req)
                 group.append(req)
+                self.counters.charge_prompt(req.request.tenant, len(req.request.prompt), req.request.weight)
+                candidates = [r for r in candidates if bucket(len(r.request.prompt)) == bucket(len(req.request.prompt))]
         return group
+
+    def _pick(self, candidates: list[_Live]) -> _Live:
+        """`fifo`: the oldest. `fair`: the oldest of the tenant with the least service (`fairness.py`)."""
+        if self.engine.config.scheduling == "fifo":
+            return candidates[0]
+        heads: dict[str, _Live] = {}
+        for r in candidates:  # in arrival order, so a tie goes to the tenant whose head came first
+            heads.setdefault(r.request.tenant, r)
+        return heads[self.counters.least_served(heads)]
 
     def _decode(self) -> None:
         t0 = time.monotonic()
@@ -274,6 +293,7 @@ class Scheduler:
 
     def _accept(self, req: _Live, token: int, logprob: float, top_ids: np.ndarray, top_lps: np.ndarray) -> None:
         req.generated += 1
+        self.counters.charge_completion(req.request.tenant, 1, req.request.weight)
         n_top = req.request.params.logprobs or 0
         top = tuple((int(top_ids[i]), float(top_lps[i])) for i in range(n_top))
         req.stream.put(TokenEvent(token, logprob, top))
