@@ -31,7 +31,7 @@ from jaxlora.tokenizer import TextStream, load_tokenizer
 from serve_app.config import AppArgs
 from serve_app.deployments import base_model_id, check_deployment_options, model_dir_of
 from serve_app.errors import ApiError, api_error_for
-from serve_app.keys import ApiKeys
+from serve_app.keys import KeysFile
 from serve_app.metrics import INGRESS_METRICS, build
 from serve_app.openai_api import (ChatCompletionRequest, ChatFormat, CompletionFormat, CompletionRequest, StreamOptions,
                                   TokenLogprob, now, usage_dict)
@@ -157,7 +157,7 @@ class Ingress:
         self.base_model = base_model_id(self.args)
         self.started_at = now()
         self.store = AdapterStore(self.args.fs_root, self.args.registered_adapters, tuple(self.args.allowed_roots))
-        self.keys = ApiKeys.load(self.args.api_keys_file) if self.args.auth else None
+        self.keys = KeysFile(self.args.api_keys_file) if self.args.auth else None
         self.metrics = build(INGRESS_METRICS)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

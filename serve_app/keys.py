@@ -1,10 +1,15 @@
 """API keys: a JSON file of sha256 hashes mapped to user ids; keys themselves are never stored.
 
     python -m serve_app.keys add alice --file keys.json     # prints a new key for alice, once
+    python -m serve_app.keys remove alice --file keys.json  # revokes every key of alice
 
 File format: {"keys": [{"user": "alice", "sha256": "<hex digest of the key>"}, ...]}.
 Lookup hashes the presented key and compares it with every entry in constant time
 (`hmac.compare_digest`), so neither timing nor the file reveals a key.
+
+`KeysFile` follows the file while serving: a changed file (both commands replace it atomically) is
+read on the next lookup, so adding or revoking a key needs no redeploy. A new file that does not
+parse is refused with a logged error and the keys read before keep working.
 """
 
 from __future__ import annotations
@@ -13,11 +18,16 @@ import argparse
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
+import threading
 from pathlib import Path
 
 from jaxlora.adapter_store import check_id
+from jaxlora.errors import JaxLoraError
+
+log = logging.getLogger("ray.serve")
 
 
 def hash_key(key: str) -> str:
@@ -48,26 +58,74 @@ class ApiKeys:
         return found
 
 
+class KeysFile:
+    """`ApiKeys` of a file, re-read when the file changes (new inode, size or mtime)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._seen = self._identity()
+        self._keys = ApiKeys.load(self.path)  # a bad file at start is an error: the replica does not start
+
+    def _identity(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def user_for(self, key: str) -> str | None:
+        identity = self._identity()
+        if identity != self._seen:
+            with self._lock:
+                if identity != self._seen:
+                    self._seen = identity  # a bad file is reported once, not on every request
+                    try:
+                        self._keys = ApiKeys.load(self.path)
+                        log.info("API keys reloaded from %s", self.path)
+                    except (OSError, ValueError, KeyError, TypeError, AttributeError, JaxLoraError) as e:
+                        log.error("API keys file %s is not valid (%s); the keys read before stay in use", self.path, e)
+        return self._keys.user_for(key)
+
+
+def _replace(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
 def add_key(path: Path, user: str) -> str:
     check_id(user, "user id")
     data = json.loads(path.read_text()) if path.is_file() else {"keys": []}
     key = "sk-" + secrets.token_urlsafe(32)
     data["keys"].append({"user": user, "sha256": hash_key(key)})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    _replace(path, data)
     return key
+
+
+def remove_keys(path: Path, user: str) -> int:
+    """Revokes every key of `user`; returns how many there were."""
+    data = json.loads(path.read_text())
+    kept = [e for e in data["keys"] if e["user"] != user]
+    removed = len(data["keys"]) - len(kept)
+    _replace(path, {**data, "keys": kept})
+    return removed
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Manage hashed API keys for the serving app.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    add = sub.add_parser("add", help="create a key for USER and print it (only its hash is stored)")
-    add.add_argument("user")
-    add.add_argument("--file", required=True, type=Path)
+    for name, help_ in (("add", "create a key for USER and print it (only its hash is stored)"),
+                        ("remove", "revoke every key of USER")):
+        cmd = sub.add_parser(name, help=help_)
+        cmd.add_argument("user")
+        cmd.add_argument("--file", required=True, type=Path)
     args = ap.parse_args(argv)
-    print(add_key(args.file, args.user))
+    if args.cmd == "add":
+        print(add_key(args.file, args.user))
+    else:
+        print(f"removed {remove_keys(args.file, args.user)} key(s) of {args.user}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from jaxlora.adapter_store import AdapterStore  # noqa: E402
 from jaxlora.hf_checkpoint import model_fingerprint  # noqa: E402
 from jaxlora.config import ModelConfig  # noqa: E402
 from serve_app.app import build_app  # noqa: E402
-from serve_app.keys import add_key  # noqa: E402
+from serve_app.keys import add_key, remove_keys  # noqa: E402
 
 ENGINE = {"max_batch_size": 8, "max_seq_len": 128, "prefill_buckets": [16, 32, 64], "decode_steps": 4, "max_queue": 64,
           "num_adapter_slots": 4, "max_lora_rank": 8}
@@ -68,6 +68,7 @@ def server(ray_local, demo_model_dir, tmp_path_factory):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     srv = Server(f"http://127.0.0.1:{port}", store, demo_model_dir, keys)
+    srv.keys_file = keys_file
     for i in range(4):
         srv.publish("alice", f"a{i}", seed=i)
     srv.publish("bob", "secret", seed=10)
@@ -87,6 +88,25 @@ def server(ray_local, demo_model_dir, tmp_path_factory):
                          "model_max_queued_requests": 2}), name="bp", route_prefix="/bp")
     yield srv
     serve.shutdown()
+
+
+def test_keys_added_and_revoked_in_the_file_take_effect_without_a_restart(server):
+    """The ingress re-reads the keys file when it changes: a new tenant's key works on its next
+    request, a revoked one gets 401 on its next request, and a broken file changes nothing."""
+    carol = add_key(server.keys_file, "carol")
+    models = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {carol}"}, timeout=60)
+    assert models.status_code == 200 and models.json()["data"][0]["id"] == server.base
+    remove_keys(server.keys_file, "carol")
+    revoked = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {carol}"}, timeout=60)
+    assert revoked.status_code == 401 and revoked.json()["error"]["code"] == "invalid_api_key"
+    good = server.keys_file.read_text()
+    server.keys_file.with_name("broken.json").write_text('{"keys": [')
+    server.keys_file.with_name("broken.json").replace(server.keys_file)
+    try:
+        assert server.client().models.list().data  # alice's key still works
+    finally:
+        server.keys_file.with_name("good.json").write_text(good)
+        server.keys_file.with_name("good.json").replace(server.keys_file)
 
 
 def test_openai_client_completions_and_chat(server):
