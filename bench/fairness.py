@@ -1,0 +1,141 @@
+"""Two tenants on one replica: does a flood from one raise the other's time to first token?
+
+    python -m bench.fairness [--seconds 40] [--flood-streams 48]
+
+Starts its own app (local Ray, the demo model, auth with one key per tenant) once per policy
+(`scheduling: fair`, then `fifo`), with the default engine options otherwise. Per policy:
+  1. idle: the light tenant sends short streamed requests one at a time; their TTFT is the baseline;
+  2. flood: the flooding tenant keeps `--flood-streams` streams of 128 tokens in flight (a new one
+     as soon as one ends) while the light tenant sends a short request every half second.
+Reports the light tenant's TTFT p50/p99 idle and under the flood, and the tokens/s everything
+produced under the flood, per policy. Prints one JSON line last. Not a test: figures go in
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.common import emit, machine
+
+LIGHT_TOKENS, FLOOD_TOKENS = 8, 128
+
+
+def start_app(port: int, scheduling: str, keys_file: Path, fs: str) -> str:
+    from ray import serve
+
+    from jaxlora.demo import ensure_demo_model
+    from serve_app.app import build_app
+
+    model_dir = ensure_demo_model()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"fs_root": fs, "auth": True, "api_keys_file": str(keys_file),
+                         "engine": {"scheduling": scheduling}}), name="fairness", route_prefix="/")
+    return model_dir.name
+
+
+async def stream_one(http: httpx.AsyncClient, key: str, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+    """(seconds to the first token, completion tokens) of one streamed completion."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0, ttft, tokens = time.monotonic(), None, 0
+    async with http.stream("POST", "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{r.status_code}: {(await r.aread())[:200]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            if ttft is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                ttft = time.monotonic() - t0
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return (ttft if ttft is not None else time.monotonic() - t0), tokens
+
+
+def _percentiles(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    return {"p50_ms": round(1000 * statistics.median(xs), 1), "p99_ms": round(1000 * xs[min(len(xs) - 1, int(0.99 * len(xs)))], 1),
+            "n": len(xs)}
+
+
+async def measure(url: str, model: str, keys: dict[str, str], seconds: float, flood_streams: int) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        for _ in range(3):  # warm every path
+            await stream_one(http, keys["light"], model, "warm up", LIGHT_TOKENS)
+        idle = [(await stream_one(http, keys["light"], model, f"light idle {i}", LIGHT_TOKENS))[0] for i in range(20)]
+
+        stop_at = time.monotonic() + seconds
+        produced = 0
+
+        async def flood(i: int) -> None:
+            nonlocal produced
+            n = 0
+            while time.monotonic() < stop_at:
+                _, tokens = await stream_one(http, keys["flood"], model, f"flood {i} {n}", FLOOD_TOKENS)
+                produced += tokens  # after the await: `produced += await ...` would read it before
+                n += 1
+
+        async def light() -> list[float]:
+            await asyncio.sleep(min(5.0, seconds / 4))  # the flood fills the rows and the queue first
+            out = []
+            while time.monotonic() < stop_at:
+                ttft, n = await stream_one(http, keys["light"], model, f"light {len(out)}", LIGHT_TOKENS)
+                produced_light.append(n)
+                out.append(ttft)
+                await asyncio.sleep(0.5)
+            return out
+
+        produced_light: list[int] = []
+        t0 = time.monotonic()
+        results = await asyncio.gather(light(), *(flood(i) for i in range(flood_streams)))
+        wall = time.monotonic() - t0
+    return {"light_idle_ttft": _percentiles(idle), "light_flood_ttft": _percentiles(results[0]),
+            "tokens_per_s": round((produced + sum(produced_light)) / wall, 1)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=40, help="length of the flood phase, per policy")
+    ap.add_argument("--flood-streams", type=int, default=48)
+    args = ap.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from serve_app.keys import add_key
+
+    work = Path(tempfile.mkdtemp(prefix="jaxlora-fairness-"))
+    keys_file = work / "keys.json"
+    keys = {tenant: add_key(keys_file, tenant) for tenant in ("flood", "light")}
+    ray.init(include_dashboard=False, log_to_driver=False)
+    out = {}
+    for policy in ("fair", "fifo"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        model = start_app(port, policy, keys_file, str(work / "fs"))
+        out[policy] = asyncio.run(measure(f"http://127.0.0.1:{port}", model, keys, args.seconds, args.flood_streams))
+        print(f"{policy}: {out[policy]}", flush=True)
+        serve.shutdown()
+    fair, fifo = out["fair"], out["fifo"]
+    emit({"benchmark": "tenant_fairness", "flood_streams": args.flood_streams, "flood_tokens": FLOOD_TOKENS,
+          "light_tokens": LIGHT_TOKENS, "seconds": args.seconds, **out,
+          "fair_flood_over_idle_p50": round(fair["light_flood_ttft"]["p50_ms"] / fair["light_idle_ttft"]["p50_ms"], 2),
+          "fifo_flood_over_idle_p50": round(fifo["light_flood_ttft"]["p50_ms"] / fifo["light_idle_ttft"]["p50_ms"], 2),
+          "fair_over_fifo_throughput": round(fair["tokens_per_s"] / fifo["tokens_per_s"], 3), "machine": machine()})
+
+
+if __name__ == "__main__":
+    main()
