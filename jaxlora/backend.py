@@ -99,8 +99,10 @@ class LocalJaxLoRABackend:
         return self.replica.versions.current(user, adapter)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
-               user: str = "local") -> RequestHandle:
-        return self.scheduler.submit(prompt_ids, params, self.resolve_adapter(adapter, user), tenant=user)
+               user: str = "local", weight: float = 1.0) -> RequestHandle:
+        """`user` is the tenant (whose adapters `adapter` names, and whose service fair scheduling
+        counts); `weight` its share under fair scheduling."""
+        return self.scheduler.submit(prompt_ids, params, self.resolve_adapter(adapter, user), tenant=user, weight=weight)
 
     def usage(self, fin: Finished) -> Usage:
         return Usage(

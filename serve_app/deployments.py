@@ -95,7 +95,8 @@ class LoRAModel:
         if serve.get_multiplexed_model_id():
             await self._adapter_affinity(serve.get_multiplexed_model_id())
         try:
-            handle = self.backend.submit(list(request.prompt_ids), request.sampling, request.adapter, request.user)
+            handle = self.backend.submit(list(request.prompt_ids), request.sampling, request.adapter, request.user,
+                                         request.weight)
         except JaxLoraError as e:
             yield Failed.of(api_error_for(e))
             return

@@ -192,7 +192,8 @@ class Ingress:
         adapter = None if body.model == self.base_model else body.model
         affinity = f"{user}/{adapter.split('@')[0]}" if adapter else ""
         replies = _replies(self.model_handle.options(stream=True, multiplexed_model_id=affinity).generate.remote(
-            Generate(tuple(prompt_ids), body.sampling_params(), adapter, user)))
+            Generate(tuple(prompt_ids), body.sampling_params(), adapter, user,
+                     1.0 if self.keys is None else self.keys.tier_of(user).weight)))
         return await anext(replies), replies
 
     async def _events(self, replies: AsyncIterator[Tokens | Done], stop: list[str], logprobs: bool):

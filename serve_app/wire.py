@@ -23,6 +23,7 @@ class Generate:
     sampling: SamplingParams
     adapter: str | None  # "id" or "id@version" as the client named it; None: the base model
     user: str  # the tenant whose adapters `adapter` is looked up among
+    weight: float = 1.0  # the tenant's share under fair scheduling (its tier's weight)
 
 
 @dataclasses.dataclass(frozen=True)

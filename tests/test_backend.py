@@ -9,6 +9,7 @@ import pytest
 from jaxlora import kernels
 from jaxlora.adapter_format import write_peft
 from jaxlora.demo import random_adapter
+from jaxlora.sampling import SamplingParams
 from jaxlora.backend import LocalJaxLoRABackend
 from jaxlora.engine import EngineConfig
 from jaxlora.errors import AdapterNotFoundError
@@ -33,6 +34,17 @@ def test_generate_reports_text_and_usage(backend):
     assert (u.prompt_tokens, u.completion_tokens, u.model, u.adapter, u.adapter_version) == (
         len(backend.encode("What does the adapter do?")), 12, backend.model_id, None, None)
     assert u.latency_ms >= u.ttft_ms > 0
+
+
+def test_the_tenant_and_its_weight_reach_the_scheduler(backend):
+    before = backend.scheduler.counters.counters.get("gold", 0.0)
+    handle = backend.submit(backend.encode("hi"), SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True),
+                            user="gold", weight=2.0)
+    assert (handle.request.tenant, handle.request.weight) == ("gold", 2.0)
+    assert list(handle)[-1].completion_tokens == 3
+    # the tenant's service: its prompt and 3 completion tokens (weight 2 each), halved by its weight
+    expected = (len(backend.encode("hi")) + 2.0 * 3) / 2.0
+    assert backend.scheduler.counters.counters["gold"] == before + expected
 
 
 def test_adapter_version_is_reported_and_changes_output(backend):

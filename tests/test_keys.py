@@ -1,6 +1,7 @@
 """API keys follow their file while serving (`serve_app.keys.KeysFile`): added and revoked keys
 take effect on the next lookup; a broken new file is refused and the old keys keep working."""
 
+import json
 import logging
 import os
 
@@ -45,4 +46,30 @@ def test_a_bad_file_at_start_is_an_error(tmp_path):
     path = tmp_path / "keys.json"
     path.write_text("not json")
     with pytest.raises(ValueError):
+        KeysFile(path)
+
+
+def test_tiers_give_each_tenant_its_weight(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"tiers": {"gold": {"weight": 2.0}}, "keys": []}))
+    gold = add_key(path, "alice", tier="gold")
+    add_key(path, "alice", tier="gold")  # a second key of the same tenant
+    plain = add_key(path, "bob")
+    keys = KeysFile(path)
+    assert (keys.user_for(gold), keys.tier_of("alice").weight) == ("alice", 2.0)
+    assert (keys.user_for(plain), keys.tier_of("bob").weight) == ("bob", 1.0)
+    with pytest.raises(ValueError, match="defines no tier 'silver'"):
+        add_key(path, "carol", tier="silver")
+
+
+@pytest.mark.parametrize("data,why", [
+    ({"tiers": {"gold": {"weight": 0}}, "keys": []}, "needs a weight > 0"),
+    ({"keys": [{"user": "a", "sha256": "0" * 64, "tier": "gold"}]}, "which 'tiers' does not define"),
+    ({"tiers": {"gold": {"weight": 2}}, "keys": [{"user": "a", "sha256": "0" * 64, "tier": "gold"},
+                                                  {"user": "a", "sha256": "1" * 64}]}, "name different tiers"),
+])
+def test_inconsistent_tiers_are_refused(tmp_path, data, why):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=why):
         KeysFile(path)
