@@ -3,8 +3,8 @@
     serve run serve_app.app:build_app fs_root=/data/lora            # any AppArgs field as key=value
     serve run serve_config.yaml                                     # or serve deploy it on a cluster
 
-Graph: Ingress (HTTP, OpenAI API) -> Tokenizer (CPU) and -> LoRAModel (one engine per replica,
-GPU-reservable). The deployment options that follow from `args` are set here, from
+Graph: Ingress (HTTP, OpenAI API) -> Tokenizer (CPU), -> LoRAModel (one engine per replica,
+GPU-reservable) and -> TenantState (one replica: what every ingress replica shares per tenant). The deployment options that follow from `args` are set here, from
 `serve_app.config.deployment_options`, and nowhere else (each replica checks it got them).
 """
 
@@ -16,7 +16,7 @@ import ray
 from ray.serve import Application
 
 from serve_app.config import AppArgs, deployment_options
-from serve_app.deployments import LoRAModel, Tokenizer
+from serve_app.deployments import LoRAModel, TenantState, Tokenizer
 from serve_app.ingress import Ingress
 
 
@@ -32,4 +32,4 @@ def build_app(args: dict) -> Application:
     options = deployment_options(a)
     tokenizer = Tokenizer.options(**options["Tokenizer"]).bind(plain)
     model = LoRAModel.options(**options["LoRAModel"]).bind(plain)
-    return Ingress.options(**options["Ingress"]).bind(tokenizer, model, plain)
+    return Ingress.options(**options["Ingress"]).bind(tokenizer, model, TenantState.bind(), plain)

@@ -1,4 +1,5 @@
-"""The two inner deployments: Tokenizer (CPU, scales out) and LoRAModel (one engine per replica).
+"""The inner deployments: Tokenizer (CPU, scales out), LoRAModel (one engine per replica) and
+TenantState (one replica: the per-tenant state every ingress replica shares, `usage.py`).
 
 LoRAModel is a thin shim over `jaxlora.backend.LocalJaxLoRABackend`: it resolves the adapter for the
 caller's tenant, submits the token ids of a `serve_app.wire.Generate`, and streams the engine's
@@ -22,6 +23,7 @@ from jaxlora.tokenizer import load_tokenizer, render_chat
 from serve_app.config import AppArgs, option_mismatches
 from serve_app.errors import api_error_for
 from serve_app.metrics import MODEL_METRICS, CounterExport, build
+from serve_app.usage import UsageLedger
 from serve_app.wire import AdapterVersion, Done, Failed, Generate, Started, Tokens
 
 def check_deployment_options(deployment: str, args: AppArgs) -> None:
@@ -60,6 +62,20 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict]) -> list[int]:
         text = render_chat(self.tokenizer, messages)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@serve.deployment(name="TenantState", num_replicas=1, ray_actor_options={"num_cpus": 0})
+class TenantState:
+    """The app's one record of per-tenant state that every ingress replica shares: usage totals."""
+
+    def __init__(self):
+        self.usage = UsageLedger()
+
+    def record(self, tenant: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.usage.record(tenant, model, prompt_tokens, completion_tokens)
+
+    def totals(self, tenant: str) -> dict:
+        return self.usage.totals(tenant)
 
 
 @serve.deployment(name="LoRAModel", ray_actor_options={"num_cpus": 0}, health_check_period_s=2,

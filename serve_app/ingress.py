@@ -52,6 +52,7 @@ def http_app(ingress: "Ingress") -> FastAPI:
     app.add_exception_handler(Exception, _internal_error)
     app.add_api_route("/health", ingress.health, methods=["GET"])
     app.add_api_route("/v1/models", ingress.models, methods=["GET"])
+    app.add_api_route("/v1/usage", ingress.usage, methods=["GET"])
     app.add_api_route("/v1/models/{model_id}", ingress.model, methods=["GET"])
     app.add_api_route("/v1/completions", ingress.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", ingress.chat_completions, methods=["POST"])
@@ -148,11 +149,12 @@ def _sse(data: dict | str) -> str:
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress()
 class Ingress:
-    def __init__(self, tokenizer: DeploymentHandle, model: DeploymentHandle, args: dict):
+    def __init__(self, tokenizer: DeploymentHandle, model: DeploymentHandle, tenants: DeploymentHandle, args: dict):
         self.args = AppArgs(**args)
         check_deployment_options("Ingress", self.args)
         self.tokenizer_handle = tokenizer
         self.model_handle = model
+        self.tenants = tenants
         self.tokenizer = load_tokenizer(model_dir_of(self.args))
         self.base_model = base_model_id(self.args)
         self.started_at = now()
@@ -233,7 +235,7 @@ class Ingress:
         status = await asyncio.to_thread(serve.status)
         app = status.applications.get(serve.get_replica_context().app_name)
         running, down = {}, []
-        for name in ("Tokenizer", "LoRAModel"):
+        for name in ("Tokenizer", "LoRAModel", "TenantState"):
             deployment = app.deployments.get(name) if app else None
             states = dict(deployment.replica_states) if deployment else {}
             running[name] = states.get("RUNNING", 0)
@@ -253,6 +255,10 @@ class Ingress:
     def _adapter_card(self, a: AdapterInfo) -> dict:
         return self._model_card(a.adapter_id, a.owner, a.created, parent=self.base_model, versions=list(a.versions),
                                 latest_version=a.latest)
+
+    async def usage(self, request: Request) -> dict:
+        """The calling tenant's own requests and tokens since the app started (an extension)."""
+        return await self.tenants.totals.remote(self._user(request))
 
     async def models(self, request: Request) -> dict:
         user = self._user(request)
@@ -357,6 +363,8 @@ class Ingress:
         """Counts a request a replica accepted, once its usage is final (what the response reported, or what a
         client that left was sent), and, for complete answers, its latencies."""
         self._count(route, status, usage_tags["tenant"], usage_tags["model"])
+        # Not awaited: accounting must not hold up the answer (the call is sent now, in order).
+        self.tenants.record.remote(usage_tags["tenant"], usage_tags["model"], prompt_tokens, completion_tokens)
         for name, n in (("jaxlora_prompt_tokens", prompt_tokens), ("jaxlora_completion_tokens", completion_tokens)):
             if n > 0:  # Ray's counters refuse increments of 0
                 self.metrics[name].inc(n, tags=usage_tags)

@@ -109,6 +109,38 @@ def test_keys_added_and_revoked_in_the_file_take_effect_without_a_restart(server
         server.keys_file.with_name("good.json").replace(server.keys_file)
 
 
+def test_usage_is_each_tenants_own_and_sums_the_responses(server):
+    def usage(user):
+        r = httpx.get(f"{server.url}/v1/usage", headers={"Authorization": f"Bearer {server.keys[user]}"}, timeout=60)
+        assert r.status_code == 200
+        return r.json()
+
+    alice_before, bob_before = usage("alice"), usage("bob")
+    client = server.client("alice")
+    got = [client.completions.create(model="a1", prompt="count me", max_tokens=4, temperature=0,
+                                     extra_body={"ignore_eos": True}).usage,
+           client.chat.completions.create(model=server.base, messages=[{"role": "user", "content": "and me"}],
+                                          max_tokens=3, temperature=0, extra_body={"ignore_eos": True}).usage]
+    chunks = list(client.completions.create(model="a1", prompt="me too", max_tokens=5, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    got.append(chunks[-1].usage)
+    want = {"requests": alice_before["requests"] + 3,
+            "prompt_tokens": alice_before["prompt_tokens"] + sum(u.prompt_tokens for u in got),
+            "completion_tokens": alice_before["completion_tokens"] + sum(u.completion_tokens for u in got)}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the ingress records without waiting for the ledger
+        now = usage("alice")
+        if {k: now[k] for k in want} == want:
+            break
+        time.sleep(0.1)
+    assert {k: now[k] for k in want} == want and now["tenant"] == "alice"
+    a1 = next(m for m in now["by_model"] if m["model"] == "a1")
+    a1_before = next((m for m in alice_before["by_model"] if m["model"] == "a1"), {"requests": 0})
+    assert a1["requests"] == a1_before["requests"] + 2
+    assert usage("bob") == bob_before  # another tenant's requests are never in it
+    assert httpx.get(f"{server.url}/v1/usage", timeout=60).status_code == 401
+
+
 def test_openai_client_completions_and_chat(server):
     client = server.client()
     c = client.completions.create(model=server.base, prompt="Hello", max_tokens=6, temperature=0,
@@ -757,6 +789,7 @@ def test_killed_model_replica_fails_in_flight_requests_clearly_and_recovers(serv
                 break
             time.sleep(1)
         assert r.status_code == 200
-        assert httpx.get(f"{server.url}/kill/health", timeout=30).json()["running_replicas"] == {"Tokenizer": 1, "LoRAModel": 1}
+        running = httpx.get(f"{server.url}/kill/health", timeout=30).json()["running_replicas"]
+        assert running == {"Tokenizer": 1, "LoRAModel": 1, "TenantState": 1}
     finally:
         serve.delete("kill")
