@@ -65,6 +65,11 @@ class EngineConfig:
     """Who gets a free row: `fair` (least service in tokens across tenants, `fairness.py`) or `fifo`."""
     completion_token_weight: float = 2.0
     """Under `fair`, a completion token counts as this many prompt tokens of service."""
+    max_queued_per_tenant: int | None = None
+    """A tenant with this many requests waiting for a row has its next one refused (429); None: no limit."""
+    max_rows_per_tenant: int | None = None
+    """Under `fair`: while other tenants wait, a tenant holding this many rows gets no more (a lone
+    tenant still gets every row); None: no limit."""
 
     def __post_init__(self):
         for name in ("max_batch_size", "decode_steps", "prefill_batch", "max_lora_rank", "host_adapter_cache"):
@@ -78,6 +83,9 @@ class EngineConfig:
             raise ValueError(f"prefill_buckets must be positive lengths, got {self.prefill_buckets}")
         if self.num_adapter_slots < 2:
             raise ValueError("num_adapter_slots must be >= 2 (slot 0 is the base model)")
+        for name in ("max_queued_per_tenant", "max_rows_per_tenant"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or null: no limit), got {getattr(self, name)}")
         if self.scheduling not in POLICIES:
             raise ValueError(f"scheduling must be one of {', '.join(POLICIES)}, got {self.scheduling!r}")
         if not self.completion_token_weight > 0:

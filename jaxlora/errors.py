@@ -22,6 +22,10 @@ class Overloaded(JaxLoraError):
     """The waiting queue is full (HTTP 503): try again later."""
 
 
+class TenantOverLimit(JaxLoraError):
+    """One tenant is over its own limit (HTTP 429); other tenants are still served."""
+
+
 class EngineDead(JaxLoraError):
     """The engine loop has stopped after an internal error; the replica must be replaced."""
 

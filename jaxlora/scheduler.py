@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxlora.adapter_store import ResolvedAdapter
 from jaxlora.engine import EngineConfig, StepTokens
-from jaxlora.errors import EngineDead, InvalidRequest, JaxLoraError, NoFreeSlot, Overloaded
+from jaxlora.errors import EngineDead, InvalidRequest, JaxLoraError, NoFreeSlot, Overloaded, TenantOverLimit
 from jaxlora.fairness import TokenCounters
 from jaxlora.lora import LoraStack
 from jaxlora.metrics import EngineMetrics
@@ -125,6 +125,10 @@ class Scheduler:
             if len(self._waiting) >= self.engine.config.max_queue + self.free_rows():
                 self.metrics.requests_rejected_overload += 1
                 raise Overloaded(f"the server is at capacity ({len(self._waiting)} requests waiting); retry shortly")
+            limit_queued = self.engine.config.max_queued_per_tenant
+            if limit_queued is not None and sum(r.request.tenant == tenant for r in self._waiting) >= limit_queued:
+                raise TenantOverLimit(f"tenant {tenant!r} already has {limit_queued} requests waiting (its limit); "
+                                      "retry when one has started")
             request = Request(tuple(prompt), params, seed, adapter,
                               frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids),
                               time.monotonic(), tenant, weight)
@@ -258,7 +262,7 @@ class Scheduler:
         with self._cond:
             candidates = [r for r in self._waiting if not r.cancelled and self._admissible(r)]
             while candidates and len(group) < limit:
-                req = self._pick(candidates)
+                req = self._pick(candidates, group)
                 candidates.remove(req)
                 self._waiting.remove(req)
                 group.append(req)
@@ -266,13 +270,19 @@ class Scheduler:
                 candidates = [r for r in candidates if bucket(len(r.request.prompt)) == bucket(len(req.request.prompt))]
         return group
 
-    def _pick(self, candidates: list[_Live]) -> _Live:
-        """`fifo`: the oldest. `fair`: the oldest of the tenant with the least service (`fairness.py`)."""
+    def _pick(self, candidates: list[_Live], group: list[_Live]) -> _Live:
+        """`fifo`: the oldest. `fair`: the oldest of the tenant with the least service (`fairness.py`)
+        among those under `max_rows_per_tenant` (counting the rows `group` is about to take)."""
         if self.engine.config.scheduling == "fifo":
             return candidates[0]
         heads: dict[str, _Live] = {}
         for r in candidates:  # in arrival order, so a tie goes to the tenant whose head came first
             heads.setdefault(r.request.tenant, r)
+        limit = self.engine.config.max_rows_per_tenant
+        if limit is not None and len(heads) > 1:  # work-conserving: a lone tenant is not held back
+            rows = collections.Counter(r.request.tenant for r in [*self._rows, *group] if r is not None)
+            under = {t: r for t, r in heads.items() if rows[t] < limit}
+            heads = under or heads
         return heads[self.counters.least_served(heads)]
 
     def _decode(self) -> None:

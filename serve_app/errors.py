@@ -22,7 +22,7 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status == 503 else None
+        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
@@ -35,6 +35,7 @@ STATUS: dict[type[core.JaxLoraError], tuple[int, str, str | None, str | None, st
     core.InvalidAdapterRef: (400, "invalid_request_error", "model", "invalid_model", None),
     core.AdapterFormatError: (400, "invalid_request_error", "model", "adapter_unusable", None),
     core.AdapterNotFoundError: (404, "invalid_request_error", "model", "model_not_found", None),
+    core.TenantOverLimit: (429, "requests", None, "rate_limit_exceeded", None),
     core.Overloaded: (503, "overloaded_error", None, "overloaded", None),
     core.NoFreeSlot: (503, "overloaded_error", None, "overloaded", None),
     core.EngineDead: (503, "overloaded_error", None, "replica_unavailable",

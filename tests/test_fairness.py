@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from jaxlora.engine import EngineConfig
+from jaxlora.errors import TenantOverLimit
 from jaxlora.fairness import TokenCounters
 from jaxlora.sampling import SamplingParams
 from jaxlora.scheduler import Scheduler
@@ -141,3 +144,41 @@ def test_counters_bank_no_credit_for_idle_time():
     assert c.least_served(["a", "b"]) == "b"
     c.activate("late", waiting=[])  # nobody waits: it starts at the highest minimum seen (100), not 0
     assert c.counters["late"] == 100
+
+
+def _first_prefill(config: EngineConfig, counters: dict[str, float]) -> list[tuple[int, ...]]:
+    engine = MockEngine(config)
+    slots = SlotCache(tiny_stack(2), lambda r: None)
+    sched = Scheduler(engine, slots)
+    try:
+        sched.counters.counters.update(counters)  # "b" was served a lot before: "a" is far behind
+        handles = [sched.submit([1, i], SamplingParams(max_tokens=4, **GREEDY), tenant="a") for i in range(3)]
+        handles.append(sched.submit([2], SamplingParams(max_tokens=4, **GREEDY), tenant="b"))
+        sched.start()
+        for h in handles:
+            collect(h)
+    finally:
+        sched.stop()
+        slots.close()
+    return next(call[1] for call in engine.calls if call[0] == "prefill")
+
+
+def test_max_rows_per_tenant_leaves_a_row_for_another_waiting_tenant():
+    assert _first_prefill(TWO_ROWS, {"b": 1000.0}) == [(1, 0), (1, 1)]  # least served: a takes both rows
+    limited = dataclasses.replace(TWO_ROWS, max_rows_per_tenant=1)
+    assert _first_prefill(limited, {"b": 1000.0}) == [(1, 0), (2,)]  # a holds one row while b waits
+
+
+def test_max_queued_per_tenant_refuses_only_that_tenant():
+    config = dataclasses.replace(TWO_ROWS, max_queued_per_tenant=2)
+    engine = MockEngine(config)
+    slots = SlotCache(tiny_stack(2), lambda r: None)
+    sched = Scheduler(engine, slots)  # not started: everything submitted waits
+    try:
+        for _ in range(2):
+            sched.submit([1], SamplingParams(max_tokens=1, **GREEDY), tenant="a")
+        with pytest.raises(TenantOverLimit, match="tenant 'a' already has 2 requests waiting"):
+            sched.submit([1], SamplingParams(max_tokens=1, **GREEDY), tenant="a")
+        sched.submit([1], SamplingParams(max_tokens=1, **GREEDY), tenant="b")  # b is not affected
+    finally:
+        slots.close()
