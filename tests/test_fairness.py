@@ -21,13 +21,15 @@ ONE_ROW = EngineConfig(max_batch_size=1, max_seq_len=64, prefill_buckets=(8, 16)
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-def _run(config: EngineConfig, requests: list[tuple[str, list[int], int, float]]) -> list[tuple[int, ...]]:
-    """Submits (tenant, prompt, max_tokens, weight) in order before the loop starts, runs them all,
-    and returns the prompts in the order they were prefilled."""
+def _loop(config: EngineConfig, requests: list[tuple[str, list[int], int, float]],
+          counters: dict[str, float] | None = None) -> MockEngine:
+    """Submits (tenant, prompt, max_tokens, weight) in order before the loop starts (with the
+    tenants' service counters set to `counters`), runs them all, and returns the engine."""
     engine = MockEngine(config)
     slots = SlotCache(tiny_stack(config.num_adapter_slots), lambda r: None)
     sched = Scheduler(engine, slots)
     try:
+        sched.counters.counters.update(counters or {})
         handles = [sched.submit(prompt, SamplingParams(max_tokens=n, **GREEDY), tenant=t, weight=w)
                    for t, prompt, n, w in requests]
         sched.start()
@@ -36,7 +38,17 @@ def _run(config: EngineConfig, requests: list[tuple[str, list[int], int, float]]
     finally:
         sched.stop()
         slots.close()
-    return [p for call in engine.calls if call[0] == "prefill" for p in call[1]]
+    return engine
+
+
+def _prefilled(engine: MockEngine) -> list[list[tuple[int, ...]]]:
+    """The prompts of each prefill call, in order."""
+    return [call[1] for call in engine.calls if call[0] == "prefill"]
+
+
+def _run(config: EngineConfig, requests: list[tuple[str, list[int], int, float]]) -> list[tuple[int, ...]]:
+    """The prompts in the order they were prefilled."""
+    return [p for call in _prefilled(_loop(config, requests)) for p in call]
 
 
 def _three_tenants() -> tuple[list, dict]:
@@ -110,25 +122,14 @@ def test_weights_give_shares_in_proportion():
 
 
 def test_a_lone_tenant_gets_every_row():
-    config = dataclasses.replace(TWO_ROWS, max_batch_size=3)
-    engine = MockEngine(config)
-    slots = SlotCache(tiny_stack(2), lambda r: None)
-    sched = Scheduler(engine, slots)
-    try:
-        handles = [sched.submit([i], SamplingParams(max_tokens=5, **GREEDY), tenant="solo") for i in range(6)]
-        handles.append(sched.submit([9], SamplingParams(max_tokens=1, **GREEDY), tenant="other"))
-        sched.start()
-        for h in handles:
-            collect(h)
-    finally:
-        sched.stop()
-        slots.close()
+    engine = _loop(dataclasses.replace(TWO_ROWS, max_batch_size=3),
+                   [("solo", [i], 5, 1.0) for i in range(6)] + [("other", [9], 1, 1.0)])
     first_generate = engine.calls.index(("generate",))
     rows = [r for call in engine.calls[:first_generate] if call[0] == "insert" for r in call[1]]
     # Every row is taken before the first decode: the other tenant's one request went into the first
     # prefill beside solo's first (it finished there), and solo's next two took rows 1 and 2.
     assert rows == [0, 1, 1, 2]
-    assert [c[1] for c in engine.calls if c[0] == "prefill"][0] == [(0,), (9,)]
+    assert _prefilled(engine)[0] == [(0,), (9,)]
 
 
 def test_counters_bank_no_credit_for_idle_time():
@@ -147,24 +148,13 @@ def test_counters_bank_no_credit_for_idle_time():
 
 
 def _first_prefill(config: EngineConfig, counters: dict[str, float]) -> list[tuple[int, ...]]:
-    engine = MockEngine(config)
-    slots = SlotCache(tiny_stack(2), lambda r: None)
-    sched = Scheduler(engine, slots)
-    try:
-        sched.counters.counters.update(counters)  # "b" was served a lot before: "a" is far behind
-        handles = [sched.submit([1, i], SamplingParams(max_tokens=4, **GREEDY), tenant="a") for i in range(3)]
-        handles.append(sched.submit([2], SamplingParams(max_tokens=4, **GREEDY), tenant="b"))
-        sched.start()
-        for h in handles:
-            collect(h)
-    finally:
-        sched.stop()
-        slots.close()
-    return next(call[1] for call in engine.calls if call[0] == "prefill")
+    requests = [("a", [1, i], 4, 1.0) for i in range(3)] + [("b", [2], 4, 1.0)]
+    return _prefilled(_loop(config, requests, counters))[0]
 
 
 def test_max_rows_per_tenant_leaves_a_row_for_another_waiting_tenant():
-    assert _first_prefill(TWO_ROWS, {"b": 1000.0}) == [(1, 0), (1, 1)]  # least served: a takes both rows
+    # "b" was served a lot before, so "a" is far behind: the least served takes both rows
+    assert _first_prefill(TWO_ROWS, {"b": 1000.0}) == [(1, 0), (1, 1)]
     limited = dataclasses.replace(TWO_ROWS, max_rows_per_tenant=1)
     assert _first_prefill(limited, {"b": 1000.0}) == [(1, 0), (2,)]  # a holds one row while b waits
 
