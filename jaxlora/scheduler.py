@@ -125,16 +125,16 @@ class Scheduler:
             if len(self._waiting) >= self.engine.config.max_queue + self.free_rows():
                 self.metrics.requests_rejected_overload += 1
                 raise Overloaded(f"the server is at capacity ({len(self._waiting)} requests waiting); retry shortly")
+            waiting = collections.Counter(r.request.tenant for r in self._waiting)  # tenant -> requests waiting
             limit_queued = self.engine.config.max_queued_per_tenant
-            if limit_queued is not None and sum(r.request.tenant == tenant for r in self._waiting) >= limit_queued:
+            if limit_queued is not None and waiting[tenant] >= limit_queued:
                 raise TenantOverLimit(f"tenant {tenant!r} already has {limit_queued} requests waiting (its limit); "
                                       "retry when one has started")
             request = Request(tuple(prompt), params, seed, adapter,
                               frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids),
                               time.monotonic(), tenant, weight)
             req = _Live(request, TokenStream(), None if adapter is None else self.slots.prefetch(adapter))
-            waiting = {r.request.tenant for r in self._waiting}
-            if tenant not in waiting:
+            if not waiting[tenant]:
                 self.counters.activate(tenant, waiting)
             self._waiting.append(req)
             self.metrics.requests_submitted += 1
