@@ -99,10 +99,13 @@ class LocalJaxLoRABackend:
         return self.replica.versions.current(user, adapter)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
-               user: str = "local", weight: float = 1.0) -> RequestHandle:
+               user: str = "local", weight: float = 1.0, max_rows: int | None = None,
+               max_queued: int | None = None) -> RequestHandle:
         """`user` is the tenant (whose adapters `adapter` names, and whose service fair scheduling
-        counts); `weight` its share under fair scheduling."""
-        return self.scheduler.submit(prompt_ids, params, self.resolve_adapter(adapter, user), tenant=user, weight=weight)
+        counts); `weight` its share under fair scheduling, `max_rows`/`max_queued` its tier's limits
+        (None: the engine's defaults)."""
+        return self.scheduler.submit(prompt_ids, params, self.resolve_adapter(adapter, user), tenant=user, weight=weight,
+                                     max_rows=max_rows, max_queued=max_queued)
 
     def usage(self, fin: Finished) -> Usage:
         return Usage(

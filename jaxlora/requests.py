@@ -32,6 +32,7 @@ class Request:
     submitted_at: float  # time.monotonic()
     tenant: str = ""  # whose request: fair scheduling counts service per tenant
     weight: float = 1.0  # the tenant's share under fair scheduling (2: twice the tokens of a tenant of 1)
+    max_rows: int | None = None  # under fair, the tenant's row limit while others wait (None: no limit)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -95,9 +95,12 @@ class Scheduler:
     # -- any thread -------------------------------------------------------------------------------
 
     def submit(self, prompt: list[int], params: SamplingParams, adapter: ResolvedAdapter | None = None,
-               tenant: str = "", weight: float = 1.0) -> RequestHandle:
-        """Queues a request, or refuses it at once (InvalidRequest, Overloaded, EngineDead). `tenant`
-        and its `weight` matter to fair scheduling only: they decide when the request runs."""
+               tenant: str = "", weight: float = 1.0, max_rows: int | None = None,
+               max_queued: int | None = None) -> RequestHandle:
+        """Queues a request, or refuses it at once (InvalidRequest, Overloaded, TenantOverLimit,
+        EngineDead). `tenant`, its `weight` and its limits decide when the request runs, never what it
+        produces; `max_rows` and `max_queued` override the engine's `max_rows_per_tenant` and
+        `max_queued_per_tenant` for this tenant (its tier), None keeps them."""
         params.validate()
         limit = self.engine.config.max_seq_len
         if not prompt:
@@ -126,13 +129,14 @@ class Scheduler:
                 self.metrics.requests_rejected_overload += 1
                 raise Overloaded(f"the server is at capacity ({len(self._waiting)} requests waiting); retry shortly")
             waiting = collections.Counter(r.request.tenant for r in self._waiting)  # tenant -> requests waiting
-            limit_queued = self.engine.config.max_queued_per_tenant
+            limit_queued = max_queued if max_queued is not None else self.engine.config.max_queued_per_tenant
             if limit_queued is not None and waiting[tenant] >= limit_queued:
                 raise TenantOverLimit(f"tenant {tenant!r} already has {limit_queued} requests waiting (its limit); "
                                       "retry when one has started")
             request = Request(tuple(prompt), params, seed, adapter,
                               frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids),
-                              time.monotonic(), tenant, weight)
+                              time.monotonic(), tenant, weight,
+                              max_rows if max_rows is not None else self.engine.config.max_rows_per_tenant)
             req = _Live(request, TokenStream(), None if adapter is None else self.slots.prefetch(adapter))
             if not waiting[tenant]:
                 self.counters.activate(tenant, waiting)
@@ -272,16 +276,16 @@ class Scheduler:
 
     def _pick(self, candidates: list[_Live], group: list[_Live]) -> _Live:
         """`fifo`: the oldest. `fair`: the oldest of the tenant with the least service (`fairness.py`)
-        among those under `max_rows_per_tenant` (counting the rows `group` is about to take)."""
+        among those under their row limit (counting the rows `group` is about to take)."""
         if self.engine.config.scheduling == "fifo":
             return candidates[0]
         heads: dict[str, _Live] = {}
         for r in candidates:  # in arrival order, so a tie goes to the tenant whose head came first
             heads.setdefault(r.request.tenant, r)
-        limit = self.engine.config.max_rows_per_tenant
-        if limit is not None and len(heads) > 1:  # work-conserving: a lone tenant is not held back
+        if len(heads) > 1 and any(r.request.max_rows is not None for r in heads.values()):
+            # work-conserving: a lone tenant, or every waiting tenant at its limit, is not held back
             rows = collections.Counter(r.request.tenant for r in [*self._rows, *group] if r is not None)
-            under = {t: r for t, r in heads.items() if rows[t] < limit}
+            under = {t: r for t, r in heads.items() if r.request.max_rows is None or rows[t] < r.request.max_rows}
             heads = under or heads
         return heads[self.counters.least_served(heads)]
 

@@ -22,15 +22,16 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 def _loop(config: EngineConfig, requests: list[tuple[str, list[int], int, float]],
-          counters: dict[str, float] | None = None) -> MockEngine:
+          counters: dict[str, float] | None = None, limits: dict[str, dict] | None = None) -> MockEngine:
     """Submits (tenant, prompt, max_tokens, weight) in order before the loop starts (with the
-    tenants' service counters set to `counters`), runs them all, and returns the engine."""
+    tenants' service counters set to `counters`, and `limits[tenant]` as the tenant's own limits),
+    runs them all, and returns the engine."""
     engine = MockEngine(config)
     slots = SlotCache(tiny_stack(config.num_adapter_slots), lambda r: None)
     sched = Scheduler(engine, slots)
     try:
         sched.counters.counters.update(counters or {})
-        handles = [sched.submit(prompt, SamplingParams(max_tokens=n, **GREEDY), tenant=t, weight=w)
+        handles = [sched.submit(prompt, SamplingParams(max_tokens=n, **GREEDY), tenant=t, weight=w, **(limits or {}).get(t, {}))
                    for t, prompt, n, w in requests]
         sched.start()
         for h in handles:
@@ -147,9 +148,9 @@ def test_counters_bank_no_credit_for_idle_time():
     assert c.counters["late"] == 100
 
 
-def _first_prefill(config: EngineConfig, counters: dict[str, float]) -> list[tuple[int, ...]]:
+def _first_prefill(config: EngineConfig, counters: dict[str, float], limits: dict | None = None) -> list[tuple[int, ...]]:
     requests = [("a", [1, i], 4, 1.0) for i in range(3)] + [("b", [2], 4, 1.0)]
-    return _prefilled(_loop(config, requests, counters))[0]
+    return _prefilled(_loop(config, requests, counters, limits))[0]
 
 
 def test_max_rows_per_tenant_leaves_a_row_for_another_waiting_tenant():
@@ -157,6 +158,14 @@ def test_max_rows_per_tenant_leaves_a_row_for_another_waiting_tenant():
     assert _first_prefill(TWO_ROWS, {"b": 1000.0}) == [(1, 0), (1, 1)]
     limited = dataclasses.replace(TWO_ROWS, max_rows_per_tenant=1)
     assert _first_prefill(limited, {"b": 1000.0}) == [(1, 0), (2,)]  # a holds one row while b waits
+
+
+def test_a_tenants_own_row_limit_overrides_the_engines():
+    limited = dataclasses.replace(TWO_ROWS, max_rows_per_tenant=1)
+    # a's tier lifts the limit: it takes both rows again
+    assert _first_prefill(limited, {"b": 1000.0}, {"a": {"max_rows": 2}}) == [(1, 0), (1, 1)]
+    # and a tier can set a limit the engine does not
+    assert _first_prefill(TWO_ROWS, {"b": 1000.0}, {"a": {"max_rows": 1}}) == [(1, 0), (2,)]
 
 
 def test_max_queued_per_tenant_refuses_only_that_tenant():
@@ -170,5 +179,9 @@ def test_max_queued_per_tenant_refuses_only_that_tenant():
         with pytest.raises(TenantOverLimit, match="tenant 'a' already has 2 requests waiting"):
             sched.submit([1], SamplingParams(max_tokens=1, **GREEDY), tenant="a")
         sched.submit([1], SamplingParams(max_tokens=1, **GREEDY), tenant="b")  # b is not affected
+        for _ in range(3):  # c's own limit is higher
+            sched.submit([1], SamplingParams(max_tokens=1, **GREEDY), tenant="c", max_queued=3)
+        with pytest.raises(TenantOverLimit, match="tenant 'c' already has 3 requests waiting"):
+            sched.submit([1], SamplingParams(max_tokens=1, **GREEDY), tenant="c", max_queued=3)
     finally:
         slots.close()
