@@ -70,6 +70,9 @@ class EngineConfig:
     max_rows_per_tenant: int | None = None
     """Under `fair`: while other tenants wait, a tenant holding this many rows gets no more (a lone
     tenant still gets every row); None: no limit."""
+    max_preemptions: int = 1
+    """Under `fair`: how often one request may be swapped out of its row (to host memory, resumed
+    bitwise where it left off) so a tenant far behind gets a row at once; 0: never."""
 
     def __post_init__(self):
         for name in ("max_batch_size", "decode_steps", "prefill_batch", "max_lora_rank", "host_adapter_cache"):
@@ -83,6 +86,8 @@ class EngineConfig:
             raise ValueError(f"prefill_buckets must be positive lengths, got {self.prefill_buckets}")
         if self.num_adapter_slots < 2:
             raise ValueError("num_adapter_slots must be >= 2 (slot 0 is the base model)")
+        if self.max_preemptions < 0:
+            raise ValueError(f"max_preemptions must be >= 0, got {self.max_preemptions}")
         for name in ("max_queued_per_tenant", "max_rows_per_tenant"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or null: no limit), got {getattr(self, name)}")
@@ -184,6 +189,17 @@ def _insert(prefix: Prefix, state: DecodeState, rows_P) -> DecodeState:
     return state
 
 
+def _row_of(state: DecodeState, row) -> DecodeState:
+    """Row `row` of every field, as a state of one row."""
+    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, row, 1, axis=0), state)
+
+
+def _put_row(saved: DecodeState, state: DecodeState, row, slot) -> DecodeState:
+    """`saved` (one row) into row `row`, on adapter slot `slot` (the adapter's slot may differ now)."""
+    state = jax.tree.map(lambda dst, src: jax.lax.dynamic_update_slice_in_dim(dst, src, row, axis=0), state, saved)
+    return dataclasses.replace(state, slots=state.slots.at[row].set(slot))
+
+
 def _generate(params: Params, lora: LoraStack, state: DecodeState, cfg: ModelConfig, steps: int):
     if cfg.decode_kernels:  # the CPU LoRA kernel reads each row's slot in place
         if lora.dtype != jnp.float32:
@@ -252,6 +268,8 @@ class Engine:
         self._insert = jax.jit(_insert, donate_argnums=(1,))
         self._generate = jax.jit(functools.partial(_generate, cfg=decode_cfg, steps=config.decode_steps),
                                  donate_argnums=(2,))
+        self._row_of = jax.jit(_row_of)
+        self._put_row = jax.jit(_put_row, donate_argnums=(1,))
 
     def init_state(self) -> DecodeState:
         B, V = self.config.max_batch_size, self.vocab_size
@@ -295,8 +313,19 @@ class Engine:
         """Runs `decode_steps` steps for every row; the StepTokens fields are [steps, B, ...]."""
         return self._generate(self.params, lora, state)
 
+    def swap_out(self, state: DecodeState, row: int) -> DecodeState:
+        """A copy of row `row` in host memory (numpy): its whole KV cache, the token it feeds next,
+        position, PRNG counter, sampling parameters and penalty history, i.e. all a decode step reads
+        of it. The row itself is left as it is (the next request into it overwrites what it reads)."""
+        return jax.device_get(self._row_of(state, jnp.int32(row)))
+
+    def swap_in(self, saved: DecodeState, state: DecodeState, row: int, slot: int) -> DecodeState:
+        """Puts a `swap_out` copy back into row `row` (any row) with its adapter now in `slot`: the
+        row's next steps compute what they would have computed had it never left."""
+        return self._put_row(saved, state, jnp.int32(row), jnp.int32(slot))
+
     def warm_up(self, lora: LoraStack) -> None:
-        """Compiles every shape a request can use: each prefill bucket, insert, generate. Every
+        """Compiles every shape a request can use: each prefill bucket, insert, generate, swap. Every
         sampling stage is a branch (`lax.cond`) of these same calls, so a greedy request compiles
         the stages that penalties, logit_bias or min_p take too."""
         state = self.init_state()
@@ -305,5 +334,6 @@ class Engine:
             prefix = self.prefill(lora, [([0] * T, 0, greedy, 0)])
             state = self.insert(prefix, state, [0])
         state, out = self.generate(lora, state)
-        jax.block_until_ready(out.token)
+        state = self.swap_in(self.swap_out(state, 0), state, 0, 0)
+        jax.block_until_ready((out.token, state.tokens))
 

@@ -14,6 +14,15 @@ with the lowest counter (ties: the earlier request), and within a tenant request
   their counters differ by at most the cost of one request plus what the rows already running earn
   (`max_batch_size` requests' completions), whatever the request sizes.
 
+Preemption (`fair` only; the scheduler's `_preempt`): admission alone makes a tenant that arrives
+while another holds every row wait for a row to finish, up to a whole request's length. So when
+every row is taken and the least-served waiting tenant is behind the most-served running one by
+more than its next request costs, one row of the latter (its latest request) is copied to host
+memory and freed. The request resumes when the counters pick it again, in any row, from the very
+state it left (KV cache, position, PRNG counter, penalty history): its bits do not change. A
+request is swapped out at most `max_preemptions` times and never before it decoded in its row,
+and at most `max_batch_size` requests are out at once (host memory: one more KV cache).
+
 `fifo` is arrival order. Neither policy changes a request's bits: they only decide *when* it runs.
 This module only keeps the counters and picks; the scheduler (`scheduler.py`) calls it.
 """

@@ -54,6 +54,7 @@ class EngineMetrics:
     requests_cancelled: int = 0
     requests_failed: int = 0
     requests_rejected_overload: int = 0
+    preemptions: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
     decode_calls: int = 0
@@ -91,7 +92,7 @@ class EngineMetrics:
         with self.lock:
             out = {k: getattr(self, k) for k in (
                 "requests_submitted", "requests_finished", "requests_cancelled", "requests_failed",
-                "requests_rejected_overload", "prompt_tokens", "generated_tokens", "decode_calls")}
+                "requests_rejected_overload", "preemptions", "prompt_tokens", "generated_tokens", "decode_calls")}
             out["decode_tokens_per_s"] = self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0
             out["batch_occupancy"] = self.busy_row_steps / self.total_row_steps if self.total_row_steps else 0.0
             out["ttft_s"] = _percentiles(self.ttft_s)

@@ -52,6 +52,7 @@ class Finished:
     seed: int
     adapter: ResolvedAdapter | None
     error: BaseException | None = None
+    preemptions: int = 0  # how often it was swapped out of its row and back (fair scheduling)
 
 
 class TokenStream:

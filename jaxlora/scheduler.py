@@ -4,7 +4,9 @@ Each turn of the loop, in order:
   1. drop cancelled requests (waiting ones, and running ones, whose rows free at once);
   2. admit waiting requests into free rows, in the order the policy gives (`fairness.py`: least
      service across tenants, or arrival): pin the adapter's slot, prefill, insert; a request whose
-     adapter is still being read from disk waits without blocking the others;
+     adapter is still being read from disk waits without blocking the others. Under `fair`, with
+     every row taken, a row of a tenant far ahead may be swapped out to host memory for a tenant
+     far behind (`_preempt`); the swapped request resumes later, in any row, bitwise where it was;
   3. run `decode_steps` decode steps for all rows in one device call;
   4. hand each running request its new tokens, and retire those that hit EOS, a stop token or
      `max_tokens` (their rows are free for the next turn).
@@ -59,6 +61,10 @@ class EngineApi(Protocol):
 
     def generate(self, lora: LoraStack, state: Any) -> tuple[Any, StepTokens]: ...
 
+    def swap_out(self, state: Any, row: int) -> Any: ...
+
+    def swap_in(self, saved: Any, state: Any, row: int, slot: int) -> Any: ...
+
 
 @dataclasses.dataclass(eq=False)
 class _Live:
@@ -70,6 +76,9 @@ class _Live:
     row: int | None = None  # the decode row it holds while running
     slot: int = BASE_SLOT  # the adapter slot it pins while running
     generated: int = 0
+    saved: Any = None  # while preempted: its row's decode state in host memory (`EngineApi.swap_out`)
+    preemptions: int = 0
+    placed_at: int = -1  # the decode call count when it last took a row
     first_token_at: float | None = None
     cancelled: bool = False
     done: bool = False
@@ -86,6 +95,7 @@ class Scheduler:
         self._waiting: collections.deque[_Live] = collections.deque()
         self._to_cancel: list[_Live] = []
         self._rows: list[_Live | None] = [None] * engine.config.max_batch_size
+        self._swapped = 0  # waiting requests that hold a `saved` row (at most max_batch_size)
         self._seed_rng = random.Random()
         self._state = None
         self._thread: threading.Thread | None = None
@@ -124,11 +134,13 @@ class Scheduler:
         with self._cond:
             if self.error is not None or self._stopping:
                 raise EngineDead(f"the engine has stopped: {self.error!r}")
-            # max_queue counts requests that must wait: those a free row will take at once do not.
-            if len(self._waiting) >= self.engine.config.max_queue + self.free_rows():
+            # max_queue counts requests that must wait: those a free row will take at once do not, nor
+            # preempted ones (they were admitted once).
+            queued = len(self._waiting) - self._swapped
+            if queued >= self.engine.config.max_queue + self.free_rows():
                 self.metrics.requests_rejected_overload += 1
-                raise Overloaded(f"the server is at capacity ({len(self._waiting)} requests waiting); retry shortly")
-            waiting = collections.Counter(r.request.tenant for r in self._waiting)  # tenant -> requests waiting
+                raise Overloaded(f"the server is at capacity ({queued} requests waiting); retry shortly")
+            waiting = collections.Counter(r.request.tenant for r in self._waiting if r.saved is None)  # tenant -> queued
             limit_queued = max_queued if max_queued is not None else self.engine.config.max_queued_per_tenant
             if limit_queued is not None and waiting[tenant] >= limit_queued:
                 raise TenantOverLimit(f"tenant {tenant!r} already has {limit_queued} requests waiting (its limit); "
@@ -168,7 +180,7 @@ class Scheduler:
 
     def snapshot(self) -> dict:
         """The metrics plus what is derived from the loop's state now: queue depth and rows in use."""
-        return self.metrics.snapshot() | {"queue_depth": len(self._waiting),
+        return self.metrics.snapshot() | {"queue_depth": len(self._waiting) - self._swapped, "swapped_out": self._swapped,
                                           "active_rows": len(self._rows) - self.free_rows()}
 
     def start(self) -> None:
@@ -215,9 +227,11 @@ class Scheduler:
         return req.adapter_ready is None or req.adapter_ready.done()
 
     def _admit(self) -> None:
-        """Fills free rows: the oldest admissible request, plus waiting ones of the same prompt-length
-        bucket (one prefill call for up to `prefill_batch` of them, a shape set by the bucket alone)."""
-        while None in self._rows:
+        """Fills free rows, each with the next request by the policy: a preempted one goes back
+        alone (`_resume`); a new one brings waiting ones of its prompt-length bucket (one prefill call
+        for up to `prefill_batch` of them, a shape set by the bucket alone). With every row taken,
+        `_preempt` may free one for a tenant far behind."""
+        while None in self._rows or self._preempt():
             group = self._next_group(min(self.engine.config.prefill_batch, self._rows.count(None)))
             if not group:
                 return
@@ -233,14 +247,16 @@ class Scheduler:
                         with self._cond:  # they keep their places (and their service); rows finishing free slots
                             self._waiting.extendleft(reversed(group[i:]))
                         for back in group[i:]:
-                            self.counters.charge_prompt(back.request.tenant, -len(back.request.prompt), back.request.weight)
+                            self.counters.charge_prompt(back.request.tenant, -self._prompt_cost(back), back.request.weight)
                         group = None
                         break
                     except JaxLoraError as e:  # e.g. evicted from the host cache and then unreadable
                         self._finish(req, "error", e)
                         continue
                 ready.append(req)
-            if ready:
+            if ready and ready[0].saved is not None:
+                self._resume(ready[0])
+            elif ready:
                 self._start(ready)
             if group is None:
                 return
@@ -249,6 +265,7 @@ class Scheduler:
         for req in reqs:
             req.row = self._rows.index(None)
             self._rows[req.row] = req
+            req.placed_at = self.metrics.decode_calls
         prefix = self.engine.prefill(self.slots.stack, [(list(r.request.prompt), r.slot, r.request.params, r.request.seed) for r in reqs])
         self._state = self.engine.insert(prefix, self._state, [r.row for r in reqs])
         first = jax.device_get(prefix.first)
@@ -257,10 +274,69 @@ class Scheduler:
             req.first_token_at = now
             self._accept(req, int(first.token[p]), float(first.logprob[p]), first.top_ids[p], first.top_logprobs[p])
 
+    def _resume(self, req: _Live) -> None:
+        req.row = self._rows.index(None)
+        self._rows[req.row] = req
+        self._state = self.engine.swap_in(req.saved, self._state, req.row, req.slot)
+        req.saved = None
+        self._swapped -= 1
+        req.placed_at = self.metrics.decode_calls
+
+    @staticmethod
+    def _prompt_cost(req: _Live) -> int:
+        """Prompt tokens charged when `req` is admitted: none on resuming, it was prefilled before."""
+        return 0 if req.saved is not None else len(req.request.prompt)
+
+    def _preempt(self) -> bool:
+        """Frees a row when every row is taken and the least-served waiting tenant is further behind a
+        running tenant than its next request costs (so running that request cannot put it ahead by
+        more than it is behind now): the victim is the most-served running tenant's latest request
+        that has been preempted fewer than `max_preemptions` times and has decoded since it took its
+        row (a row is never swapped out before it made progress). Its row goes to host memory
+        (`EngineApi.swap_out`) and comes back, in any free row, when the policy picks it again.
+        At most `max_batch_size` requests are swapped out at once: one more KV cache, in host memory."""
+        config = self.engine.config
+        if config.scheduling != "fair" or not config.max_preemptions or self._swapped >= config.max_batch_size:
+            return False
+        with self._cond:
+            heads = self._heads(r for r in self._waiting if not r.cancelled and self._admissible(r))
+        if not heads:
+            return False
+        waiter = heads[self.counters.least_served(heads)]
+        counter = self.counters.counters.get
+        victims = [r for r in self._rows if r is not None and r.request.tenant != waiter.request.tenant
+                   and r.preemptions < config.max_preemptions and r.placed_at < self.metrics.decode_calls]
+        if not victims:
+            return False
+        most_served = max((r.request.tenant for r in victims), key=lambda t: counter(t, 0.0))
+        cost = (self._prompt_cost(waiter) + self.counters.completion_weight
+                * (waiter.request.params.max_tokens - waiter.generated)) / waiter.request.weight
+        if counter(most_served, 0.0) - counter(waiter.request.tenant, 0.0) <= cost:
+            return False
+        adapter = waiter.request.adapter  # a row freed for a request that then finds no adapter slot would idle
+        victims = [r for r in victims if r.request.tenant == most_served
+                   and (adapter is None or self.slots.can_acquire(adapter, r.slot))]
+        if not victims:
+            return False
+        victim = max(victims, key=lambda r: r.request.submitted_at)
+        victim.saved = self.engine.swap_out(self._state, victim.row)
+        self._rows[victim.row], victim.row = None, None
+        if victim.request.adapter is not None:
+            self.slots.release(victim.slot)
+        victim.preemptions += 1
+        self._swapped += 1
+        self.metrics.preemptions += 1
+        with self._cond:  # back in arrival order: within its tenant, it is next again
+            at = next((i for i, r in enumerate(self._waiting) if r.request.submitted_at > victim.request.submitted_at),
+                      len(self._waiting))
+            self._waiting.insert(at, victim)
+        return True
+
     def _next_group(self, limit: int) -> list[_Live]:
-        """Up to `limit` waiting requests that can start now, all of the first one's length bucket
-        (one prefill call), each the next by the scheduling policy (`_pick`); those whose adapter
-        is still loading keep their place but do not hold up the others. Charges their prompts."""
+        """Up to `limit` waiting requests that can start now, each the next by the scheduling policy
+        (`_pick`): a preempted one alone, or new ones of the first one's length bucket (one prefill
+        call); those whose adapter is still loading keep their place but do not hold up the others.
+        Charges their prompts."""
         bucket = self.engine.config.bucket
         group: list[_Live] = []
         with self._cond:
@@ -270,8 +346,11 @@ class Scheduler:
                 candidates.remove(req)
                 self._waiting.remove(req)
                 group.append(req)
-                self.counters.charge_prompt(req.request.tenant, len(req.request.prompt), req.request.weight)
-                candidates = [r for r in candidates if bucket(len(r.request.prompt)) == bucket(len(req.request.prompt))]
+                self.counters.charge_prompt(req.request.tenant, self._prompt_cost(req), req.request.weight)
+                if req.saved is not None:
+                    break
+                candidates = [r for r in candidates
+                              if r.saved is None and bucket(len(r.request.prompt)) == bucket(len(req.request.prompt))]
         return group
 
     def _pick(self, candidates: list[_Live], group: list[_Live]) -> _Live:
@@ -279,15 +358,22 @@ class Scheduler:
         among those under their row limit (counting the rows `group` is about to take)."""
         if self.engine.config.scheduling == "fifo":
             return candidates[0]
-        heads: dict[str, _Live] = {}
-        for r in candidates:  # in arrival order, so a tie goes to the tenant whose head came first
-            heads.setdefault(r.request.tenant, r)
+        heads = self._heads(candidates)
         if len(heads) > 1 and any(r.request.max_rows is not None for r in heads.values()):
             # work-conserving: a lone tenant, or every waiting tenant at its limit, is not held back
             rows = collections.Counter(r.request.tenant for r in [*self._rows, *group] if r is not None)
             under = {t: r for t, r in heads.items() if r.request.max_rows is None or rows[t] < r.request.max_rows}
             heads = under or heads
         return heads[self.counters.least_served(heads)]
+
+    @staticmethod
+    def _heads(reqs) -> dict[str, _Live]:
+        """Each tenant's first request of `reqs` (in arrival order, so on a tie in service the
+        tenant whose head came first goes first)."""
+        heads: dict[str, _Live] = {}
+        for r in reqs:
+            heads.setdefault(r.request.tenant, r)
+        return heads
 
     def _decode(self) -> None:
         t0 = time.monotonic()
@@ -334,8 +420,12 @@ class Scheduler:
         ttft = None if req.first_token_at is None else req.first_token_at - req.request.submitted_at
         self.metrics.record_finish(ttft, now - req.request.submitted_at, req.generated, "error" if error else reason)
         req.done = True
+        if req.saved is not None:  # it ended while preempted (cancelled, or its adapter failed)
+            req.saved = None
+            self._swapped -= 1
         req.stream.put(Finished(reason if error is None else "error", len(req.request.prompt), req.generated,
-                                now - req.request.submitted_at, ttft, req.request.seed, req.request.adapter, error))
+                                now - req.request.submitted_at, ttft, req.request.seed, req.request.adapter, error,
+                                req.preemptions))
 
     def _fail_all(self, error: BaseException) -> None:
         for row, req in enumerate(self._rows):

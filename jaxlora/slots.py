@@ -152,6 +152,12 @@ class SlotCache:
         self._lru.pop(slot, None)
         return slot
 
+    def can_acquire(self, resolved: ResolvedAdapter, releasing: int | None = None) -> bool:
+        """Whether `acquire(resolved)` would find a slot now, or once `releasing` is released."""
+        if resolved.key in self._slot_of or len(self._key_of) < self.stack.num_slots - 1 or self._lru:
+            return True
+        return releasing is not None and releasing != BASE_SLOT and self._refs[releasing] == 1
+
     def release(self, slot: int) -> None:
         if slot == BASE_SLOT:
             return

@@ -56,6 +56,9 @@ class Metric:
 MODEL_METRICS = (
     Metric("jaxlora_queue_depth", GAUGE, "requests waiting for a decode row", source="queue_depth"),
     Metric("jaxlora_active_rows", GAUGE, "decode rows in use", source="active_rows"),
+    Metric("jaxlora_swapped_out", GAUGE, "preempted requests whose row waits in host memory", source="swapped_out"),
+    Metric("jaxlora_preemptions", COUNTER, "rows swapped out so a tenant far behind could start (fair scheduling)",
+           source="preemptions"),
     Metric("jaxlora_batch_occupancy", GAUGE, "share of decode row-steps doing useful work since the replica started",
            source="batch_occupancy"),
     Metric("jaxlora_decode_tokens_per_s", GAUGE, "generated tokens per second of decode time since the replica started",

@@ -90,6 +90,17 @@ class MockEngine:
         return MockState(tokens, index, state.slots.copy()), out
 
 
+    def swap_out(self, state: MockState, row: int) -> tuple[int, int]:
+        self.calls.append(("swap_out", row))
+        return int(state.tokens[row]), int(state.index[row])
+
+    def swap_in(self, saved: tuple[int, int], state: MockState, row: int, slot: int) -> MockState:
+        self.calls.append(("swap_in", row, slot))
+        state = MockState(state.tokens.copy(), state.index.copy(), state.slots.copy())
+        (state.tokens[row], state.index[row]), state.slots[row] = saved, slot
+        return state
+
+
 def tiny_stack(num_slots: int) -> LoraStack:
     """A one-layer, one-module stack: the slot cache's bookkeeping is real, its arrays are tiny."""
     import jax.numpy as jnp

@@ -178,7 +178,7 @@ ENGINE_BOUNDS = [
     ("host_adapter_cache", 1, 0), ("max_queue", 0, -1), ("max_seq_len", 8, 7), ("num_adapter_slots", 2, 1),
     ("prefill_buckets", (1,), ()), ("prefill_buckets", (1,), (0, 16)), ("dtype", "bfloat16", "float16"),
     ("scheduling", "fifo", "lottery"), ("completion_token_weight", 1e-6, 0.0),
-    ("max_queued_per_tenant", 1, 0), ("max_rows_per_tenant", 1, 0),
+    ("max_queued_per_tenant", 1, 0), ("max_rows_per_tenant", 1, 0), ("max_preemptions", 0, -1),
 ]
 
 

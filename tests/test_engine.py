@@ -76,6 +76,62 @@ def test_needle_is_bitwise_identical_alone_and_in_any_batch(tiny, sampling):
         assert got[2] == expected[2]
 
 
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0),
+                                      dict(temperature=0.9, top_p=0.9, seed=99, frequency_penalty=0.5, presence_penalty=0.3,
+                                           repetition_penalty=1.2)], ids=["greedy", "seeded-penalties"])
+def test_needle_swapped_out_and_resumed_in_another_row_is_bitwise_identical(tiny, sampling, monkeypatch):
+    """Fair scheduling with a forced preemption: the needle's tenant is made the most served, so
+    once another tenant's requests wait for a row the needle's row goes to host memory mid-stream;
+    it comes back into whichever row frees first. Its tokens, logprobs and alternatives must not change."""
+    rng = np.random.default_rng(3)
+    needle = (_prompt(rng, 13), SamplingParams(max_tokens=24, ignore_eos=True, logprobs=3, **sampling), tiny.adapters["a_qv_r4"])
+    alone = tiny.scheduler()
+    try:
+        expected = collect(alone.submit(*needle))
+    finally:
+        alone.stop()
+    rows = []  # (swap_out row, swap_in row)
+    swap_out, swap_in, generate = tiny.engine.swap_out, tiny.engine.swap_in, tiny.engine.generate
+    gate: list[threading.Semaphore] = []  # while it holds one, each decode call waits for a release
+
+    def gated_generate(lora, state):
+        if gate:
+            gate[0].acquire()
+        return generate(lora, state)
+
+    monkeypatch.setattr(tiny.engine, "generate", gated_generate)
+    monkeypatch.setattr(tiny.engine, "swap_out", lambda state, row: rows.append(row) or swap_out(state, row))
+    monkeypatch.setattr(tiny.engine, "swap_in", lambda saved, state, row, slot: rows.append(row) or swap_in(saved, state, row, slot))
+    names = [None, *tiny.adapters]
+    before = compile_count()
+    for trial in range(3):
+        sched = tiny.scheduler(start=False)
+        try:
+            sched.counters.counters["needle"] = 1e6
+            handle = sched.submit(*needle, tenant="needle")
+            gate[:] = [threading.Semaphore(2)]  # two decode calls, then the loop waits in the third
+            sched.start()
+            head = [next(iter(handle)) for _ in range(1 + 2 * tiny.engine.config.decode_steps)]
+            fillers = [sched.submit(_prompt(rng, int(rng.integers(1, 30))),
+                                    SamplingParams(max_tokens=int(rng.integers(4, 30)), temperature=float(rng.choice([0.0, 1.0])),
+                                                   seed=int(rng.integers(0, 2**31)), ignore_eos=True),
+                                    tiny.adapters.get(names[int(rng.integers(0, len(names)))]), tenant="fill")
+                       for _ in range(12)]
+            held = gate.pop()
+            held.release()
+            tokens, logprobs, tops, fin = collect(handle)
+            for h in fillers:
+                assert collect(h)[3].reason == "length"
+        finally:
+            sched.stop()
+        assert fin.preemptions == 1, f"trial {trial}: the needle was not preempted"
+        assert [e.token_id for e in head] + tokens == expected[0], f"trial {trial}: tokens differ (rows {rows})"
+        assert [e.logprob for e in head] + logprobs == expected[1], f"trial {trial}: logprobs differ"  # bitwise
+        assert [e.top_logprobs for e in head] + tops == expected[2]
+    assert any(rows[i] != rows[i + 1] for i in range(0, len(rows), 2)), f"never resumed in another row: {rows}"
+    assert compile_count() - before == 0
+
+
 def test_tokens_do_not_depend_on_the_adapter_slot(tiny):
     """Which device slot an adapter lands in depends on what else was loaded (and evicted) before;
     a request's tokens and logprobs must not."""

@@ -4,9 +4,13 @@ whose device calls are recorded: which request was prefilled when is exactly who
 from __future__ import annotations
 
 import dataclasses
+import threading
+from pathlib import Path
 
 import pytest
 
+from jaxlora.adapter_format import LoraAdapter
+from jaxlora.adapter_store import ResolvedAdapter
 from jaxlora.engine import EngineConfig
 from jaxlora.errors import TenantOverLimit
 from jaxlora.fairness import TokenCounters
@@ -184,4 +188,131 @@ def test_max_queued_per_tenant_refuses_only_that_tenant():
         with pytest.raises(TenantOverLimit, match="tenant 'c' already has 3 requests waiting"):
             sched.submit([1], SamplingParams(max_tokens=1, **GREEDY), tenant="c", max_queued=3)
     finally:
+        slots.close()
+
+
+# -- preemption -------------------------------------------------------------------------------------
+
+PREEMPT = EngineConfig(max_batch_size=2, max_seq_len=64, prefill_buckets=(8, 16), decode_steps=1, prefill_batch=2,
+                       max_queue=64, num_adapter_slots=3, max_lora_rank=1)
+
+
+def _flood_then_light(config: EngineConfig, flood_adapter=None, light_adapter=None):
+    """Tenant f fills both rows (and queues a third request); once the first decode call is held,
+    tenant l sends one short request. Returns the engine, the collected results (f1, f2, f3, l1;
+    f1 and f2 without their first token, read to know they were running) and the scheduler's snapshot."""
+    engine = MockEngine(config)
+    slots = SlotCache(tiny_stack(config.num_adapter_slots), lambda r: LoraAdapter(r=1, alpha=1.0, use_rslora=False, weights={}))
+    sched = Scheduler(engine, slots)
+    try:
+        for adapter in (flood_adapter, light_adapter):  # in host memory: each request can start at once
+            if adapter is not None:
+                slots.prefetch(adapter).result()
+        engine.gate = gate = threading.Semaphore(0)
+        flood = [sched.submit([i], SamplingParams(max_tokens=12, logprobs=1, **GREEDY), flood_adapter, tenant="f")
+                 for i in (1, 2, 3)]
+        sched.start()
+        assert [next(iter(h)).token_id for h in flood[:2]] == [1 + 100 * bool(flood_adapter), 2 + 100 * bool(flood_adapter)]
+        light = sched.submit([50], SamplingParams(max_tokens=2, **GREEDY), light_adapter, tenant="l")
+        engine.gate = None
+        gate.release()
+        results = [collect(h) for h in [*flood, light]]
+        return engine, results, sched.snapshot(), slots
+    finally:
+        sched.stop()
+        slots.close()
+
+
+def test_a_light_tenant_takes_a_flooding_tenants_row_which_resumes_where_it_left_off():
+    engine, (f1, f2, f3, l1), snap, _ = _flood_then_light(PREEMPT)
+    # Counters: f = 2 prompt + 2 * 2 first tokens = 6 when l arrives, so l starts at 6 and its
+    # request costs 1 + 2 * 2 = 5. After one decode call f = 10 (gap 4: no), after two f = 14
+    # (gap 8 > 5): f's latest request (f2, row 1) goes to host memory and l1 takes its row. Once l1
+    # is done f2 comes back, into row 1 on slot 0, before f3 starts.
+    assert engine.calls[:10] == [("prefill", [(1,), (2,)]), ("insert", [0, 1]), ("generate",), ("generate",),
+                                 ("swap_out", 1), ("prefill", [(50,)]), ("insert", [1]), ("generate",),
+                                 ("swap_in", 1, 0), ("generate",)]
+    # f2's tokens and logprobs run on as if it had never left its row (the mock's rule: +1 per token)
+    assert f2[0] == list(range(3, 14)) and f2[1] == [-float(n) for n in range(1, 12)]
+    assert f1[0] == list(range(2, 13))
+    assert l1[0] == [50, 51]
+    assert [r[3].preemptions for r in (f1, f2, f3, l1)] == [0, 1, 0, 0]
+    assert (snap["preemptions"], snap["swapped_out"]) == (1, 0)
+
+
+@pytest.mark.parametrize("change", [dict(scheduling="fifo"), dict(max_preemptions=0)], ids=["fifo", "off"])
+def test_without_preemption_the_light_request_waits_for_a_row(change):
+    engine, (f1, f2, f3, l1), snap, _ = _flood_then_light(dataclasses.replace(PREEMPT, **change))
+    assert not [c for c in engine.calls if c[0].startswith("swap")] and snap["preemptions"] == 0
+    second = [i for i, c in enumerate(engine.calls) if c[0] == "prefill"][1]
+    assert engine.calls[:second].count(("generate",)) == 11  # once f1 and f2 are done: 1 + 11 tokens each
+    fifo = change.get("scheduling") == "fifo"
+    assert engine.calls[second] == ("prefill", [(3,), (50,)] if fifo else [(50,), (3,)])
+    assert f2[0] == list(range(3, 14))
+
+
+def test_a_preempted_adapter_request_gives_up_its_slot_and_takes_one_again():
+    a, b = (ResolvedAdapter("user:t", name, "v0001", Path("/nowhere") / name) for name in "ab")
+    # Two adapter slots besides the base: f's rows pin slot 1, l's adapter needs the other one
+    engine, (f1, f2, f3, l1), snap, slots = _flood_then_light(PREEMPT, flood_adapter=a, light_adapter=b)
+    assert ("swap_out", 1) in engine.calls and ("swap_in", 1, 1) in engine.calls  # back on a's slot
+    assert f2[0] == list(range(103, 114)) and l1[0] == [250, 251]  # b was loaded into slot 2
+    assert slots._refs == [0, 0, 0]  # nothing stays pinned
+
+
+def test_a_preemption_that_would_leave_the_row_idle_is_not_made():
+    # One adapter slot: l's adapter cannot load while f's other row pins a's slot, so swapping out
+    # one of f's rows would only leave it empty. l waits for f's requests instead.
+    a, b = (ResolvedAdapter("user:t", name, "v0001", Path("/nowhere") / name) for name in "ab")
+    engine, (f1, f2, f3, l1), snap, _ = _flood_then_light(dataclasses.replace(PREEMPT, num_adapter_slots=2), a, b)
+    assert snap["preemptions"] == 0 and l1[0] == [150, 151]
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_one_request_is_preempted_at_most_max_preemptions_times(limit):
+    config = dataclasses.replace(PREEMPT, max_batch_size=1, max_preemptions=limit)
+    engine = MockEngine(config)
+    slots = SlotCache(tiny_stack(config.num_adapter_slots), lambda r: None)
+    sched = Scheduler(engine, slots)
+    try:
+        engine.gate = gate = threading.Semaphore(0)
+        long = sched.submit([1], SamplingParams(max_tokens=40, **GREEDY), tenant="f")
+        sched.start()
+        next(iter(long))
+        # l's short requests keep coming back below f's service: every time f is far enough ahead,
+        # it would be swapped out again, were it not for the limit
+        light = [sched.submit([50 + i], SamplingParams(max_tokens=2, **GREEDY), tenant="l") for i in range(8)]
+        engine.gate = None
+        gate.release()
+        tokens, _, _, fin = collect(long)
+        assert all(collect(h)[3].reason == "length" for h in light)
+    finally:
+        sched.stop()
+        slots.close()
+    assert tokens == list(range(2, 41)) and fin.preemptions == limit
+    assert sum(c[0] == "swap_out" for c in engine.calls) == limit
+
+
+def test_a_preempted_request_cancelled_while_out_frees_its_host_copy():
+    config = dataclasses.replace(PREEMPT, max_batch_size=1)
+    engine = MockEngine(config)
+    slots = SlotCache(tiny_stack(config.num_adapter_slots), lambda r: None)
+    sched = Scheduler(engine, slots)
+    try:
+        engine.gate = gate = threading.Semaphore(0)
+        long = sched.submit([1], SamplingParams(max_tokens=40, **GREEDY), tenant="f")
+        sched.start()
+        next(iter(long))
+        light = sched.submit([50], SamplingParams(max_tokens=2, **GREEDY), tenant="l")
+        gate.release()  # f decodes twice: then f (7) is further ahead of l (0) than l's request costs (5)
+        gate.release()
+        next(iter(light))  # l was prefilled: f is out, and the loop waits in l's first decode call
+        assert sched.snapshot()["swapped_out"] == 1
+        long.cancel()
+        engine.gate = None
+        gate.release()
+        assert collect(long)[3].reason == "cancelled" and collect(light)[3].reason == "length"
+        assert sched.snapshot()["swapped_out"] == 0
+    finally:
+        sched.stop()
         slots.close()

@@ -68,7 +68,8 @@ def test_every_engine_option_has_one_definition_settable_from_yaml():
     fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
     changed = {"max_batch_size": 3, "max_seq_len": 96, "prefill_buckets": [8, 24], "decode_steps": 2, "prefill_batch": 2,
                "max_queue": 5, "num_adapter_slots": 3, "max_lora_rank": 4, "host_adapter_cache": 7, "dtype": "bfloat16",
-               "scheduling": "fifo", "completion_token_weight": 3.0, "max_queued_per_tenant": 2, "max_rows_per_tenant": 1}
+               "scheduling": "fifo", "completion_token_weight": 3.0, "max_queued_per_tenant": 2, "max_rows_per_tenant": 1,
+               "max_preemptions": 3}
     assert set(changed) == set(fields), "a new EngineConfig field: add it here"
     engine = AppArgs(**yaml.safe_load(yaml.safe_dump({"engine": changed}))).engine
     assert engine == EngineConfig(**{**changed, "prefill_buckets": (8, 24)})
