@@ -138,6 +138,52 @@ def test_usage_is_each_tenants_own_and_sums_the_responses(server):
     a1_before = next((m for m in alice_before["by_model"] if m["model"] == "a1"), {"requests": 0})
     assert a1["requests"] == a1_before["requests"] + 2
     assert usage("bob") == bob_before  # another tenant's requests are never in it
+
+
+def test_a_flooding_key_does_not_make_another_key_wait_for_its_backlog(server):
+    """Alice holds every row of `main` (8) and queues 16 more requests of 100 tokens; bob then asks
+    for 4 tokens. Fair scheduling with preemption gives bob a row within a decode call or two (a
+    row of alice's goes to host memory and comes back later), so bob's answer is complete before
+    any of alice's requests has finished, let alone started her backlog. Under arrival order bob
+    would wait for two of alice's waves; without preemption, for her first requests to end.
+    An ordering, not a timing: alice's requests each need 25 decode calls."""
+    n_flood, flood_tokens = 24, 100
+    alice, bob = ({"Authorization": f"Bearer {server.keys[u]}"} for u in ("alice", "bob"))
+
+    async def main():
+        accepted, done, first_token = [], [], set()
+        all_accepted = asyncio.Event()
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            async def flood(i):
+                body = {"model": server.base, "prompt": f"flood {i}", "max_tokens": flood_tokens, "ignore_eos": True,
+                        "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+                async with http.stream("POST", "/v1/completions", json=body, headers=alice) as r:
+                    assert r.status_code == 200  # headers come once a replica accepted (queued) the request
+                    accepted.append(i)
+                    if len(accepted) == n_flood:
+                        all_accepted.set()
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            chunk = json.loads(line[6:])
+                            if chunk.get("usage"):
+                                usage = chunk["usage"]["completion_tokens"]
+                            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                                first_token.add(i)
+                done.append(i)
+                return usage
+
+            tasks = [asyncio.create_task(flood(i)) for i in range(n_flood)]
+            await asyncio.wait_for(all_accepted.wait(), 120)
+            light = await http.post("/v1/completions", headers=bob, json={
+                "model": server.base, "prompt": "just me", "max_tokens": 4, "ignore_eos": True, "temperature": 0.0})
+            seen = (len(done), len(first_token))
+            return light, seen, await asyncio.gather(*tasks)
+
+    light, (flood_done, flood_started), flood_usage = asyncio.run(main())
+    assert light.status_code == 200 and light.json()["usage"]["completion_tokens"] == 4
+    assert flood_done == 0, f"{flood_done} of alice's requests ended before bob's 4 tokens"
+    assert flood_started <= 9, f"alice's backlog had started: {flood_started} of her requests had tokens"
+    assert flood_usage == [flood_tokens] * n_flood  # the preempted ones resumed and finished
     assert httpx.get(f"{server.url}/v1/usage", timeout=60).status_code == 401
 
 
