@@ -69,22 +69,24 @@ class Tokenizer:
 @serve.deployment(name="TenantState", num_replicas=1, ray_actor_options={"num_cpus": 0})
 class TenantState:
     """The app's one record of per-tenant state that every ingress replica shares: usage totals and
-    rate-limit buckets. Its methods are quick and synchronous, so calls run one at a time, in order."""
+    rate-limit buckets. The methods are async and never await, so each runs to its end on the replica's
+    event loop before the next starts (Serve would run sync methods in a thread pool, where two admits
+    could both take the last of a bucket)."""
 
     def __init__(self):
         self.usage = UsageLedger()
         self.limiter = Limiter()
 
-    def admit(self, tenant: str, limits: Limits, prompt_tokens: int, max_tokens: int) -> Decision:
+    async def admit(self, tenant: str, limits: Limits, prompt_tokens: int, max_tokens: int) -> Decision:
         return self.limiter.admit(tenant, limits, prompt_tokens, max_tokens)
 
-    def settle(self, tenant: str, reserved: int, used: int) -> None:
+    async def settle(self, tenant: str, reserved: int, used: int) -> None:
         self.limiter.settle(tenant, reserved, used)
 
-    def record(self, tenant: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+    async def record(self, tenant: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.usage.record(tenant, model, prompt_tokens, completion_tokens)
 
-    def totals(self, tenant: str) -> dict:
+    async def totals(self, tenant: str) -> dict:
         return self.usage.totals(tenant)
 
 
