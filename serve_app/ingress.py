@@ -240,9 +240,11 @@ class Ingress:
                 Generate(tuple(prompt_ids), body.sampling_params(), adapter, user, tier.weight, tier.max_rows,
                          tier.max_queued)))
             return decision, await anext(replies), replies
-        except ApiError as e:
-            self._settle(user, decision, 0)  # refused before it ran: nothing used
-            raise e if decision is None else e.with_headers(decision.headers()) from None
+        except BaseException as e:  # refused, or the client left, before it ran: nothing used
+            self._settle(user, decision, 0)
+            if isinstance(e, ApiError) and decision is not None:
+                raise e.with_headers(decision.headers()) from None
+            raise
 
     async def _events(self, replies: AsyncIterator[Tokens | Done], stop: list[str], logprobs: bool):
         """(text delta, its token's logprob if asked for, tokens so far, finish reason) as tokens arrive."""
