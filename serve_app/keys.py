@@ -69,11 +69,11 @@ class ApiKeys:
     def load(cls, path: str | Path) -> "ApiKeys":
         data = json.loads(Path(path).read_text())
         tiers = {}
+        fields = [f.name for f in dataclasses.fields(Tier)]
         for name, t in (data.get("tiers") or {}).items():
-            unknown = set(t) - {f.name for f in dataclasses.fields(Tier)}
+            unknown = set(t) - set(fields)
             if unknown:
-                raise ValueError(f"{path}: tier {name!r} has unknown field(s) {sorted(unknown)}; "
-                                 f"a tier has {[f.name for f in dataclasses.fields(Tier)]}")
+                raise ValueError(f"{path}: tier {name!r} has unknown field(s) {sorted(unknown)}; a tier has {fields}")
             try:
                 tiers[name] = Tier(**t)
             except ValueError as e:
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd.add_argument("user")
         cmd.add_argument("--file", required=True, type=Path)
         if name == "add":
-            cmd.add_argument("--tier", help="one of the file's 'tiers' (default: weight 1)")
+            cmd.add_argument("--tier", help="one of the file's 'tiers' (default: weight 1 and the deployment's limits)")
     args = ap.parse_args(argv)
     if args.cmd == "add":
         print(add_key(args.file, args.user, args.tier))
