@@ -56,6 +56,7 @@ def http_app(ingress: "Ingress") -> FastAPI:
     after the constructor (`Ingress.__serve_build_asgi_app__`)."""
     app = FastAPI(title="jaxlora", description="OpenAI-compatible multi-tenant LoRA serving")
     app.add_middleware(BodyLimit, limit=ingress.args.max_request_bytes)
+    app.add_middleware(IngressHeader, replica=ingress.replica)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -128,6 +129,25 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class IngressHeader:
+    """Names the ingress replica on every response (`x-jaxlora-ingress`), as `x-jaxlora-replica` names the
+    model replica: each ingress replica has its own keys file reader, so which one answered matters."""
+
+    def __init__(self, asgi, replica: str):
+        self.asgi, self.header = asgi, (b"x-jaxlora-ingress", replica.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.asgi(scope, receive, send)
+
+        async def named_send(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.asgi(scope, receive, named_send)
+
+
 async def _replies(gen: DeploymentResponseGenerator) -> AsyncIterator[Started | Tokens | Done]:
     """A model replica's messages for one request. The one place where a failure on the way becomes the
     client's error: a `Failed` message, Serve's back-pressure, or a replica that died (Ray replaces it)."""
@@ -162,6 +182,7 @@ class Ingress:
     def __init__(self, tokenizer: DeploymentHandle, model: DeploymentHandle, tenants: DeploymentHandle, args: dict):
         self.args = AppArgs(**args)
         check_deployment_options("Ingress", self.args)
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.tokenizer_handle = tokenizer
         self.model_handle = model
         self.tenants = tenants
