@@ -58,6 +58,13 @@ class AppArgs(BaseModel):
     poll_interval_s: float = Field(1.0, gt=0, description="how often replicas check `latest` for new versions")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies are refused (413)")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="jaxlora.engine.EngineConfig, field for field")
+    requests_per_minute: int | None = Field(None, ge=1, description="per tenant, unless its tier sets its own; None: no limit")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="per tenant, unless its tier sets its own: prompt + max_tokens reserved per request, "
+        "settled to its usage; None: no limit")
+    rate_limit_timeout_s: float = Field(
+        0.5, gt=0, description="how long a request waits for TenantState to check its limits; past it, it is served "
+        "unchecked (fail open, counted in jaxlora_rate_limit_unchecked)")
     ingress_replicas: int = Field(1, ge=1)
     tokenizer_replicas: int = Field(1, ge=1)
     model_replicas: int = Field(1, ge=1, description="model replicas (engines); each holds the base model")

@@ -1,5 +1,6 @@
 """The inner deployments: Tokenizer (CPU, scales out), LoRAModel (one engine per replica) and
-TenantState (one replica: the per-tenant state every ingress replica shares, `usage.py`).
+TenantState (one replica: the per-tenant state every ingress replica shares: usage, `usage.py`, and
+rate-limit buckets, `limits.py`).
 
 LoRAModel is a thin shim over `jaxlora.backend.LocalJaxLoRABackend`: it resolves the adapter for the
 caller's tenant, submits the token ids of a `serve_app.wire.Generate`, and streams the engine's
@@ -22,6 +23,7 @@ from jaxlora.requests import Finished
 from jaxlora.tokenizer import load_tokenizer, render_chat
 from serve_app.config import AppArgs, option_mismatches
 from serve_app.errors import api_error_for
+from serve_app.limits import Decision, Limiter, Limits
 from serve_app.metrics import MODEL_METRICS, CounterExport, build
 from serve_app.usage import UsageLedger
 from serve_app.wire import AdapterVersion, Done, Failed, Generate, Started, Tokens
@@ -66,15 +68,25 @@ class Tokenizer:
 
 @serve.deployment(name="TenantState", num_replicas=1, ray_actor_options={"num_cpus": 0})
 class TenantState:
-    """The app's one record of per-tenant state that every ingress replica shares: usage totals."""
+    """The app's one record of per-tenant state that every ingress replica shares: usage totals and
+    rate-limit buckets. The methods are async and never await, so each runs to its end on the replica's
+    event loop before the next starts (Serve would run sync methods in a thread pool, where two admits
+    could both take the last of a bucket)."""
 
     def __init__(self):
         self.usage = UsageLedger()
+        self.limiter = Limiter()
 
-    def record(self, tenant: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+    async def admit(self, tenant: str, limits: Limits, prompt_tokens: int, max_tokens: int) -> Decision:
+        return self.limiter.admit(tenant, limits, prompt_tokens, max_tokens)
+
+    async def settle(self, tenant: str, reserved: int, used: int) -> None:
+        self.limiter.settle(tenant, reserved, used)
+
+    async def record(self, tenant: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.usage.record(tenant, model, prompt_tokens, completion_tokens)
 
-    def totals(self, tenant: str) -> dict:
+    async def totals(self, tenant: str) -> dict:
         return self.usage.totals(tenant)
 
 
@@ -112,7 +124,7 @@ class LoRAModel:
             await self._adapter_affinity(serve.get_multiplexed_model_id())
         try:
             handle = self.backend.submit(list(request.prompt_ids), request.sampling, request.adapter, request.user,
-                                         request.weight)
+                                         request.weight, request.max_rows, request.max_queued)
         except JaxLoraError as e:
             yield Failed.of(api_error_for(e))
             return

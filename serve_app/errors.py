@@ -14,16 +14,22 @@ from jaxlora import errors as core
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        if headers is None:  # the engine's refusals clear within moments; a rate limit's 429 names its own wait
+            headers = {"Retry-After": "1"} if status in (429, 503) else {}
+        self.headers = dict(headers)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def with_headers(self, headers: dict[str, str]) -> "ApiError":
+        """A copy that also sends `headers` (a copy: `INTERNAL` is shared)."""
+        return ApiError(self.status, self.message, self.type, self.param, self.code, self.headers | headers)
+
     def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 INTERNAL = ApiError(500, "internal error", type_="internal_error")

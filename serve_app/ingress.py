@@ -1,13 +1,22 @@
 """The HTTP ingress: OpenAI's API on FastAPI, in front of the Tokenizer and LoRAModel deployments.
 
-Per request: authenticate (API key -> tenant), validate the body (a 400 naming the field), encode
-through the Tokenizer deployment, stream token ids from a LoRAModel replica (routed by the
+Per request: authenticate (API key -> tenant and tier), validate the body (a 400 naming the field),
+encode through the Tokenizer deployment, check the tenant's rate limits with the TenantState deployment
+(`serve_app.limits`: a 429 with OpenAI's x-ratelimit-* headers and Retry-After when over one; every
+answer of a limited tenant carries the headers), stream token ids from a LoRAModel replica (routed by the
 multiplexed id `tenant/adapter` for cache affinity; the adapter itself is in the payload), and turn
 them into text on the way out: incremental detokenization, stop strings, logprobs, SSE. The replica's
 messages are `serve_app.wire`'s; the response objects come from the endpoint's formatter
 (`serve_app.openai_api`); sampling defaults and limits are the engine's, checked there. Each replica
 builds its own FastAPI app (`http_app`). Errors keep OpenAI's JSON shape; nothing a client sends can
 produce a 500.
+
+Rate limits fail open: when TenantState does not answer within `rate_limit_timeout_s` (restarting,
+overloaded, unreachable), the request is served unchecked, without x-ratelimit-* headers, and counted in
+`jaxlora_rate_limit_unchecked`. The limits share capacity between tenants over a minute; what protects
+a model replica from a burst is still there without them (the engine's fair scheduler, its per-tenant
+queue limit, the bounded queues that answer 503), whereas failing closed would turn a brief TenantState
+restart into an outage for every tenant.
 """
 
 
@@ -31,7 +40,8 @@ from jaxlora.tokenizer import TextStream, load_tokenizer
 from serve_app.config import AppArgs
 from serve_app.deployments import base_model_id, check_deployment_options, model_dir_of
 from serve_app.errors import ApiError, api_error_for
-from serve_app.keys import KeysFile
+from serve_app.keys import KeysFile, Tier
+from serve_app.limits import Decision, Limits
 from serve_app.metrics import INGRESS_METRICS, build
 from serve_app.openai_api import (ChatCompletionRequest, ChatFormat, CompletionFormat, CompletionRequest, StreamOptions,
                                   TokenLogprob, now, usage_dict)
@@ -46,6 +56,7 @@ def http_app(ingress: "Ingress") -> FastAPI:
     after the constructor (`Ingress.__serve_build_asgi_app__`)."""
     app = FastAPI(title="jaxlora", description="OpenAI-compatible multi-tenant LoRA serving")
     app.add_middleware(BodyLimit, limit=ingress.args.max_request_bytes)
+    app.add_middleware(IngressHeader, replica=ingress.replica)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -118,6 +129,25 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class IngressHeader:
+    """Names the ingress replica on every response (`x-jaxlora-ingress`), as `x-jaxlora-replica` names the
+    model replica: each ingress replica has its own keys file reader, so which one answered matters."""
+
+    def __init__(self, asgi, replica: str):
+        self.asgi, self.header = asgi, (b"x-jaxlora-ingress", replica.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.asgi(scope, receive, send)
+
+        async def named_send(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.asgi(scope, receive, named_send)
+
+
 async def _replies(gen: DeploymentResponseGenerator) -> AsyncIterator[Started | Tokens | Done]:
     """A model replica's messages for one request. The one place where a failure on the way becomes the
     client's error: a `Failed` message, Serve's back-pressure, or a replica that died (Ray replaces it)."""
@@ -152,6 +182,7 @@ class Ingress:
     def __init__(self, tokenizer: DeploymentHandle, model: DeploymentHandle, tenants: DeploymentHandle, args: dict):
         self.args = AppArgs(**args)
         check_deployment_options("Ingress", self.args)
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.tokenizer_handle = tokenizer
         self.model_handle = model
         self.tenants = tenants
@@ -160,6 +191,7 @@ class Ingress:
         self.started_at = now()
         self.store = AdapterStore(self.args.fs_root, self.args.registered_adapters, tuple(self.args.allowed_roots))
         self.keys = KeysFile(self.args.api_keys_file) if self.args.auth else None
+        self.limits = Limits(self.args.requests_per_minute, self.args.tokens_per_minute)  # a tier may override them
         self.metrics = build(INGRESS_METRICS)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -167,16 +199,17 @@ class Ingress:
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    def _user(self, request: Request) -> str:
+    def _tenant(self, request: Request) -> tuple[str, Tier]:
+        """The caller's tenant and tier (one look at the keys file); without auth everyone is "local"."""
         if self.keys is None:
-            return "local"
+            return "local", Tier()
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
-        user = self.keys.user_for(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
-        if user is None:
+        found = self.keys.lookup(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+        if found is None:
             raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            type_="authentication_error", code="invalid_api_key")
-        return user
+        return found
 
     def _count(self, route: str, status: int, tenant: str = "", model: str = "") -> None:
         """Counts an answered request. One refused before a replica accepted it is counted with neither
@@ -188,15 +221,51 @@ class Ingress:
         return {"tenant": user, "model": self.base_model if adapter is None else adapter.id,
                 "adapter_version": "" if adapter is None else adapter.version}
 
-    async def _submit(self, user: str, body: CompletionRequest | ChatCompletionRequest,
-                      prompt_ids: list[int]) -> tuple[Started, AsyncIterator[Tokens | Done]]:
-        """Submits to a model replica; returns its `Started` and its messages to come (an ApiError if refused)."""
+    async def _admit(self, user: str, tier: Tier, body: CompletionRequest | ChatCompletionRequest,
+                     prompt_tokens: int) -> Decision | None:
+        """Takes the request's share of the tenant's rate limits, or raises their 429. None: the tenant
+        has no limits, or TenantState did not answer in time and the request goes unchecked (fail open,
+        see the module docstring)."""
+        limits = self.limits.override(tier.requests_per_minute, tier.tokens_per_minute)
+        if not limits:
+            return None
+        # Without max_tokens the engine fills the rest of the context (jaxlora/scheduler.py, `submit`).
+        max_tokens = body.token_limit() or max(1, self.args.engine.max_seq_len - prompt_tokens)
+        call = self.tenants.admit.remote(user, limits, prompt_tokens, max_tokens)
+        try:
+            decision = await asyncio.wait_for(call, self.args.rate_limit_timeout_s)
+        except Exception as e:  # slow or unreachable: serve unchecked rather than refuse everyone
+            call.cancel()
+            log.warning("rate limits of %r not checked, TenantState did not answer: %r", user, e)
+            self.metrics["jaxlora_rate_limit_unchecked"].inc(tags={"tenant": user})
+            return None
+        if not decision.admitted:
+            raise decision.error()
+        return decision
+
+    def _settle(self, user: str, decision: Decision | None, used: int) -> None:
+        """Gives back what the request reserved of its tenant's tokens but did not use."""
+        if decision is not None and decision.reserved:
+            self.tenants.settle.remote(user, decision.reserved, used)  # not awaited, like `record`
+
+    async def _submit(self, user: str, tier: Tier, body: CompletionRequest | ChatCompletionRequest,
+                      prompt_ids: list[int]) -> tuple[Decision | None, Started, AsyncIterator[Tokens | Done]]:
+        """Checks the rate limits, then submits to a model replica; returns the limits' decision, the
+        replica's `Started` and its messages to come. An ApiError if refused (with the limits' headers
+        once past them)."""
+        decision = await self._admit(user, tier, body, len(prompt_ids))
         adapter = None if body.model == self.base_model else body.model
         affinity = f"{user}/{adapter.split('@')[0]}" if adapter else ""
-        replies = _replies(self.model_handle.options(stream=True, multiplexed_model_id=affinity).generate.remote(
-            Generate(tuple(prompt_ids), body.sampling_params(), adapter, user,
-                     1.0 if self.keys is None else self.keys.tier_of(user).weight)))
-        return await anext(replies), replies
+        try:
+            replies = _replies(self.model_handle.options(stream=True, multiplexed_model_id=affinity).generate.remote(
+                Generate(tuple(prompt_ids), body.sampling_params(), adapter, user, tier.weight, tier.max_rows,
+                         tier.max_queued)))
+            return decision, await anext(replies), replies
+        except BaseException as e:  # refused, or the client left, before it ran: nothing used
+            self._settle(user, decision, 0)
+            if isinstance(e, ApiError) and decision is not None:
+                raise e.with_headers(decision.headers()) from None
+            raise
 
     async def _events(self, replies: AsyncIterator[Tokens | Done], stop: list[str], logprobs: bool):
         """(text delta, its token's logprob if asked for, tokens so far, finish reason) as tokens arrive."""
@@ -258,16 +327,17 @@ class Ingress:
 
     async def usage(self, request: Request) -> dict:
         """The calling tenant's own requests and tokens since the app started (an extension)."""
-        return await self.tenants.totals.remote(self._user(request))
+        user, _ = self._tenant(request)
+        return await self.tenants.totals.remote(user)
 
     async def models(self, request: Request) -> dict:
-        user = self._user(request)
+        user, _ = self._tenant(request)
         return {"object": "list", "data": [self._base_card()] + [self._adapter_card(a) for a in self.store.list(user)]}
 
     async def model(self, model_id: str, request: Request) -> dict:
         """OpenAI's models.retrieve: the base model, or one of the caller's (or shared) adapters;
         `created` is the publish time of the version `latest` names (or of a pinned `id@v0002`)."""
-        user = self._user(request)
+        user, _ = self._tenant(request)
         if model_id == self.base_model:
             return self._base_card()
         try:
@@ -279,43 +349,44 @@ class Ingress:
     async def completions(self, body: CompletionRequest, request: Request):
         route, received = "completions", time.monotonic()
         try:
-            user = self._user(request)
+            user, tier = self._tenant(request)
             if isinstance(body.prompt, str) or (isinstance(body.prompt, list) and isinstance(body.prompt[0], str)):
                 prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
                 prompt_ids = await self.tokenizer_handle.encode_prompt.remote(prompt)
             else:
                 prompt_ids = list(body.prompt)
-            start, replies = await self._submit(user, body, prompt_ids)
+            decision, start, replies = await self._submit(user, tier, body, prompt_ids)
         except ApiError as e:
             self._count(route, e.status)
             raise
         return await self._respond(route, CompletionFormat(body.model, start.adapter, self.base_model), user, body,
-                                   start, replies, len(prompt_ids), received)
+                                   decision, start, replies, len(prompt_ids), received)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         route, received = "chat", time.monotonic()
         try:
-            user = self._user(request)
+            user, tier = self._tenant(request)
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             prompt_ids = await self.tokenizer_handle.encode_chat.remote(messages)
-            start, replies = await self._submit(user, body, prompt_ids)
+            decision, start, replies = await self._submit(user, tier, body, prompt_ids)
         except ApiError as e:
             self._count(route, e.status)
             raise
         return await self._respond(route, ChatFormat(body.model, start.adapter, self.base_model), user, body,
-                                   start, replies, len(prompt_ids), received)
+                                   decision, start, replies, len(prompt_ids), received)
 
     async def _respond(self, route: str, fmt: CompletionFormat | ChatFormat, user: str,
-                       body: CompletionRequest | ChatCompletionRequest, start: Started,
+                       body: CompletionRequest | ChatCompletionRequest, decision: Decision | None, start: Started,
                        replies: AsyncIterator[Tokens | Done], prompt_tokens: int, received: float):
         logprobs = body.top_logprob_count() is not None
         events = self._events(replies, body.stop_strings(), logprobs)
         headers = {"x-jaxlora-replica": start.replica}  # which model replica served it (affinity, debugging)
+        headers |= {} if decision is None else decision.headers()
         usage_tags = self._usage_tags(user, start)
         if body.stream:
             options = body.stream_options or StreamOptions()
-            return StreamingResponse(self._stream(route, fmt, usage_tags, events, prompt_tokens, received, options),
-                                     media_type="text/event-stream", headers=headers)
+            return StreamingResponse(self._stream(route, fmt, usage_tags, decision, events, prompt_tokens, received,
+                                                  options), media_type="text/event-stream", headers=headers)
         parts, tokens, completion_tokens, finish, first_at, status = [], [], 0, None, None, 200
         try:
             async for delta, token, produced, reason in events:
@@ -326,17 +397,17 @@ class Ingress:
                 completion_tokens, finish = produced, reason or finish
         except ApiError as e:
             status = e.status
-            raise
+            raise e.with_headers(headers) from None
         except asyncio.CancelledError:  # the client went away
             status = 499
             raise
         finally:
-            self._observe(route, usage_tags, received, first_at, prompt_tokens, completion_tokens, status)
+            self._observe(route, usage_tags, decision, received, first_at, prompt_tokens, completion_tokens, status)
         out = fmt.final("".join(parts), tokens if logprobs else None, finish, usage_dict(prompt_tokens, completion_tokens))
         return JSONResponse(out, headers=headers)
 
-    async def _stream(self, route, fmt: CompletionFormat | ChatFormat, usage_tags, events, prompt_tokens, received,
-                      options: StreamOptions) -> AsyncIterator[str]:
+    async def _stream(self, route, fmt: CompletionFormat | ChatFormat, usage_tags, decision: Decision | None, events,
+                      prompt_tokens, received, options: StreamOptions) -> AsyncIterator[str]:
         completion_tokens, first_at, status = 0, None, 200
         try:
             if (first := fmt.first_chunk()) is not None:
@@ -356,15 +427,18 @@ class Ingress:
             status = 499
             raise
         finally:
-            self._observe(route, usage_tags, received, first_at, prompt_tokens, completion_tokens, status)
+            self._observe(route, usage_tags, decision, received, first_at, prompt_tokens, completion_tokens, status)
         yield _sse("[DONE]")
 
-    def _observe(self, route, usage_tags, received, first_at, prompt_tokens, completion_tokens, status) -> None:
+    def _observe(self, route, usage_tags, decision: Decision | None, received, first_at, prompt_tokens, completion_tokens,
+                 status) -> None:
         """Counts a request a replica accepted, once its usage is final (what the response reported, or what a
-        client that left was sent), and, for complete answers, its latencies."""
+        client that left was sent), settles its token reservation to that usage, and, for complete answers,
+        records its latencies."""
         self._count(route, status, usage_tags["tenant"], usage_tags["model"])
         # Not awaited: accounting must not hold up the answer (the call is sent now, in order).
         self.tenants.record.remote(usage_tags["tenant"], usage_tags["model"], prompt_tokens, completion_tokens)
+        self._settle(usage_tags["tenant"], decision, prompt_tokens + completion_tokens)
         for name, n in (("jaxlora_prompt_tokens", prompt_tokens), ("jaxlora_completion_tokens", completion_tokens)):
             if n > 0:  # Ray's counters refuse increments of 0
                 self.metrics[name].inc(n, tags=usage_tags)

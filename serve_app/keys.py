@@ -4,15 +4,17 @@
     python -m serve_app.keys remove alice --file keys.json  # revokes every key of alice
 
 File format: {"keys": [{"user": "alice", "sha256": "<hex digest of the key>", "tier": "gold"}, ...],
-"tiers": {"gold": {"weight": 2.0}}}. "tier" and "tiers" are optional: a tenant without a tier has
-weight 1. A tier's weight is its share under fair scheduling (`jaxlora/fairness.py`); every key
-of one tenant names the same tier.
+"tiers": {"gold": {"weight": 2.0, "requests_per_minute": 600, "tokens_per_minute": 200000,
+"max_rows": 4, "max_queued": 16}}}. "tier", "tiers" and every field of a tier are optional: a
+tenant without a tier has weight 1 and the deployment's defaults. `Tier` says what each field
+does; every key of one tenant names the same tier.
 Lookup hashes the presented key and compares it with every entry in constant time
 (`hmac.compare_digest`), so neither timing nor the file reveals a key.
 
 `KeysFile` follows the file while serving: a changed file (both commands replace it atomically) is
-read on the next lookup, so adding or revoking a key needs no redeploy. A new file that does not
-parse is refused with a logged error and the keys read before keep working.
+read on the next lookup, so adding or revoking a key, or moving a tenant to another tier, needs no
+redeploy. A new file that does not parse, or has a tier with a bad value, is refused with a logged
+error and the keys read before keep working.
 """
 
 from __future__ import annotations
@@ -40,7 +42,22 @@ def hash_key(key: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Tier:
+    """A tenant's share and limits. Every limit's None means the deployment's default: `AppArgs`'
+    requests_per_minute / tokens_per_minute (serve_app/limits.py), the engine's max_rows_per_tenant /
+    max_queued_per_tenant (`jaxlora.engine.EngineConfig`)."""
     weight: float = 1.0  # share under fair scheduling: 2 gets twice the tokens of 1 when both wait
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None  # prompt + max_tokens reserved per request, settled to its usage
+    max_rows: int | None = None  # decode rows it may hold while other tenants wait
+    max_queued: int | None = None  # its requests waiting for a row before the next gets 429
+
+    def __post_init__(self):
+        if isinstance(self.weight, bool) or not (isinstance(self.weight, (int, float)) and self.weight > 0):
+            raise ValueError(f"needs a weight > 0, got {self.weight!r}")
+        for name in ("requests_per_minute", "tokens_per_minute", "max_rows", "max_queued"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a whole number >= 1 (or absent: the deployment's default), got {v!r}")
 
 
 class ApiKeys:
@@ -52,10 +69,15 @@ class ApiKeys:
     def load(cls, path: str | Path) -> "ApiKeys":
         data = json.loads(Path(path).read_text())
         tiers = {}
+        fields = [f.name for f in dataclasses.fields(Tier)]
         for name, t in (data.get("tiers") or {}).items():
-            tiers[name] = Tier(**t)
-            if not (isinstance(tiers[name].weight, (int, float)) and tiers[name].weight > 0):
-                raise ValueError(f"{path}: tier {name!r} needs a weight > 0, got {tiers[name].weight!r}")
+            unknown = set(t) - set(fields)
+            if unknown:
+                raise ValueError(f"{path}: tier {name!r} has unknown field(s) {sorted(unknown)}; a tier has {fields}")
+            try:
+                tiers[name] = Tier(**t)
+            except ValueError as e:
+                raise ValueError(f"{path}: tier {name!r} {e}") from None
         entries, user_tier = [], {}
         for e in data.get("keys", []):
             check_id(e["user"], "user id")
@@ -69,16 +91,14 @@ class ApiKeys:
             entries.append((e["user"], e["sha256"]))
         return cls(entries, {user: tiers[t] for user, t in user_tier.items() if t is not None})
 
-    def tier_of(self, user: str) -> Tier:
-        return self._tiers.get(user, Tier())
-
-    def user_for(self, key: str) -> str | None:
+    def lookup(self, key: str) -> tuple[str, Tier] | None:
+        """The user a key belongs to and their tier; None for an unknown key."""
         digest = bytes.fromhex(hash_key(key))
         found = None
         for stored, user in self._entries:  # no early exit: the time taken does not depend on the match
             if hmac.compare_digest(stored, digest):
                 found = user
-        return found
+        return None if found is None else (found, self._tiers.get(found, Tier()))
 
 
 class KeysFile:
@@ -97,11 +117,9 @@ class KeysFile:
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns
 
-    def user_for(self, key: str) -> str | None:
-        return self._current().user_for(key)
-
-    def tier_of(self, user: str) -> Tier:
-        return self._current().tier_of(user)
+    def lookup(self, key: str) -> tuple[str, Tier] | None:
+        """`ApiKeys.lookup` on the file as it is now (one stat per call)."""
+        return self._current().lookup(key)
 
     def _current(self) -> ApiKeys:
         identity = self._identity()
@@ -153,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd.add_argument("user")
         cmd.add_argument("--file", required=True, type=Path)
         if name == "add":
-            cmd.add_argument("--tier", help="one of the file's 'tiers' (default: weight 1)")
+            cmd.add_argument("--tier", help="one of the file's 'tiers' (default: weight 1 and the deployment's limits)")
     args = ap.parse_args(argv)
     if args.cmd == "add":
         print(add_key(args.file, args.user, args.tier))

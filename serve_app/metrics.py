@@ -89,6 +89,8 @@ INGRESS_METRICS = (
     Metric("jaxlora_prompt_tokens", COUNTER, "prompt tokens of requests a replica accepted (the basis of billing)", USAGE_TAGS),
     Metric("jaxlora_completion_tokens", COUNTER, "completion tokens sent, as reported in usage; a stream the client "
            "left counts what it was sent (the basis of billing)", USAGE_TAGS),
+    Metric("jaxlora_rate_limit_unchecked", COUNTER, "requests served without their tenant's rate limits checked: "
+           "TenantState did not answer within rate_limit_timeout_s (the ingress fails open)", ("tenant",)),
     # Latencies of complete answers (status 200), timed from the ingress handler receiving the validated
     # body, so tokenization and queueing for a decode row are included.
     Metric("jaxlora_time_to_first_token_seconds", HISTOGRAM, "time to the first output of a complete answer",

@@ -24,6 +24,8 @@ class Generate:
     adapter: str | None  # "id" or "id@version" as the client named it; None: the base model
     user: str  # the tenant whose adapters `adapter` is looked up among
     weight: float = 1.0  # the tenant's share under fair scheduling (its tier's weight)
+    max_rows: int | None = None  # its tier's row limit; None: the engine's max_rows_per_tenant
+    max_queued: int | None = None  # its tier's queue limit; None: the engine's max_queued_per_tenant
 
 
 @dataclasses.dataclass(frozen=True)

@@ -89,5 +89,5 @@ def test_api_keys_are_stored_hashed_and_checked(tmp_path):
     stored = path.read_text()
     assert key_a not in stored and key_b not in stored and oct(path.stat().st_mode & 0o777) == "0o600"
     keys = ApiKeys.load(path)
-    assert (keys.user_for(key_a), keys.user_for(key_b)) == ("alice", "bob")
-    assert keys.user_for(key_a[:-1]) is None and keys.user_for("") is None and keys.user_for("\udcff") is None
+    assert (keys.lookup(key_a)[0], keys.lookup(key_b)[0]) == ("alice", "bob")
+    assert keys.lookup(key_a[:-1]) is None and keys.lookup("") is None and keys.lookup("\udcff") is None

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import json
+import re
 import socket
 import threading
 import time
@@ -64,6 +66,13 @@ def server(ray_local, demo_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     keys_file = root / "keys.json"
     keys = {u: add_key(keys_file, u) for u in ("alice", "bob")}
+    # Rate-limit tiers, each for tenants only the rate-limit tests use: alice and bob have no limits.
+    data = json.loads(keys_file.read_text())
+    data["tiers"] = {"rpm3": {"requests_per_minute": 3}, "tpm100": {"tokens_per_minute": 100},
+                     "roomy": {"requests_per_minute": 100, "tokens_per_minute": 10_000}, "rpm4": {"requests_per_minute": 4}}
+    keys_file.write_text(json.dumps(data))
+    keys |= {u: add_key(keys_file, u, tier) for u, tier in (("dora", "rpm3"), ("erin", "tpm100"), ("gus", "roomy"),
+                                                              ("fay", "rpm4"))}
     store = AdapterStore(root / "fs")
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -78,14 +87,21 @@ def server(ray_local, demo_model_dir, tmp_path_factory):
     # Replicas reserve no CPU here: several apps share the 2 CPUs of the test's Ray.
     common = {"model_dir": str(demo_model_dir), "fs_root": str(root / "fs"), "poll_interval_s": 0.25, "model_num_cpus": 0}
     srv.common = common  # for tests that start an app of their own
-    serve.run(build_app({**common, "auth": True, "api_keys_file": str(keys_file), "engine": ENGINE,
-                         "max_request_bytes": 65536}), name="main", route_prefix="/")
+    # rate_limit_timeout_s: on this shared 2-CPU box a check may be slow; failing open has its own test.
+    limited = {"auth": True, "api_keys_file": str(keys_file), "rate_limit_timeout_s": 10}
+    serve.run(build_app({**common, **limited, "engine": ENGINE, "max_request_bytes": 65536}), name="main", route_prefix="/")
     # Two model replicas, to see requests for one adapter stay on the replica that holds it.
     serve.run(build_app({**common, "engine": {**ENGINE, "max_batch_size": 2}, "model_replicas": 2}),
               name="pair", route_prefix="/pair")
     # A deliberately tiny deployment for back-pressure: one row, no engine queue, two queued at the handle.
     serve.run(build_app({**common, "engine": {**ENGINE, "max_batch_size": 1, "max_queue": 0, "max_seq_len": 512},
                          "model_max_queued_requests": 2}), name="bp", route_prefix="/bp")
+    # Two ingress replicas, to see they share one rate limit (TenantState). An app of its own: the metrics
+    # test of "main" counts on its one ingress replica having exported everything before its marker. One
+    # prefill bucket keeps its start (compilation) short.
+    serve.run(build_app({**common, **limited, "engine": {**ENGINE, "max_batch_size": 2, "max_seq_len": 32,
+                                                         "prefill_buckets": [32]}, "ingress_replicas": 2}),
+              name="twin", route_prefix="/twin")
     yield srv
     serve.shutdown()
 
@@ -185,6 +201,105 @@ def test_a_flooding_key_does_not_make_another_key_wait_for_its_backlog(server):
     assert flood_started <= 9, f"alice's backlog had started: {flood_started} of her requests had tokens"
     assert flood_usage == [flood_tokens] * n_flood  # the preempted ones resumed and finished
     assert httpx.get(f"{server.url}/v1/usage", timeout=60).status_code == 401
+
+
+RESET = r"(\d+h)?(\d+m)?(\d+(\.\d+)?s|\d+ms)"  # OpenAI's reset durations: "20ms", "1s", "17.28s", "6m0s"
+
+
+def _limit_headers(r: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in r.headers.items() if k.startswith("x-ratelimit-")}
+
+
+def test_a_tenant_over_its_requests_per_minute_gets_429_with_headers_while_others_are_served(server):
+    """dora's tier allows 3 requests a minute: the 4th (on either route) is a 429 in OpenAI's shape with
+    Retry-After and the x-ratelimit-* headers, while bob, who has no limits, is served as before."""
+    body = {"model": server.base, "prompt": "x", "max_tokens": 2}
+    served = [server.post("/v1/completions", body, user="dora") for _ in range(3)]
+    assert [r.status_code for r in served] == [200, 200, 200]
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in served] == ["2", "1", "0"]
+    assert all(r.headers["x-ratelimit-limit-requests"] == "3" for r in served)
+    assert all(re.fullmatch(RESET, r.headers["x-ratelimit-reset-requests"]) for r in served)
+    assert "x-ratelimit-limit-tokens" not in served[0].headers  # dora has no token limit
+    refused = server.post("/v1/completions", body, user="dora")
+    assert refused.status_code == 429, refused.text
+    err = refused.json()["error"]
+    assert (err["type"], err["code"], err["param"]) == ("requests", "rate_limit_exceeded", None)
+    assert err["message"].startswith("Rate limit reached for requests per min (RPM): Limit 3. Please try again in ")
+    assert 1 <= int(refused.headers["retry-after"]) <= 20  # one request comes back every 20 s
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert re.fullmatch(RESET, refused.headers["x-ratelimit-reset-requests"])
+    with pytest.raises(openai.RateLimitError) as chat:  # the other route draws on the same budget
+        server.client("dora").chat.completions.create(model=server.base, messages=[{"role": "user", "content": "x"}],
+                                                      max_tokens=2)
+    assert chat.value.response.headers["x-ratelimit-limit-requests"] == "3" and chat.value.code == "rate_limit_exceeded"
+    other = server.post("/v1/completions", body, user="bob")
+    assert other.status_code == 200 and not _limit_headers(other)
+
+
+def test_the_token_limit_counts_the_reserved_max_tokens_and_gives_back_what_was_not_used(server):
+    """erin's tier allows 100 tokens a minute (1.67 a second). A request reserves prompt + max_tokens at
+    admission; one the engine then refuses gives it all back; a reservation over the whole limit can
+    never be admitted and says what to lower."""
+    ids = [5, 6, 7, 8]  # exactly 4 prompt tokens
+    missing = server.post("/v1/completions", {"model": "no-such-adapter", "prompt": ids, "max_tokens": 30}, user="erin")
+    assert missing.status_code == 404 and missing.headers["x-ratelimit-remaining-tokens"] == "66"  # 100 - (4 + 30)
+    started = time.monotonic()
+    first = server.post("/v1/completions", {"model": server.base, "prompt": ids, "max_tokens": 60, "ignore_eos": True},
+                        user="erin")
+    assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 60
+    # Reserved 64 of a full bucket: the 404's 34 came back, else 2 would be left.
+    assert 36 <= int(first.headers["x-ratelimit-remaining-tokens"]) <= 40
+    assert first.headers["x-ratelimit-limit-tokens"] == "100" and "x-ratelimit-limit-requests" not in first.headers
+    second = server.post("/v1/completions", {"model": server.base, "prompt": ids, "max_tokens": 92}, user="erin")
+    assert second.status_code == 429, second.text
+    err = second.json()["error"]
+    assert (err["type"], err["code"]) == ("tokens", "rate_limit_exceeded")
+    assert "tokens per min (TPM): Limit 100" in err["message"] and "Requested 96 (prompt 4 + max_tokens 92)" in err["message"]
+    waited = time.monotonic() - started
+    assert 36 - waited - 1 <= int(second.headers["retry-after"]) <= 37  # 60 tokens short at 100 a minute
+    too_large = server.post("/v1/completions", {"model": server.base, "prompt": ids, "max_tokens": 97}, user="erin")
+    assert too_large.status_code == 429 and "retry-after" not in too_large.headers
+    assert too_large.json()["error"]["type"] == "tokens"
+    assert "can never fit" in too_large.json()["error"]["message"] and "lower max_tokens" in too_large.json()["error"]["message"]
+    # Without max_tokens the engine fills the context (max_seq_len 128), and that is what is reserved.
+    no_max = server.post("/v1/chat/completions", {"model": server.base, "messages": [{"role": "user", "content": "x"}]},
+                         user="erin")
+    assert no_max.status_code == 429 and "max_tokens " in no_max.json()["error"]["message"]
+    assert re.search(r"Requested 128 \(prompt (\d+) \+ max_tokens (\d+)\)", no_max.json()["error"]["message"])
+
+
+def test_rate_limit_headers_are_on_streaming_responses(server):
+    gus = {"Authorization": f"Bearer {server.keys['gus']}"}
+    for route, body in (("/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 5}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5})):
+        body = {"model": server.base, "stream": True, "ignore_eos": True, **body}
+        with httpx.stream("POST", f"{server.url}{route}", json=body, headers=gus, timeout=120) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200 and events[-1] == "data: [DONE]"
+        limits = _limit_headers(r)
+        assert set(limits) == {f"x-ratelimit-{what}-{kind}" for what in ("limit", "remaining", "reset")
+                               for kind in ("requests", "tokens")}
+        assert limits["x-ratelimit-limit-requests"] == "100" and limits["x-ratelimit-limit-tokens"] == "10000"
+        assert int(limits["x-ratelimit-remaining-tokens"]) <= 10_000 - 5 - 3
+    raw = server.client("gus").completions.with_raw_response.create(model=server.base, prompt="x", max_tokens=2, stream=True)
+    assert int(raw.headers["x-ratelimit-remaining-requests"]) <= 97
+    list(raw.parse())
+
+
+def test_limits_hold_across_two_ingress_replicas(server):
+    """fay may make 4 requests a minute (one more every 15 s). Requests over the twin app's two ingress
+    replicas, in concurrent waves until both replicas have answered: exactly 4 of them are served."""
+    body = {"model": server.base, "prompt": "x", "max_tokens": 1}
+    codes, answered_by = [], collections.Counter()
+    deadline = time.monotonic() + 10
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        while len(answered_by) < 2 or len(codes) < 12:
+            assert time.monotonic() < deadline, (codes, answered_by)
+            for r in pool.map(lambda _: server.post("/twin/v1/completions", body, user="fay"), range(6)):
+                codes.append(r.status_code)
+                answered_by[r.headers["x-jaxlora-ingress"]] += 1
+    assert codes.count(200) == 4 and codes.count(429) == len(codes) - 4, codes
+    assert len(answered_by) == 2, answered_by
 
 
 def test_openai_client_completions_and_chat(server):
@@ -573,6 +688,112 @@ def test_health_check_fails_when_the_engine_loop_died():
         replica.check_health()
     replica.backend.healthy = True
     replica.check_health()
+    del replica.backend  # nothing to close
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def inc(self, value=1.0, tags=None):
+        self.calls.append((value, tags))
+
+
+def _admit(tenants, tier, body, prompt_tokens, **args):
+    """The ingress's `_admit` without Serve, on an object with only what it reads; returns the decision
+    and the unchecked-request counter."""
+    import types
+
+    from serve_app.config import AppArgs
+    from serve_app.ingress import Ingress
+    from serve_app.limits import Limits
+
+    a = AppArgs(**args)
+    ingress = types.SimpleNamespace(args=a, limits=Limits(a.requests_per_minute, a.tokens_per_minute), tenants=tenants,
+                                    metrics={"jaxlora_rate_limit_unchecked": _Recorder()})
+    decision = asyncio.run(Ingress.func_or_class._admit(ingress, "alice", tier, body, prompt_tokens))
+    return decision, ingress.metrics["jaxlora_rate_limit_unchecked"].calls
+
+
+class _Call:
+    """A handle call that answers `answer` (or raises it) after `delay` seconds."""
+
+    def __init__(self, answer, delay=0.0):
+        self.answer, self.delay, self.cancelled = answer, delay, False
+
+    def __await__(self):
+        async def wait():
+            await asyncio.sleep(self.delay)
+            if isinstance(self.answer, BaseException):
+                raise self.answer
+            return self.answer
+        return wait().__await__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Tenants:
+    def __init__(self, call: _Call):
+        self.call, self.asked = call, []
+        self.admit = self
+
+    def remote(self, *args):
+        self.asked.append(args)
+        return self.call
+
+
+def test_rate_limits_fail_open_when_tenant_state_is_slow_or_unreachable():
+    """The ingress's admission without Serve: a TenantState slower than rate_limit_timeout_s, or one that
+    cannot be reached, lets the request through unchecked, cancels the call and counts it; a refusal
+    that arrives in time is the 429; a tenant without limits never asks."""
+    from serve_app.errors import ApiError
+    from serve_app.keys import Tier
+    from serve_app.limits import Limiter, Limits
+    from serve_app.openai_api import ChatCompletionRequest, CompletionRequest
+
+    body = CompletionRequest(model="m", prompt="x", max_tokens=7)
+    for call in (_Call(None, delay=5.0), _Call(RuntimeError("TenantState replica died"))):
+        t0 = time.monotonic()
+        decision, unchecked = _admit(tenants := _Tenants(call), Tier(), body, 3, rate_limit_timeout_s=0.05,
+                                     requests_per_minute=10)
+        assert decision is None and time.monotonic() - t0 < 1.0 and tenants.asked == [("alice", Limits(10, None), 3, 7)]
+        assert call.cancelled and unchecked == [(1.0, {"tenant": "alice"})]
+    limiter = Limiter()
+    limiter.admit("alice", Limits(1, None), 3, 7)
+    with pytest.raises(ApiError) as e:
+        _admit(_Tenants(_Call(limiter.admit("alice", Limits(1, None), 3, 7))), Tier(), body, 3, requests_per_minute=1)
+    assert e.value.status == 429 and e.value.type == "requests"
+    assert _admit(tenants := _Tenants(_Call(None)), Tier(), body, 3) == (None, []) and tenants.asked == []  # no limits
+    # A tier's own limit applies over no default; without max_tokens the rest of the context is reserved.
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}])
+    _admit(tenants := _Tenants(_Call(None, delay=5.0)), Tier(tokens_per_minute=500), chat, 10, rate_limit_timeout_s=0.05,
+           engine={"max_seq_len": 96})
+    assert tenants.asked == [("alice", Limits(None, 500), 10, 96 - 10)]
+
+
+def test_a_tiers_row_and_queue_limits_reach_the_engine():
+    """LoRAModel.generate passes the tier's max_rows / max_queued from `Generate` to `backend.submit`."""
+    from jaxlora.errors import TenantOverLimit
+    from jaxlora.sampling import SamplingParams
+    from serve_app.deployments import LoRAModel
+    from serve_app.wire import Failed, Generate
+
+    class Backend:
+        def submit(self, *args):
+            self.args = args
+            raise TenantOverLimit("alice has 2 requests waiting (its tier's max_queued); retry when one has started")
+
+    replica = LoRAModel.func_or_class.__new__(LoRAModel.func_or_class)
+    replica.backend = Backend()
+
+    async def first():
+        return await anext(replica.generate(Generate((1, 2), SamplingParams(), None, "alice", 2.0, max_rows=3,
+                                                     max_queued=2)))
+
+    reply = asyncio.run(first())
+    assert replica.backend.args[3:] == ("alice", 2.0, 3, 2)
+    assert isinstance(reply, Failed) and reply.status == 429 and reply.code == "rate_limit_exceeded"
     del replica.backend  # nothing to close
 
 
