@@ -289,8 +289,8 @@ class Scheduler:
 
     def _preempt(self) -> bool:
         """Frees a row when every row is taken and the least-served waiting tenant is further behind a
-        running tenant than its next request costs (so running that request cannot put it ahead by
-        more than it is behind now): the victim is the most-served running tenant's latest request
+        running tenant than its next request costs (a smaller gap is left to the next row that frees,
+        so tenants with about equal service do not swap rows back and forth): the victim is the most-served running tenant's latest request
         that has been preempted fewer than `max_preemptions` times and has decoded since it took its
         row (a row is never swapped out before it made progress). Its row goes to host memory
         (`EngineApi.swap_out`) and comes back, in any free row, when the policy picks it again.
