@@ -103,6 +103,11 @@ class EngineConfig:
         """The usable buckets: those below max_seq_len, plus max_seq_len itself."""
         return tuple(sorted({b for b in self.prefill_buckets if b < self.max_seq_len} | {self.max_seq_len}))
 
+    def default_max_tokens(self, prompt_len: int) -> int:
+        """A request that gives no max_tokens may fill the rest of the context (at least one token;
+        a prompt that leaves none is then refused for its length)."""
+        return max(1, self.max_seq_len - prompt_len)
+
     def bucket(self, n: int) -> int:
         """The padded length a prompt of `n` tokens is prefilled at."""
         for b in self.buckets:

@@ -115,8 +115,8 @@ class Scheduler:
         limit = self.engine.config.max_seq_len
         if not prompt:
             raise InvalidRequest("the prompt is empty: give at least one token", param="prompt")
-        if params.max_tokens is None:  # the rest of the context (at least one token, else refused below)
-            params = dataclasses.replace(params, max_tokens=max(1, limit - len(prompt)))
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=self.engine.config.default_max_tokens(len(prompt)))
         if len(prompt) + params.max_tokens > limit:
             raise InvalidRequest(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {len(prompt) + params.max_tokens} "
@@ -290,9 +290,10 @@ class Scheduler:
     def _preempt(self) -> bool:
         """Frees a row when every row is taken and the least-served waiting tenant is further behind a
         running tenant than its next request costs (a smaller gap is left to the next row that frees,
-        so tenants with about equal service do not swap rows back and forth): the victim is the most-served running tenant's latest request
-        that has been preempted fewer than `max_preemptions` times and has decoded since it took its
-        row (a row is never swapped out before it made progress). Its row goes to host memory
+        so tenants with about equal service do not swap rows back and forth): the victim is the
+        most-served running tenant's latest request that has been preempted fewer than
+        `max_preemptions` times and has decoded since it took its row (a row is never swapped out
+        before it made progress). Its row goes to host memory
         (`EngineApi.swap_out`) and comes back, in any free row, when the policy picks it again.
         At most `max_batch_size` requests are swapped out at once: one more KV cache, in host memory."""
         config = self.engine.config

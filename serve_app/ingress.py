@@ -229,8 +229,10 @@ class Ingress:
         limits = self.limits.override(tier.requests_per_minute, tier.tokens_per_minute)
         if not limits:
             return None
-        # Without max_tokens the engine fills the rest of the context (jaxlora/scheduler.py, `submit`).
-        max_tokens = body.token_limit() or max(1, self.args.engine.max_seq_len - prompt_tokens)
+        # Without max_tokens the engine may fill the rest of the context: reserve that.
+        max_tokens = body.token_limit()
+        if max_tokens is None:
+            max_tokens = self.args.engine.default_max_tokens(prompt_tokens)
         call = self.tenants.admit.remote(user, limits, prompt_tokens, max_tokens)
         try:
             decision = await asyncio.wait_for(call, self.args.rate_limit_timeout_s)
