@@ -1,14 +1,17 @@
 """Two tenants on one replica: does a flood from one raise the other's time to first token?
 
-    python -m bench.fairness [--seconds 40] [--flood-streams 48]
+    python -m bench.fairness [--seconds 30] [--flood-streams 48] [--stream-interval 1]
 
-Starts its own app (local Ray, the demo model, auth with one key per tenant) once per policy
-(`scheduling: fair`, then `fifo`), with the default engine options otherwise. Per policy:
+The same two-tenant workload at two levels, once per policy (`scheduling: fair`, then `fifo`), with
+the default engine options otherwise:
+  engine  the demo model's scheduler driven in this process (no Ray, no HTTP): what the policy does;
+  http    the whole app on a local Ray (auth with one key per tenant), streamed over HTTP.
+Per level and policy:
   1. idle: the light tenant sends short streamed requests one at a time; their TTFT is the baseline;
   2. flood: the flooding tenant keeps `--flood-streams` streams of 128 tokens in flight (a new one
      as soon as one ends) while the light tenant sends a short request every half second.
 Reports the light tenant's TTFT p50/p99 idle and under the flood, and the tokens/s everything
-produced under the flood, per policy. Prints one JSON line last. Not a test: figures go in
+produced under the flood, per level and policy. Prints one JSON line last. Not a test: figures go in
 docs/benchmarks.md.
 """
 
@@ -21,6 +24,7 @@ import socket
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -29,8 +33,11 @@ from bench.common import emit, machine
 
 LIGHT_TOKENS, FLOOD_TOKENS = 8, 128
 
+# (tenant, prompt, max_tokens) -> (seconds to the first token, completion tokens) of one request
+Send = Callable[[str, str, int], Awaitable[tuple[float, int]]]
 
-def start_app(port: int, scheduling: str, keys_file: Path, fs: str) -> str:
+
+def start_app(port: int, scheduling: str, keys_file: Path, fs: str, stream_interval: int) -> str:
     from ray import serve
 
     from jaxlora.demo import ensure_demo_model
@@ -39,7 +46,8 @@ def start_app(port: int, scheduling: str, keys_file: Path, fs: str) -> str:
     model_dir = ensure_demo_model()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"fs_root": fs, "auth": True, "api_keys_file": str(keys_file),
-                         "engine": {"scheduling": scheduling}}), name="fairness", route_prefix="/")
+                         "engine": {"scheduling": scheduling}, "stream_interval": stream_interval}),
+              name="fairness", route_prefix="/")
     return model_dir.name
 
 
@@ -70,71 +78,120 @@ def _percentiles(xs: list[float]) -> dict[str, float]:
             "n": len(xs)}
 
 
-async def measure(url: str, model: str, keys: dict[str, str], seconds: float, flood_streams: int) -> dict:
-    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-        for _ in range(3):  # warm every path
-            await stream_one(http, keys["light"], model, "warm up", LIGHT_TOKENS)
-        idle = [(await stream_one(http, keys["light"], model, f"light idle {i}", LIGHT_TOKENS))[0] for i in range(20)]
+async def workload(send: Send, seconds: float, flood_streams: int) -> dict:
+    for _ in range(3):  # warm every path
+        await send("light", "warm up", LIGHT_TOKENS)
+    idle = [(await send("light", f"light idle {i}", LIGHT_TOKENS))[0] for i in range(20)]
 
-        stop_at = time.monotonic() + seconds
-        produced = 0
+    stop_at = time.monotonic() + seconds
+    produced = 0
 
-        async def flood(i: int) -> None:
-            nonlocal produced
-            n = 0
-            while time.monotonic() < stop_at:
-                _, tokens = await stream_one(http, keys["flood"], model, f"flood {i} {n}", FLOOD_TOKENS)
-                produced += tokens  # after the await: `produced += await ...` would read it before
-                n += 1
+    async def flood(i: int) -> None:
+        nonlocal produced
+        n = 0
+        while time.monotonic() < stop_at:
+            _, tokens = await send("flood", f"flood {i} {n}", FLOOD_TOKENS)
+            produced += tokens  # after the await: `produced += await ...` would read it before
+            n += 1
 
-        async def light() -> list[float]:
-            await asyncio.sleep(min(5.0, seconds / 4))  # the flood fills the rows and the queue first
-            out = []
-            while time.monotonic() < stop_at:
-                ttft, n = await stream_one(http, keys["light"], model, f"light {len(out)}", LIGHT_TOKENS)
-                produced_light.append(n)
-                out.append(ttft)
-                await asyncio.sleep(0.5)
-            return out
+    async def light() -> list[float]:
+        await asyncio.sleep(min(5.0, seconds / 4))  # the flood fills the rows and the queue first
+        out = []
+        while time.monotonic() < stop_at:
+            ttft, n = await send("light", f"light {len(out)}", LIGHT_TOKENS)
+            produced_light.append(n)
+            out.append(ttft)
+            await asyncio.sleep(0.5)
+        return out
 
-        produced_light: list[int] = []
-        t0 = time.monotonic()
-        results = await asyncio.gather(light(), *(flood(i) for i in range(flood_streams)))
-        wall = time.monotonic() - t0
+    produced_light: list[int] = []
+    t0 = time.monotonic()
+    results = await asyncio.gather(light(), *(flood(i) for i in range(flood_streams)))
+    wall = time.monotonic() - t0
     return {"light_idle_ttft": _percentiles(idle), "light_flood_ttft": _percentiles(results[0]),
             "tokens_per_s": round((produced + sum(produced_light)) / wall, 1)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=40, help="length of the flood phase, per policy")
-    ap.add_argument("--flood-streams", type=int, default=48)
-    args = ap.parse_args(argv)
-
-    import ray
+def over_http(policy: str, args, work: Path, keys_file: Path, keys: dict[str, str]) -> dict:
     from ray import serve
 
-    from serve_app.keys import add_key
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = start_app(port, policy, keys_file, str(work / "fs"), args.stream_interval)
+
+    async def run() -> dict:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:
+            return await workload(lambda tenant, prompt, n: stream_one(http, keys[tenant], model, prompt, n),
+                                  args.seconds, args.flood_streams)
+    try:
+        return asyncio.run(run())
+    finally:
+        serve.shutdown()
+
+
+def in_process(policy: str, args, work: Path) -> dict:
+    """The scheduler alone: the same requests straight to `LocalJaxLoRABackend.submit`."""
+    from jaxlora.backend import LocalJaxLoRABackend
+    from jaxlora.engine import EngineConfig
+    from jaxlora.requests import Finished
+    from jaxlora.sampling import SamplingParams
+
+    backend = LocalJaxLoRABackend(fs_root=work / "fs", engine_config=EngineConfig(scheduling=policy))
+
+    async def send(tenant: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+        t0, ttft = time.monotonic(), None
+        handle = backend.submit(backend.encode(prompt), SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                                       ignore_eos=True), user=tenant)
+        async for batch in handle.batches():
+            ttft = ttft or time.monotonic() - t0
+            if isinstance(batch[-1], Finished):
+                return ttft, batch[-1].completion_tokens
+    try:
+        return asyncio.run(workload(send, args.seconds, args.flood_streams))
+    finally:
+        backend.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=30, help="length of the flood phase, per level and policy")
+    ap.add_argument("--flood-streams", type=int, default=48)
+    ap.add_argument("--stream-interval", type=int, default=1, help="the app's stream_interval (http level)")
+    ap.add_argument("--levels", default="engine,http", help="which of engine,http to run")
+    args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="jaxlora-fairness-"))
-    keys_file = work / "keys.json"
-    keys = {tenant: add_key(keys_file, tenant) for tenant in ("flood", "light")}
-    ray.init(include_dashboard=False, log_to_driver=False)
-    out = {}
-    for policy in ("fair", "fifo"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        model = start_app(port, policy, keys_file, str(work / "fs"))
-        out[policy] = asyncio.run(measure(f"http://127.0.0.1:{port}", model, keys, args.seconds, args.flood_streams))
-        print(f"{policy}: {out[policy]}", flush=True)
-        serve.shutdown()
-    fair, fifo = out["fair"], out["fifo"]
+    out: dict[str, dict] = {}
+    levels = args.levels.split(",")  # http first: Ray forks its processes before this one runs JAX
+    if "http" in levels:
+        import ray
+
+        from serve_app.keys import add_key
+
+        keys_file = work / "keys.json"
+        keys = {tenant: add_key(keys_file, tenant) for tenant in ("flood", "light")}
+        ray.init(include_dashboard=False, log_to_driver=False)
+        out["http"] = {}
+        for policy in ("fair", "fifo"):
+            out["http"][policy] = over_http(policy, args, work, keys_file, keys)
+            print(f"http {policy}: {out['http'][policy]}", flush=True)
+        ray.shutdown()
+    if "engine" in levels:
+        out["engine"] = {}
+        for policy in ("fair", "fifo"):
+            out["engine"][policy] = in_process(policy, args, work)
+            print(f"engine {policy}: {out['engine'][policy]}", flush=True)
+    summary = {}
+    for level, by_policy in out.items():
+        fair, fifo = by_policy["fair"], by_policy["fifo"]
+        summary[level] = {
+            "fair_flood_over_idle_p50": round(fair["light_flood_ttft"]["p50_ms"] / fair["light_idle_ttft"]["p50_ms"], 2),
+            "fifo_flood_over_idle_p50": round(fifo["light_flood_ttft"]["p50_ms"] / fifo["light_idle_ttft"]["p50_ms"], 2),
+            "fair_over_fifo_throughput": round(fair["tokens_per_s"] / fifo["tokens_per_s"], 3)}
     emit({"benchmark": "tenant_fairness", "flood_streams": args.flood_streams, "flood_tokens": FLOOD_TOKENS,
-          "light_tokens": LIGHT_TOKENS, "seconds": args.seconds, **out,
-          "fair_flood_over_idle_p50": round(fair["light_flood_ttft"]["p50_ms"] / fair["light_idle_ttft"]["p50_ms"], 2),
-          "fifo_flood_over_idle_p50": round(fifo["light_flood_ttft"]["p50_ms"] / fifo["light_idle_ttft"]["p50_ms"], 2),
-          "fair_over_fifo_throughput": round(fair["tokens_per_s"] / fifo["tokens_per_s"], 3), "machine": machine()})
+          "light_tokens": LIGHT_TOKENS, "seconds": args.seconds, "stream_interval": args.stream_interval, **out,
+          "summary": summary, "machine": machine()})
 
 
 if __name__ == "__main__":

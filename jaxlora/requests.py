@@ -61,14 +61,18 @@ class TokenStream:
     def __init__(self):
         self._items: collections.deque = collections.deque()
         self._cond = threading.Condition()
-        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        # (loop, event, how many events it waits for): woken once that many wait, or the last has come
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, int]] = []
 
     def put(self, item: TokenEvent | Finished) -> None:
         with self._cond:
             self._items.append(item)
             self._cond.notify_all()
-            waiters, self._async_waiters = self._async_waiters, []
-        for loop, event in waiters:
+            last, n = isinstance(item, Finished), len(self._items)
+            ready = [w for w in self._async_waiters if last or n >= w[2]]
+            if ready:
+                self._async_waiters = [w for w in self._async_waiters if w not in ready]
+        for loop, event, _ in ready:
             loop.call_soon_threadsafe(event.set)
 
     def get(self, timeout: float | None = None) -> TokenEvent | Finished:
@@ -77,20 +81,16 @@ class TokenStream:
                 raise TimeoutError("no event from the engine in time")
             return self._items.popleft()
 
-    def drain(self) -> list[TokenEvent | Finished]:
-        """Every event already waiting, without blocking."""
-        with self._cond:
-            items, self._items = list(self._items), collections.deque()
-            return items
-
-    async def aget(self) -> TokenEvent | Finished:
+    async def take(self, n: int) -> list[TokenEvent | Finished]:
+        """Every waiting event, once there are at least `n` of them or the last one (Finished) has come."""
         loop = asyncio.get_running_loop()
         while True:
             with self._cond:
-                if self._items:
-                    return self._items.popleft()
+                if len(self._items) >= n or (self._items and isinstance(self._items[-1], Finished)):
+                    items, self._items = list(self._items), collections.deque()
+                    return items
                 event = asyncio.Event()
-                self._async_waiters.append((loop, event))
+                self._async_waiters.append((loop, event, n))
             await event.wait()
 
 
@@ -126,11 +126,15 @@ class RequestHandle:
             for item in batch:
                 yield item
 
-    async def batches(self) -> AsyncIterator[list[TokenEvent | Finished]]:
-        """Events in batches: whatever arrived while the consumer was busy comes at once, which
-        keeps per-message overhead (e.g. one Ray streaming item each) off the per-token path."""
+    async def batches(self, interval: int = 1) -> AsyncIterator[list[TokenEvent | Finished]]:
+        """Events in batches: the first token as soon as it exists, then `interval` tokens at a time
+        (fewer with the Finished that ends them; more when the consumer was busy). Larger batches keep
+        per-message costs (a Ray streaming item, an SSE chunk) off the per-token path; the cost is a
+        coarser stream, as with vLLM's stream_interval."""
+        want = 1
         while True:
-            batch = [await self._stream.aget()] + self._stream.drain()
+            batch = await self._stream.take(want)
             yield batch
             if isinstance(batch[-1], Finished):
                 return
+            want = interval

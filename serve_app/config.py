@@ -65,6 +65,9 @@ class AppArgs(BaseModel):
     rate_limit_timeout_s: float = Field(
         0.5, gt=0, description="how long a request waits for TenantState to check its limits; past it, it is served "
         "unchecked (fail open, counted in jaxlora_rate_limit_unchecked)")
+    stream_interval: int = Field(
+        1, ge=1, description="tokens per streamed message after the first (vLLM's --stream-interval): larger cuts "
+        "the per-message CPU of replica, ingress, proxy and client when many streams run, for a coarser stream")
     ingress_replicas: int = Field(1, ge=1)
     tokenizer_replicas: int = Field(1, ge=1)
     model_replicas: int = Field(1, ge=1, description="model replicas (engines); each holds the base model")

@@ -105,6 +105,7 @@ class LoRAModel:
         self.backend = LocalJaxLoRABackend(
             model_dir_of(a), a.fs_root, a.engine, a.registered_adapters, a.allowed_roots,
             a.poll_interval_s, model_id=base_model_id(a))
+        self.stream_interval = a.stream_interval
         self._metrics = CounterExport(MODEL_METRICS, build(MODEL_METRICS))
         self._stop = threading.Event()
         threading.Thread(target=self._export_metrics, name="metrics-export", daemon=True).start()
@@ -133,7 +134,7 @@ class LoRAModel:
                       None if adapter is None else AdapterVersion(adapter.adapter_id, adapter.version))
         finished = False
         try:
-            async for batch in handle.batches():
+            async for batch in handle.batches(self.stream_interval):
                 events = [e for e in batch if not isinstance(e, Finished)]
                 if events:
                     yield Tokens(tuple(e.token_id for e in events), tuple(e.logprob for e in events),

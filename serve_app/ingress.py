@@ -270,24 +270,29 @@ class Ingress:
             raise
 
     async def _events(self, replies: AsyncIterator[Tokens | Done], stop: list[str], logprobs: bool):
-        """(text delta, its token's logprob if asked for, tokens so far, finish reason) as tokens arrive."""
+        """(text delta, its tokens' logprobs if asked for, tokens so far, finish reason) per replica message:
+        the tokens of one message leave as one piece (one SSE chunk), which keeps per-chunk costs in the
+        ingress, the proxy and the client off the per-token path."""
         text = TextStream(self.tokenizer, stop)
         emitted, produced = 0, 0
         try:
             async for msg in replies:
                 if isinstance(msg, Done):
-                    yield text.finish(), None, msg.completion_tokens, msg.reason
+                    yield text.finish(), [], msg.completion_tokens, msg.reason
                     return
+                deltas, tokens = [], []
                 for token_id, lp, top in zip(msg.ids, msg.logprobs, msg.top_logprobs):
                     produced += 1
                     delta = text.add(token_id)
-                    token = self._token_logprob(token_id, lp, top, emitted) if logprobs else None
+                    if logprobs:
+                        tokens.append(self._token_logprob(token_id, lp, top, emitted))
                     emitted += len(delta)
+                    deltas.append(delta)
                     if text.stopped:
-                        yield delta, token, produced, "stop"
+                        yield "".join(deltas), tokens, produced, "stop"
                         return
-                    if delta or token is not None:
-                        yield delta, token, produced, None
+                if any(deltas) or tokens:
+                    yield "".join(deltas), tokens, produced, None
         finally:
             await replies.aclose()  # cancels the request when it stopped early (a stop string, a client gone)
 
@@ -391,11 +396,10 @@ class Ingress:
                                                   options), media_type="text/event-stream", headers=headers)
         parts, tokens, completion_tokens, finish, first_at, status = [], [], 0, None, None, 200
         try:
-            async for delta, token, produced, reason in events:
+            async for delta, token_logprobs, produced, reason in events:
                 first_at = first_at or time.monotonic()
                 parts.append(delta)
-                if token is not None:
-                    tokens.append(token)
+                tokens.extend(token_logprobs)
                 completion_tokens, finish = produced, reason or finish
         except ApiError as e:
             status = e.status
@@ -414,12 +418,12 @@ class Ingress:
         try:
             if (first := fmt.first_chunk()) is not None:
                 yield _sse(first)
-            async for delta, token, produced, reason in events:
+            async for delta, token_logprobs, produced, reason in events:
                 first_at = first_at or time.monotonic()
                 completion_tokens = produced
-                if delta or token is not None or reason:  # vLLM's continuous_usage_stats: the usage so far on every chunk
+                if delta or token_logprobs or reason:  # vLLM's continuous_usage_stats: the usage so far on every chunk
                     usage = usage_dict(prompt_tokens, produced) if options.continuous_usage_stats else None
-                    yield _sse(fmt.chunk(delta, None if token is None else [token], reason, usage))
+                    yield _sse(fmt.chunk(delta, token_logprobs or None, reason, usage))
             if options.include_usage:
                 yield _sse(fmt.usage_chunk(usage_dict(prompt_tokens, completion_tokens)))
         except ApiError as e:

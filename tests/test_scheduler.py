@@ -211,3 +211,35 @@ def test_a_failed_device_call_fails_every_request_and_the_loop(loop):
     assert not sched.healthy
     with pytest.raises(EngineDead, match="engine has stopped.*device fell over"):
         sched.submit([1], SamplingParams())
+
+
+def test_batches_send_the_first_token_alone_then_interval_tokens_at_a_time():
+    """`RequestHandle.batches(interval)` (the serving layer's stream_interval): the consumer is woken
+    for the first event, then only once `interval` events wait or the last one has come."""
+    import asyncio
+
+    from jaxlora.requests import Finished, RequestHandle, TokenEvent, TokenStream
+
+    stream = TokenStream()
+    handle = RequestHandle(None, stream, lambda: None)
+    got: list[list[int | str]] = []
+
+    async def consume():
+        async for batch in handle.batches(3):
+            got.append([e.token_id if isinstance(e, TokenEvent) else "end" for e in batch])
+
+    async def run():
+        async def settle():  # lets a woken consumer run before the next event
+            for _ in range(10):
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(consume())
+        await settle()
+        for token in range(8):
+            stream.put(TokenEvent(token, 0.0, ()))
+            await settle()
+        stream.put(Finished("length", 1, 8, 0.0, None, 0, None))
+        await task
+
+    asyncio.run(run())
+    assert got == [[0], [1, 2, 3], [4, 5, 6], [7, "end"]]

@@ -91,7 +91,8 @@ def server(ray_local, demo_model_dir, tmp_path_factory):
     limited = {"auth": True, "api_keys_file": str(keys_file), "rate_limit_timeout_s": 10}
     serve.run(build_app({**common, **limited, "engine": ENGINE, "max_request_bytes": 65536}), name="main", route_prefix="/")
     # Two model replicas, to see requests for one adapter stay on the replica that holds it.
-    serve.run(build_app({**common, "engine": {**ENGINE, "max_batch_size": 2}, "model_replicas": 2}),
+    # It streams 6 tokens at a time after the first (stream_interval).
+    serve.run(build_app({**common, "engine": {**ENGINE, "max_batch_size": 2}, "model_replicas": 2, "stream_interval": 6}),
               name="pair", route_prefix="/pair")
     # A deliberately tiny deployment for back-pressure: one row, no engine queue, two queued at the handle.
     serve.run(build_app({**common, "engine": {**ENGINE, "max_batch_size": 1, "max_queue": 0, "max_seq_len": 512},
@@ -482,6 +483,20 @@ def test_continuous_usage_stats_reports_the_usage_so_far_on_every_chunk(server):
     counts = [e["usage"]["completion_tokens"] for e in events]
     assert counts == sorted(counts) and counts[-1] == 6 and all("usage" in e for e in events)
     assert events[-1]["choices"] == [] and events[-1]["usage"]["prompt_tokens"] == events[0]["usage"]["prompt_tokens"]
+
+
+def test_stream_interval_sends_the_first_token_alone_then_larger_chunks(server):
+    """vLLM's stream_interval ("pair" has 6): the first token leaves at once, later chunks carry at least
+    6 tokens each (one replica message, one SSE chunk), and the stream says what the whole answer says."""
+    body = {"model": server.base, "prompt": "Once upon a time", "max_tokens": 20, "ignore_eos": True,
+            "temperature": 0, "logprobs": 0}
+    whole = httpx.post(f"{server.url}/pair/v1/completions", json=body, timeout=120).json()["choices"][0]
+    with httpx.stream("POST", f"{server.url}/pair/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+        chunks = [json.loads(line[6:])["choices"][0] for line in r.iter_lines() if line.startswith("data: {")]
+    sizes = [len(c["logprobs"]["tokens"]) for c in chunks if c["logprobs"]]
+    assert sizes[0] == 1 and sum(sizes) == 20 and all(n >= 6 for n in sizes[1:-1]) and len(sizes) <= 5, sizes
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert [t for c in chunks if c["logprobs"] for t in c["logprobs"]["tokens"]] == whole["logprobs"]["tokens"]
 
 
 def _token_texts(server, **kw) -> list[str]:
