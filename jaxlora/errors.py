@@ -52,3 +52,11 @@ class InvalidAdapterRef(JaxLoraError):
 
 class DataError(JaxLoraError):
     """Training data that cannot be used; the message names the file and line."""
+
+
+class ResourceNotFound(JaxLoraError):
+    """No such file, fine-tuning job or checkpoint for this tenant; another tenant's is reported the same way."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param

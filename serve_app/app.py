@@ -4,7 +4,8 @@
     serve run serve_config.yaml                                     # or serve deploy it on a cluster
 
 Graph: Ingress (HTTP, OpenAI API) -> Tokenizer (CPU), -> LoRAModel (one engine per replica,
-GPU-reservable) and -> TenantState (one replica: what every ingress replica shares per tenant). The deployment options that follow from `args` are set here, from
+GPU-reservable), -> TenantState (one replica: what every ingress replica shares per tenant) and
+JobController (one replica: starts tenants' fine-tuning jobs as Ray tasks, `serve_app.fine_tuning`). The deployment options that follow from `args` are set here, from
 `serve_app.config.deployment_options`, and nowhere else (each replica checks it got them).
 """
 
@@ -17,6 +18,7 @@ from ray.serve import Application
 
 from serve_app.config import AppArgs, deployment_options
 from serve_app.deployments import LoRAModel, TenantState, Tokenizer
+from serve_app.fine_tuning import JobController
 from serve_app.ingress import Ingress
 
 
@@ -32,4 +34,5 @@ def build_app(args: dict) -> Application:
     options = deployment_options(a)
     tokenizer = Tokenizer.options(**options["Tokenizer"]).bind(plain)
     model = LoRAModel.options(**options["LoRAModel"]).bind(plain)
-    return Ingress.options(**options["Ingress"]).bind(tokenizer, model, TenantState.bind(), plain)
+    return Ingress.options(**options["Ingress"]).bind(tokenizer, model, TenantState.bind(), JobController.bind(plain),
+                                                      plain)

@@ -45,6 +45,29 @@ _MOVED = {
 }
 
 
+class FineTuningArgs(BaseModel):
+    """Tenants' fine-tuning jobs and files (`/v1/files`, `/v1/fine_tuning/jobs`): what runs where, and
+    how much any tenant may ask for. The LoRA rank is bounded by `engine.max_lora_rank`."""
+    model_config = ConfigDict(extra="forbid")
+
+    max_running_jobs: int = Field(1, ge=0, description="jobs training at once, all tenants together (0: none run)")
+    max_running_per_tenant: int = Field(1, ge=1)
+    max_queued_per_tenant: int = Field(4, ge=1, description="jobs waiting per tenant; more get 429")
+    job_num_cpus: float = Field(1, ge=0, description="CPUs each job's Ray task reserves")
+    job_num_gpus: float = Field(0, ge=0, description="GPUs each job's Ray task reserves")
+    max_epochs: int = Field(50, ge=1)
+    max_batch_size: int = Field(32, ge=1)
+    max_steps: int = Field(2000, ge=1, description="optimizer steps of one job, whatever its data and epochs")
+    max_length: int = Field(256, ge=16, description="tokens per training row")
+    base_learning_rate: float = Field(3e-3, gt=0, description="what learning_rate_multiplier=1 means")
+    max_file_bytes: int = Field(16 << 20, ge=1024, description="one uploaded file")
+    max_total_file_bytes: int = Field(256 << 20, ge=1024, description="every file of one tenant together")
+    poll_interval_s: float = Field(1.0, gt=0, description="how often the controller looks for jobs to start")
+    heartbeat_timeout_s: float = Field(
+        60.0, gt=0, description="a running job whose task has not reported for this long is requeued (it resumes "
+        "from its last checkpoint): its task died with a controller that restarted")
+
+
 class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -68,6 +91,7 @@ class AppArgs(BaseModel):
     stream_interval: int = Field(
         1, ge=1, description="tokens per streamed message after the first (vLLM's --stream-interval): larger cuts "
         "the per-message CPU of replica, ingress, proxy and client when many streams run, for a coarser stream")
+    fine_tuning: FineTuningArgs = Field(default_factory=FineTuningArgs)
     ingress_replicas: int = Field(1, ge=1)
     tokenizer_replicas: int = Field(1, ge=1)
     model_replicas: int = Field(1, ge=1, description="model replicas (engines); each holds the base model")

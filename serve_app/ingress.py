@@ -40,6 +40,7 @@ from jaxlora.tokenizer import TextStream, load_tokenizer
 from serve_app.config import AppArgs
 from serve_app.deployments import base_model_id, check_deployment_options, model_dir_of
 from serve_app.errors import ApiError, api_error_for
+from serve_app.fine_tuning import FineTuningRoutes
 from serve_app.keys import KeysFile, Tier
 from serve_app.limits import Decision, Limits
 from serve_app.metrics import INGRESS_METRICS, build
@@ -55,7 +56,9 @@ def http_app(ingress: "Ingress") -> FastAPI:
     shape, and bodies over the replica's `max_request_bytes` are refused. Serve builds it on the replica,
     after the constructor (`Ingress.__serve_build_asgi_app__`)."""
     app = FastAPI(title="jaxlora", description="OpenAI-compatible multi-tenant LoRA serving")
-    app.add_middleware(BodyLimit, limit=ingress.args.max_request_bytes)
+    # An upload may be as large as a file may be, plus its multipart framing.
+    app.add_middleware(BodyLimit, limit=ingress.args.max_request_bytes,
+                       overrides={"/v1/files": ingress.args.fine_tuning.max_file_bytes + (64 << 10)})
     app.add_middleware(IngressHeader, replica=ingress.replica)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -67,6 +70,8 @@ def http_app(ingress: "Ingress") -> FastAPI:
     app.add_api_route("/v1/models/{model_id}", ingress.model, methods=["GET"])
     app.add_api_route("/v1/completions", ingress.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", ingress.chat_completions, methods=["POST"])
+    for path, endpoint, methods in ingress.fine_tuning.routes():
+        app.add_api_route(path, endpoint, methods=methods)
     return app
 
 
@@ -97,17 +102,19 @@ async def _internal_error(_request: Request, e: Exception) -> JSONResponse:
 
 
 class BodyLimit:
-    """Refuses request bodies over `limit` bytes with 413, whether or not they declare a length."""
+    """Refuses request bodies over `limit` bytes (or the path's own in `overrides`) with 413, whether or
+    not they declare a length."""
 
-    def __init__(self, asgi, limit: int):
-        self.asgi, self.limit = asgi, limit
+    def __init__(self, asgi, limit: int, overrides: dict[str, int] | None = None):
+        self.asgi, self.default, self.overrides = asgi, limit, overrides or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.asgi(scope, receive, send)
+        limit = self.overrides.get(scope.get("path", ""), self.default)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        too_big = ApiError(413, f"request body over {self.limit} bytes", code="body_too_large")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        too_big = ApiError(413, f"request body over {limit} bytes", code="body_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             return await too_big.response()(scope, receive, send)
         seen = 0
 
@@ -115,7 +122,7 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
+            if seen > limit:
                 raise _BodyTooLarge()
             return message
 
@@ -179,7 +186,8 @@ def _sse(data: dict | str) -> str:
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress()
 class Ingress:
-    def __init__(self, tokenizer: DeploymentHandle, model: DeploymentHandle, tenants: DeploymentHandle, args: dict):
+    def __init__(self, tokenizer: DeploymentHandle, model: DeploymentHandle, tenants: DeploymentHandle,
+                 job_controller: DeploymentHandle, args: dict):
         self.args = AppArgs(**args)
         check_deployment_options("Ingress", self.args)
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -193,6 +201,8 @@ class Ingress:
         self.keys = KeysFile(self.args.api_keys_file) if self.args.auth else None
         self.limits = Limits(self.args.requests_per_minute, self.args.tokens_per_minute)  # a tier may override them
         self.metrics = build(INGRESS_METRICS)
+        self.job_controller = job_controller  # in the graph so Serve runs it; jobs are on the filesystem
+        self.fine_tuning = FineTuningRoutes(self.args, self._tenant)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return http_app(self)

@@ -101,7 +101,7 @@ def test_changed_args_of_the_shipped_config_reach_the_running_deployments(serve_
     assert model["ray_actor_options"]["runtime_env"]["env_vars"] == {"JAXLORA_CONFIG_PROBE": "yes"}
     assert details["Tokenizer"]["deployment_config"]["num_replicas"] == 2
     assert {d: len([r for r in details[d]["replicas"] if r["state"] == "RUNNING"]) for d in details} == \
-        {"Ingress": 1, "Tokenizer": 2, "LoRAModel": 2, "TenantState": 1}
+        {"Ingress": 1, "Tokenizer": 2, "LoRAModel": 2, "TenantState": 1, "JobController": 1}
     r = httpx.post(f"{url}/v1/completions", json={"model": demo_model_dir.name, "prompt": "x", "max_tokens": 2}, timeout=120)
     assert r.status_code == 200, r.text
 

@@ -2,8 +2,12 @@
 
 Row kinds (one per line):
     {"prompt": ..., "completion": ...}                  SFT: loss on the completion (+ EOS)
-    {"messages": [{"role", "content"}, ...]}            SFT: loss on assistant turns only
+    {"messages": [{"role", "content"}, ...]}            SFT: loss on assistant turns only (OpenAI's
+                                                        chat format, rendered with the chat template)
     {"prompt": ..., "chosen": ..., "rejected": ...}     DPO pairs, or SFT on `chosen`
+    {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", ...}],
+     "non_preferred_output": [...]}                     OpenAI's preference format: DPO pairs after
+                                                        the chat template, or SFT on the preferred
 
 Everything is checked before any compute: the file must exist, hold at least one row, and every
 row must be a JSON object of one kind with string fields; the first bad row is reported with its
@@ -38,6 +42,10 @@ class Batch:
     tokens: np.ndarray  # [B, T] int32 inputs
     targets: np.ndarray  # [B, T] int32 next tokens
     mask: np.ndarray  # [B, T] float32, 1 where the target is trained on
+    tokens_in_rows: int = 0  # the rows' own tokens (what padding fills to [B, T] not counted)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"tokens": self.tokens, "targets": self.targets, "mask": self.mask}
 
 
 def sha256_file(path: Path) -> str:
@@ -74,24 +82,68 @@ def row_kind(row: dict, where: str) -> str:
             if not isinstance(row.get(k), str):
                 raise DataError(f"{where}: field {k!r} must be a string")
 
-    if "messages" in row:
-        msgs = row["messages"]
+    def messages(msgs, field: str) -> list[dict]:
         if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{where}: 'messages' must be a non-empty list")
+            raise DataError(f"{where}: {field!r} must be a non-empty list")
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: messages[{i}] needs string 'role' and 'content'")
-        if not any(m["role"] == "assistant" for m in msgs):
+                raise DataError(f"{where}: {field}[{i}] needs string 'role' and 'content'")
+            if m["role"] not in ROLES:
+                raise DataError(f"{where}: {field}[{i}] has role {m['role']!r}; expected one of {list(ROLES)}")
+            if set(m) - {"role", "content"}:
+                raise DataError(f"{where}: {field}[{i}] has fields {sorted(set(m) - {'role', 'content'})} this "
+                                "trainer does not support (give 'role' and 'content' only)")
+        return msgs
+
+    if "messages" in row:
+        if not any(m["role"] == "assistant" for m in messages(row["messages"], "messages")):
             raise DataError(f"{where}: the conversation has no assistant turn to learn from")
         return "chat"
+    if "input" in row or "preferred_output" in row or "non_preferred_output" in row:
+        if not isinstance(row.get("input"), dict) or "messages" not in row["input"]:
+            raise DataError(f"{where}: 'input' must be an object with 'messages'")
+        messages(row["input"]["messages"], "input.messages")
+        for field in ("preferred_output", "non_preferred_output"):
+            out = messages(row.get(field), field)
+            if len(out) != 1 or out[0]["role"] != "assistant":
+                raise DataError(f"{where}: {field!r} must hold exactly one assistant message")
+        return "chat_preference"
     if "chosen" in row or "rejected" in row:
         need_str("prompt", "chosen", "rejected")
         return "preference"
     if "prompt" in row or "completion" in row:
         need_str("prompt", "completion")
         return "completion"
-    raise DataError(f"{where}: expected 'prompt'+'completion', 'messages', or 'prompt'+'chosen'+'rejected'; "
-                    f"got fields {sorted(row)}")
+    raise DataError(f"{where}: expected 'prompt'+'completion', 'messages', 'prompt'+'chosen'+'rejected', or "
+                    f"'input'+'preferred_output'+'non_preferred_output'; got fields {sorted(row)}")
+
+
+ROLES = ("system", "user", "assistant")
+PREFERENCE_KINDS = ("preference", "chat_preference")
+
+
+def check_upload(data: bytes) -> dict[str, int]:
+    """A training file's rows checked for shape at upload (what `load_dataset` would read, before
+    tokenizing): how many rows of each kind; DataError naming the first bad line and what is wrong."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"the file is not UTF-8 text (byte {e.start})") from None
+    kinds: dict[str, int] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"line {n}: each line must be a JSON object")
+        kind = row_kind(row, f"line {n}")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    if not kinds:
+        raise DataError("the file holds no rows: give one JSON object per line")
+    return kinds
 
 
 def _prompt_answer(tokenizer, prompt: str, answer: str) -> Example:
@@ -120,6 +172,21 @@ def _chat(tokenizer, messages: list[dict], where: str) -> Example:
     return Example(tuple(ids), tuple(mask))
 
 
+def _pair(tokenizer, row: dict, kind: str) -> tuple[Example, Example]:
+    """(chosen, rejected) of a preference row; OpenAI's format is prompted through the chat template
+    as serving's chat endpoint does."""
+    if kind == "preference":
+        return (_prompt_answer(tokenizer, row["prompt"], row["chosen"]),
+                _prompt_answer(tokenizer, row["prompt"], row["rejected"]))
+    prompt = tokenizer(render_chat(tokenizer, row["input"]["messages"]), add_special_tokens=False)["input_ids"]
+
+    def answer(field: str) -> Example:
+        a = tokenizer(row[field][0]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return Example(tuple(prompt + a), tuple([0] * len(prompt) + [1] * len(a)))
+
+    return answer("preferred_output"), answer("non_preferred_output")
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     examples: list[Example] | list[tuple[Example, Example]]  # pairs for DPO (chosen, rejected)
@@ -138,14 +205,14 @@ def load_dataset(path: str | Path, tokenizer, objective: str, max_length: int) -
         where = f"{path}:{n}"
         kind = row_kind(row, where)
         if objective == "dpo":
-            if kind != "preference":
-                raise DataError(f"{where}: DPO needs 'prompt', 'chosen' and 'rejected'")
-            item = (_prompt_answer(tokenizer, row["prompt"], row["chosen"]),
-                    _prompt_answer(tokenizer, row["prompt"], row["rejected"]))
+            if kind not in PREFERENCE_KINDS:
+                raise DataError(f"{where}: DPO needs preference rows ('prompt', 'chosen' and 'rejected', or 'input', "
+                                "'preferred_output' and 'non_preferred_output')")
+            item = _pair(tokenizer, row, kind)
         elif kind == "chat":
             item = _chat(tokenizer, row["messages"], where)
-        elif kind == "preference":
-            item = _prompt_answer(tokenizer, row["prompt"], row["chosen"])
+        elif kind in PREFERENCE_KINDS:
+            item = _pair(tokenizer, row, kind)[0]
         else:
             item = _prompt_answer(tokenizer, row["prompt"], row["completion"])
         for ex in item if isinstance(item, tuple) else (item,):
@@ -176,7 +243,7 @@ def make_batch(examples: list[Example], max_length: int) -> Batch:
         tokens[i, :n] = e.ids[:-1]
         targets[i, :n] = e.ids[1:]
         mask[i, :n] = e.loss_mask[1:]
-    return Batch(tokens, targets, mask)
+    return Batch(tokens, targets, mask, sum(len(e.ids) for e in examples))
 
 
 class BatchStream:
@@ -185,6 +252,10 @@ class BatchStream:
     def __init__(self, dataset: Dataset, batch_size: int, max_length: int, seed: int):
         self.dataset, self.batch_size, self.max_length, self.seed = dataset, batch_size, max_length, seed
         self.per_epoch = max(1, len(dataset) // batch_size)
+
+    def tokens_before(self, i: int) -> int:
+        """The rows' tokens in micro-batches 0..i-1 (what a resumed run had trained on)."""
+        return sum(self[j].tokens_in_rows for j in range(i))
 
     def __getitem__(self, i: int) -> Batch:
         epoch, k = divmod(i, self.per_epoch)

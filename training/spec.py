@@ -37,6 +37,9 @@ class TrainSpec(BaseModel):
     user_id: str
     adapter_id: str
     data: str = Field(description="JSONL file; relative paths are relative to the spec file")
+    validation_data: str | None = Field(None, description="JSONL file whose loss is reported at each log step")
+    init_adapter: str | None = Field(None, description="a PEFT adapter folder to start from (its rank, alpha and "
+                                     "targets must match `lora`); default: PEFT's initialisation")
     fs_root: str = DEFAULT_FS_ROOT
     model_dir: str | None = Field(None, description="base checkpoint; default: the demo model")
     objective: Literal["sft", "dpo"] = "sft"
@@ -46,6 +49,7 @@ class TrainSpec(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     steps: int | None = Field(None, ge=1, description="optimizer steps; or give epochs")
     epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="a cap on the steps `epochs` comes to")
     batch_size: int = Field(8, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
     max_length: int = Field(256, ge=8)
@@ -79,9 +83,10 @@ class TrainSpec(BaseModel):
         if not isinstance(d, dict):
             raise ValueError(f"{path} must hold a mapping of TrainSpec fields")
         spec = cls(**d)
-        data = Path(spec.data)
-        if not data.is_absolute():
-            spec = spec.model_copy(update={"data": str((path.parent / data).resolve())})
+        for field in ("data", "validation_data"):
+            value = getattr(spec, field)
+            if value is not None and not Path(value).is_absolute():
+                spec = spec.model_copy(update={field: str((path.parent / value).resolve())})
         return spec
 
     def checkpoint_path(self) -> Path:

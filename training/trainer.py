@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from safetensors.numpy import load_file, save_file
 
-from jaxlora.adapter_format import LoraAdapter, write_peft
+from jaxlora.adapter_format import LoraAdapter, read_published, write_peft
 from jaxlora.adapter_store import AdapterStore
 from jaxlora.config import ModelConfig
 from jaxlora.demo import ensure_demo_model
@@ -59,6 +59,21 @@ class TrainResult:
     final_loss: float
     steps: int
     resumed_from_step: int
+    trained_tokens: int = 0  # the tokens of every row trained on, each time it was (padding not counted)
+
+
+class TrainHooks:
+    """What a caller (a fine-tuning job) hears during `train_with_hooks`; any hook may raise to stop
+    the run (the checkpoint stays, nothing is published)."""
+
+    def on_log(self, step: int, total: int, loss: float, tokens_per_s: float, valid_loss: float | None) -> None:
+        pass
+
+    def on_checkpoint(self, step: int, loss: float) -> None:
+        pass
+
+    def before_publish(self) -> None:
+        pass
 
 
 def init_lora(cfg: ModelConfig, spec: TrainSpec, key: jax.Array) -> tuple[dict[str, LoraModule], ...]:
@@ -73,6 +88,16 @@ def init_lora(cfg: ModelConfig, spec: TrainSpec, key: jax.Array) -> tuple[dict[s
             layer[m] = LoraModule(a=a, b=jnp.zeros((1, spec.lora.r, d_out), jnp.float32))
         layers.append(layer)
     return tuple(layers)
+
+
+def from_adapter(adapter: LoraAdapter, cfg: ModelConfig, spec: TrainSpec) -> tuple[dict[str, LoraModule], ...]:
+    """The trainable tree of an existing adapter (training further from it); it must be the spec's LoRA."""
+    want = (spec.lora.r, float(spec.lora.alpha), spec.lora.use_rslora, tuple(sorted(spec.lora.target_modules)))
+    have = (adapter.r, float(adapter.alpha), adapter.use_rslora, adapter.target_modules)
+    if want != have:
+        raise ValueError(f"init_adapter has r, alpha, rslora, targets {have}; the spec asks for {want}")
+    return tuple({m: LoraModule(a=jnp.asarray(adapter.weights[(i, m)][0])[None], b=jnp.asarray(adapter.weights[(i, m)][1])[None])
+                  for m in spec.lora.target_modules} for i in range(cfg.num_layers))
 
 
 def to_adapter(layers: tuple[dict[str, LoraModule], ...], spec: TrainSpec) -> LoraAdapter:
@@ -156,12 +181,16 @@ def load_checkpoint(folder: Path, trainable, opt_state):
 
 def train(spec: TrainSpec) -> TrainResult:
     """Trains one adapter and publishes it as a new version (resuming from its last checkpoint)."""
-    result = _train(spec)
+    return train_with_hooks(spec, TrainHooks())
+
+
+def train_with_hooks(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
+    result = _train(spec, hooks=hooks)
     assert result is not None
     return result
 
 
-def _train(spec: TrainSpec, stop_after_steps: int | None = None) -> TrainResult | None:
+def _train(spec: TrainSpec, stop_after_steps: int | None = None, hooks: TrainHooks = TrainHooks()) -> TrainResult | None:
     """`train`, with a seam for tests: `stop_after_steps` ends the run right after a checkpoint,
     as a killed task would, and returns None."""
     # 1. everything that can fail on bad input, before any compute
@@ -171,11 +200,19 @@ def _train(spec: TrainSpec, stop_after_steps: int | None = None) -> TrainResult 
     data = load_dataset(spec.data, tokenizer, spec.objective, spec.max_length)
     stream = BatchStream(data, spec.batch_size, spec.max_length, spec.seed)
     total = spec.steps or max(1, math.ceil(spec.epochs * stream.per_epoch / spec.grad_accum_steps))
+    total = min(total, spec.max_steps or total)
     optimizer = make_optimizer(spec, total)
+    valid = None
+    if spec.validation_data:
+        v = load_dataset(spec.validation_data, tokenizer, spec.objective, spec.max_length)
+        valid = BatchStream(v, min(spec.batch_size, len(v)), spec.max_length, spec.seed)
 
     # 2. initial state, or the last checkpoint
     key = jax.random.PRNGKey(spec.seed)
-    trainable = init_lora(cfg, spec, jax.random.fold_in(key, 0))
+    if spec.init_adapter:
+        trainable = from_adapter(read_published(Path(spec.init_adapter), cfg, spec.lora.r), cfg, spec)
+    else:
+        trainable = init_lora(cfg, spec, jax.random.fold_in(key, 0))
     opt_state = optimizer.init(trainable)
     ckpt_dir = spec.checkpoint_path()
     step, losses = 0, []
@@ -192,26 +229,34 @@ def _train(spec: TrainSpec, stop_after_steps: int | None = None) -> TrainResult 
     # 3. the loop; micro-batch index and dropout keys derive from the step, so resuming replays exactly
     train_step = jax.jit(functools.partial(_train_step, cfg=cfg, spec=spec, optimizer=optimizer),
                          donate_argnums=(0, 1))
+    no_dropout = spec.model_copy(update={"lora": spec.lora.model_copy(update={"dropout": 0.0})})
+    eval_step = jax.jit(lambda t, p, b, k: loss_fn(t, p, b, k, cfg, no_dropout)[0])
     t0, tokens_seen = time.perf_counter(), 0
+    trained_tokens = stream.tokens_before(step * spec.grad_accum_steps)
     while step < total:
         step_losses = []
         for micro in range(spec.grad_accum_steps):
             i = step * spec.grad_accum_steps + micro
             batch: Batch = stream[i]
             trainable, opt_state, loss, _ = train_step(
-                trainable, opt_state, params, dataclasses.asdict(batch), jax.random.fold_in(key, 1 + i))
+                trainable, opt_state, params, batch.arrays(), jax.random.fold_in(key, 1 + i))
             step_losses.append(float(loss))
             tokens_seen += int(batch.mask.size)
+            trained_tokens += batch.tokens_in_rows
         step += 1
         losses.append(float(np.mean(step_losses)))
         if step % spec.log_every == 0 or step == total:
             rate = tokens_seen / (time.perf_counter() - t0)
+            valid_loss = None if valid is None else validation_loss(eval_step, trainable, params, valid, key)
             print(f"[{spec.user_id}/{spec.adapter_id}] step {step}/{total} loss {losses[-1]:.4f} "
-                  f"tokens/s {rate:.0f}", flush=True)
+                  f"tokens/s {rate:.0f}" + ("" if valid_loss is None else f" validation loss {valid_loss:.4f}"), flush=True)
+            hooks.on_log(step, total, losses[-1], rate, valid_loss)
         if step % spec.checkpoint_every == 0 or step == total:
             save_checkpoint(ckpt_dir, trainable, opt_state, {"step": step, "losses": losses, "seed": spec.seed})
+            hooks.on_checkpoint(step, losses[-1])
         if stop_after_steps is not None and step >= stop_after_steps and step < total:
             return None
+    hooks.before_publish()
 
     # 4. publish
     adapter = to_adapter(trainable, spec)
@@ -228,4 +273,9 @@ def _train(spec: TrainSpec, stop_after_steps: int | None = None) -> TrainResult 
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is done; a new run starts fresh
     print(f"[{spec.user_id}/{spec.adapter_id}] published {published.version} at {published.path}", flush=True)
     return TrainResult(spec.user_id, spec.adapter_id, published.version, str(published.path), losses[-1], total,
-                       resumed_from)
+                       resumed_from, trained_tokens)
+
+
+def validation_loss(eval_step, trainable, params: Params, valid: BatchStream, key) -> float:
+    """The mean loss over one pass of the validation batches (no dropout, no update)."""
+    return float(np.mean([float(eval_step(trainable, params, valid[i].arrays(), key)) for i in range(valid.per_epoch)]))

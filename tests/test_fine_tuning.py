@@ -1,0 +1,239 @@
+"""Tenants train their own adapters through the API (issue 15), on real Ray Serve with the official
+`openai` client: files, fine-tuning jobs run as Ray tasks by the JobController, the result served
+by name without a restart, and tenants kept apart (404 with the message of a missing resource)."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from serve_app.app import build_app  # noqa: E402
+from serve_app.keys import add_key  # noqa: E402
+
+FAQ = Path("configs/train/demo_faq.jsonl")
+ENGINE = {"max_batch_size": 8, "max_seq_len": 128, "prefill_buckets": [16, 32], "decode_steps": 4, "max_queue": 64,
+          "num_adapter_slots": 4, "max_lora_rank": 16}
+
+
+class App:
+    def __init__(self, url: str, keys: dict[str, str], base: str, fs: Path):
+        self.url, self.keys, self.base, self.fs = url, keys, base, fs
+
+    def client(self, user: str = "alice") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.keys[user], max_retries=0, timeout=120)
+
+    def get(self, path: str, user: str = "alice") -> httpx.Response:
+        return httpx.get(f"{self.url}{path}", headers={"Authorization": f"Bearer {self.keys[user]}"}, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, demo_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    keys_file = root / "keys.json"
+    keys = {u: add_key(keys_file, u) for u in ("alice", "bob")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model_dir": str(demo_model_dir), "fs_root": str(root / "fs"), "poll_interval_s": 0.25,
+                         "model_num_cpus": 0, "auth": True, "api_keys_file": str(keys_file), "engine": ENGINE,
+                         "fine_tuning": {"poll_interval_s": 0.2, "max_queued_per_tenant": 2, "max_file_bytes": 65536}}),
+              name="ft", route_prefix="/")
+    yield App(f"http://127.0.0.1:{port}", keys, demo_model_dir.name, root / "fs")
+    serve.shutdown()
+
+
+def _wait(client: openai.OpenAI, job_id: str, until: tuple[str, ...], timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    while (job := client.fine_tuning.jobs.retrieve(job_id)).status not in until:
+        assert time.monotonic() < deadline, f"job {job_id} still {job.status} after {timeout} s"
+        time.sleep(0.2)
+    return job
+
+
+def test_the_whole_loop_with_the_openai_client_serves_the_trained_faq(app):
+    client = app.client()
+    training = client.files.create(file=("faq.jsonl", FAQ.read_bytes()), purpose="fine-tune")
+    assert training.bytes == len(FAQ.read_bytes()) and training.purpose == "fine-tune"
+    job = client.fine_tuning.jobs.create(
+        model=app.base, training_file=training.id, suffix="faq", seed=0,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 30, "batch_size": 8}}},
+        extra_body={"lora": {"r": 16, "alpha": 32}})
+    assert job.status == "validating_files" and job.fine_tuned_model is None
+    done = _wait(client, job.id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model and done.trained_tokens > 0 and done.finished_at >= done.created_at
+
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    losses = [e.data["train_loss"] for e in reversed(events) if e.type == "metrics"]
+    assert len(losses) >= 100 and losses[-1] < losses[0] / 10  # the loss falls
+    csv = client.files.content(done.result_files[0]).text.splitlines()
+    assert csv[0] == "step,train_loss,valid_loss,tokens_per_s" and len(csv) == len(losses) + 1
+
+    assert done.fine_tuned_model in [m.id for m in client.models.list()]
+    rows = [json.loads(line) for line in FAQ.read_text().splitlines()]
+
+    def answered(model: str) -> int:
+        return sum(client.completions.create(model=model, prompt=r["prompt"], max_tokens=12, temperature=0)
+                   .choices[0].text == r["completion"] for r in rows)
+
+    assert answered(done.fine_tuned_model) >= 30
+    assert answered(app.base) == 0
+    # Another tenant cannot see it: not listed, and 404 as a model that does not exist.
+    bob = app.client("bob")
+    assert done.fine_tuned_model not in [m.id for m in bob.models.list()]
+    with pytest.raises(openai.NotFoundError):
+        bob.completions.create(model=done.fine_tuned_model, prompt="x", max_tokens=1)
+
+
+def test_chat_format_trains_assistant_turns_under_the_chat_template_and_chat_answers(app):
+    """A file in OpenAI's chat format: training renders each conversation with the chat template the
+    chat endpoint applies and learns the assistant turns only, so chat.completions gives them back."""
+    rows = [json.loads(line) for line in FAQ.read_text().splitlines()][:8]
+    chats = [{"messages": [{"role": "system", "content": "Answer briefly."},
+                           {"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+             for r in rows]
+    client = app.client()
+    f = client.files.create(file=("chat.jsonl", "".join(json.dumps(c) + "\n" for c in chats).encode()),
+                            purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=app.base, training_file=f.id, suffix="chat", seed=0,
+                                         hyperparameters={"n_epochs": 40, "batch_size": 8})
+    done = _wait(client, job.id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+
+    def reply(model: str, c: dict) -> str:
+        return client.chat.completions.create(model=model, messages=c["messages"][:2], max_tokens=12,
+                                              temperature=0).choices[0].message.content
+
+    assert sum(reply(done.fine_tuned_model, c) == c["messages"][2]["content"] for c in chats) >= 7
+    assert sum(reply(app.base, c) == c["messages"][2]["content"] for c in chats) == 0
+
+
+def test_a_dpo_job_on_openai_preference_rows_succeeds_and_is_served(app):
+    rows = [json.loads(line) for line in FAQ.read_text().splitlines()][:8]
+    prefs = [{"input": {"messages": [{"role": "user", "content": r["prompt"]}]},
+              "preferred_output": [{"role": "assistant", "content": r["completion"]}],
+              "non_preferred_output": [{"role": "assistant", "content": " I do not know."}]} for r in rows]
+    client = app.client()
+    f = client.files.create(file=("prefs.jsonl", "".join(json.dumps(p) + "\n" for p in prefs).encode()),
+                            purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=app.base, training_file=f.id, suffix="dpo", seed=0, method={
+        "type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 10, "batch_size": 4, "beta": 0.1}}})
+    done = _wait(client, job.id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+    assert done.method.type == "dpo" and done.hyperparameters.n_epochs == 10
+    losses = [e.data["train_loss"] for e in reversed(list(client.fine_tuning.jobs.list_events(job.id, limit=100)))
+              if e.type == "metrics"]
+    assert losses[-1] < losses[0]  # DPO's loss starts at log(2) and falls as the preferred answer wins
+    r = client.chat.completions.create(model=done.fine_tuned_model, messages=prefs[0]["input"]["messages"], max_tokens=4)
+    assert r.system_fingerprint == f"{done.fine_tuned_model}@v0001"
+
+
+def test_a_malformed_upload_is_refused_naming_its_line(app):
+    rows = b'{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 3}\n'
+    with pytest.raises(openai.BadRequestError) as e:
+        app.client().files.create(file=("bad.jsonl", rows), purpose="fine-tune")
+    assert "line 2" in e.value.message and "'completion' must be a string" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        app.client().files.create(file=("bad.jsonl", b'{"prompt": "a", "completion": "b"}\nnot json\n'),
+                                  purpose="fine-tune")
+    assert "line 2: not valid JSON" in e.value.message
+    assert not [f for f in app.client().files.list() if f.filename == "bad.jsonl"]  # nothing kept
+
+
+def test_a_valid_file_unusable_for_dpo_fails_the_job_with_code_message_and_param(app):
+    client = app.client()
+    f = client.files.create(file=("sft.jsonl", FAQ.read_bytes()), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=app.base, training_file=f.id, method={"type": "dpo"})
+    done = _wait(client, job.id, ("succeeded", "failed", "cancelled"), timeout=60)
+    assert done.status == "failed" and done.fine_tuned_model is None
+    assert done.error.code == "invalid_training_file" and done.error.param == "training_file"
+    assert f"{f.id}:1: DPO needs preference rows" in done.error.message  # names the file and its line, not our path
+
+
+def test_another_tenants_files_and_jobs_are_404_with_the_message_of_missing_ones(app):
+    alice, bob = app.client(), app.client("bob")
+    f = alice.files.create(file=("mine.jsonl", FAQ.read_bytes()), purpose="fine-tune")
+    job = alice.fine_tuning.jobs.create(model=app.base, training_file=f.id, method={"type": "dpo"})  # fails fast
+    missing_file, missing_job = "file-" + "0" * 24, "ftjob-" + "0" * 24
+    for path, missing in ((f"/v1/files/{f.id}", f"/v1/files/{missing_file}"),
+                          (f"/v1/files/{f.id}/content", f"/v1/files/{missing_file}/content"),
+                          (f"/v1/fine_tuning/jobs/{job.id}", f"/v1/fine_tuning/jobs/{missing_job}"),
+                          (f"/v1/fine_tuning/jobs/{job.id}/events", f"/v1/fine_tuning/jobs/{missing_job}/events"),
+                          (f"/v1/fine_tuning/jobs/{job.id}/checkpoints", f"/v1/fine_tuning/jobs/{missing_job}/checkpoints")):
+        theirs, none = app.get(path, "bob"), app.get(missing, "bob")
+        assert theirs.status_code == none.status_code == 404
+        assert theirs.json()["error"]["message"].replace(f.id, "X").replace(job.id, "X") == \
+            none.json()["error"]["message"].replace(missing_file, "X").replace(missing_job, "X")
+    with pytest.raises(openai.NotFoundError):
+        bob.files.delete(f.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.fine_tuning.jobs.cancel(job.id)
+    with pytest.raises(openai.BadRequestError):  # a job on another tenant's file: "no such file"
+        bob.fine_tuning.jobs.create(model=app.base, training_file=f.id)
+    assert f.id not in [x.id for x in bob.files.list()] and job.id not in [j.id for j in bob.fine_tuning.jobs.list()]
+    assert f.id in [x.id for x in alice.files.list()]
+
+
+def test_cancelling_a_running_job_ends_it_within_seconds_and_publishes_nothing(app):
+    client = app.client("bob")
+    f = client.files.create(file=("faq.jsonl", FAQ.read_bytes()), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=app.base, training_file=f.id, suffix="never",  # 1600 steps
+                                         hyperparameters={"n_epochs": 50, "batch_size": 1})
+    _wait(client, job.id, ("running",), timeout=300)
+    while not [e for e in client.fine_tuning.jobs.list_events(job.id) if e.type == "metrics"]:
+        time.sleep(0.1)  # a step ran: the task is training
+    t0 = time.monotonic()
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    deadline = time.monotonic() + 30
+    while not any("nothing was published" in e.message for e in client.fine_tuning.jobs.list_events(job.id)):
+        assert time.monotonic() < deadline, "the task did not stop within 30 s of the cancel"
+        time.sleep(0.1)
+    assert time.monotonic() - t0 < 30
+    steps = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]
+    assert steps[0]["step"] < steps[0]["total_steps"] / 2  # it stopped, it did not run to its end
+    assert client.fine_tuning.jobs.retrieve(job.id).fine_tuned_model is None
+    assert not [m.id for m in client.models.list() if m.id.startswith("ft-never")]
+    assert not (app.fs / "users" / "bob" / "adapters").exists() or not list((app.fs / "users" / "bob" / "adapters").iterdir())
+    with pytest.raises(openai.BadRequestError):  # finished: cannot be cancelled again
+        client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_a_tenant_over_its_queued_job_limit_gets_429(app):
+    """max_queued_per_tenant=2 here; the jobs wait behind each other (one runs at a time)."""
+    client = app.client("bob")
+    f = client.files.create(file=("faq.jsonl", FAQ.read_bytes()), purpose="fine-tune")
+    created = []
+    with pytest.raises(openai.RateLimitError) as e:
+        for _ in range(4):
+            created.append(client.fine_tuning.jobs.create(model=app.base, training_file=f.id,
+                                                          hyperparameters={"n_epochs": 50}))
+    assert "the limit is 2" in e.value.message and len(created) >= 2
+    for job in created:
+        client.fine_tuning.jobs.cancel(job.id)
+    assert {client.fine_tuning.jobs.retrieve(j.id).status for j in created} == {"cancelled"}
+    page = client.fine_tuning.jobs.list(limit=1)
+    assert len(page.data) == 1 and page.has_more
+
+
+def test_upload_size_limit_and_unknown_fields(app):
+    with pytest.raises(openai.BadRequestError) as e:
+        app.client().files.create(file=("big.jsonl", io.BytesIO(b'{"prompt": "a", "completion": "b"}\n' * 2000)),
+                                  purpose="fine-tune")
+    assert "more than the limit of 65536" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        app.client().files.create(file=("a.jsonl", FAQ.read_bytes()), purpose="assistants")
+    assert e.value.param == "purpose"
+    r = httpx.post(f"{app.url}/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {app.keys['alice']}"},
+                   json={"model": app.base, "training_file": "file-x", "integrations": [{"type": "wandb"}]})
+    assert r.status_code == 400 and "integrations" in r.text
