@@ -19,13 +19,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from jaxlora.adapter_store import MANIFEST, sha256_of
+from jaxlora.adapter_store import MANIFEST, AdapterStore, ResolvedAdapter, sha256_of
 from jaxlora.config import ModelConfig
 from jaxlora.errors import AdapterFormatError
 from jaxlora.lora import lora_scale
@@ -274,3 +276,25 @@ def write_peft(adapter: LoraAdapter, out: str | Path, base_model: str | None = N
         "base_model_name_or_path": base_model or adapter.base_model,
     }
     (out / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def publish_upload(store: AdapterStore, user_id: str, adapter_id: str, files: dict[str, bytes], cfg: ModelConfig, max_rank: int,
+                   base_model: dict) -> ResolvedAdapter:
+    """Publishes a tenant's PEFT adapter (`adapter_config.json` and `adapter_model.safetensors` as
+    bytes) as the next version of `adapter_id`, once it reads as an adapter for `cfg` (rank, targets,
+    shapes, finite values: `read_adapter`'s checks and messages). Nothing is published otherwise."""
+    missing = [n for n in (PEFT_CONFIG, PEFT_WEIGHTS) if n not in files]
+    if missing:
+        raise AdapterFormatError(f"the upload lacks {missing}: send {PEFT_CONFIG} and {PEFT_WEIGHTS}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / adapter_id
+        folder.mkdir()
+        for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+            (folder / name).write_bytes(files[name])
+        read_adapter(folder, cfg, max_rank)
+
+        def write(dest: Path) -> None:
+            for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+                shutil.copyfile(folder / name, dest / name)
+
+        return store.publish(user_id, adapter_id, write, base_model=base_model, extra_manifest={"uploaded": True})

@@ -38,6 +38,7 @@ ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 VERSION = re.compile(r"^v(\d{4,9})$")
 MANIFEST = "manifest.json"
 LATEST = "latest"
+LAST_VERSION = ".last_version"  # left by `delete`: numbering goes on after it, never reuses a version
 SHARED = "shared"
 REGISTERED = "registered"
 DEFAULT_FS_ROOT = "./jaxlora-fs"  # one default for serving, training and the backend
@@ -314,9 +315,49 @@ class AdapterStore:
         return ResolvedAdapter(SHARED if user_id is None else f"user:{user_id}", adapter_id, version,
                                (adapter_dir / version).resolve())
 
+    def delete(self, user_id: str | None, adapter_id: str) -> None:
+        """Takes an adapter out of serving for new requests: its versions, then `latest`, leave the
+        folder (running requests keep the copy their replica already holds). The folder stays with
+        the last version's number, so an adapter made again under this name goes on after it: caches
+        keyed by version never take its new files for the old ones."""
+        check_id(adapter_id)
+        adapter_dir = self.adapters_dir(user_id) / adapter_id
+        if not self.versions(adapter_dir):
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist")
+        trash = adapter_dir / f".deleted-{uuid.uuid4().hex}"
+        with self._publish_lock(adapter_dir):
+            versions = self.versions(adapter_dir)
+            (adapter_dir / LAST_VERSION).write_text(versions[-1])
+            trash.mkdir()
+            for v in versions:  # first the versions: a dangling `latest` resolves to nothing
+                os.rename(adapter_dir / v, trash / v)
+            with contextlib.suppress(FileNotFoundError):
+                (adapter_dir / LATEST).unlink()
+            _fsync(adapter_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def set_latest(self, user_id: str | None, adapter_id: str, version: str) -> ResolvedAdapter:
+        """Points `latest` at an existing version (a rollback, or forward again); replicas follow it as
+        they follow a publish."""
+        check_id(adapter_id)
+        adapter_dir = self.adapters_dir(user_id) / adapter_id
+        with self._publish_lock(adapter_dir) if adapter_dir.is_dir() else contextlib.nullcontext():
+            versions = self.versions(adapter_dir)
+            if version not in versions:
+                raise AdapterNotFoundError(f"adapter {adapter_id!r} has no version {version}; available: "
+                                           f"{', '.join(versions) or 'none'}")
+            link_tmp = adapter_dir / f".latest-{uuid.uuid4().hex}"
+            os.symlink(version, link_tmp)
+            os.replace(link_tmp, adapter_dir / LATEST)
+            _fsync(adapter_dir)
+        return ResolvedAdapter(SHARED if user_id is None else f"user:{user_id}", adapter_id, version,
+                               (adapter_dir / version).resolve())
+
     def _rename_to_next_version(self, tmp: Path, adapter_dir: Path) -> str:
         existing = self.versions(adapter_dir)
         n = version_number(existing[-1]) + 1 if existing else 1
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no (readable) mark: none left
+            n = max(n, version_number((adapter_dir / LAST_VERSION).read_text().strip()) + 1)
         while True:
             version = f"v{n:04d}"
             try:

@@ -60,3 +60,11 @@ class ResourceNotFound(JaxLoraError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class NotPermitted(JaxLoraError):
+    """The tenant may use this resource but not change it (a shared adapter, the base model)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param

@@ -62,6 +62,7 @@ class FineTuningArgs(BaseModel):
     base_learning_rate: float = Field(3e-3, gt=0, description="what learning_rate_multiplier=1 means")
     max_file_bytes: int = Field(16 << 20, ge=1024, description="one uploaded file")
     max_total_file_bytes: int = Field(256 << 20, ge=1024, description="every file of one tenant together")
+    max_adapter_bytes: int = Field(256 << 20, ge=1024, description="one uploaded PEFT adapter (POST /v1/models/{id}/versions)")
     poll_interval_s: float = Field(1.0, gt=0, description="how often the controller looks for jobs to start")
     heartbeat_timeout_s: float = Field(
         60.0, gt=0, description="a running job whose task has not reported for this long is requeued (it resumes "

@@ -42,6 +42,7 @@ STATUS: dict[type[core.JaxLoraError], tuple[int, str, str | None, str | None, st
     core.AdapterFormatError: (400, "invalid_request_error", "model", "adapter_unusable", None),
     core.AdapterNotFoundError: (404, "invalid_request_error", "model", "model_not_found", None),
     core.ResourceNotFound: (404, "invalid_request_error", None, "not_found", None),
+    core.NotPermitted: (403, "permission_error", None, "not_permitted", None),
     core.TenantOverLimit: (429, "requests", None, "rate_limit_exceeded", None),
     core.Overloaded: (503, "overloaded_error", None, "overloaded", None),
     core.NoFreeSlot: (503, "overloaded_error", None, "overloaded", None),

@@ -33,8 +33,11 @@ from fastapi import Request
 from fastapi.responses import Response
 from ray import serve
 
-from jaxlora.adapter_store import AdapterStore
-from jaxlora.errors import InvalidRequest, JaxLoraError
+from jaxlora.adapter_format import PEFT_CONFIG, PEFT_WEIGHTS, publish_upload
+from jaxlora.adapter_store import AdapterStore, parse_ref
+from jaxlora.config import ModelConfig
+from jaxlora.errors import InvalidRequest, JaxLoraError, NotPermitted
+from jaxlora.hf_checkpoint import model_fingerprint
 from jaxlora.tokenizer import load_tokenizer
 from serve_app.config import AppArgs
 from serve_app.deployments import base_model_id, model_dir_of
@@ -144,6 +147,9 @@ class FineTuningRoutes:
         self.files, self.jobs = file_store(a), JobStore(a.fs_root)
         self.adapters = AdapterStore(a.fs_root, a.registered_adapters, tuple(a.allowed_roots))
         self.settings = job_settings(a)
+        model_dir = model_dir_of(a)
+        self.model_config, self.max_rank = ModelConfig.from_dir(model_dir), a.engine.max_lora_rank
+        self.base = {"name": model_dir.name, "fingerprint": model_fingerprint(model_dir)}
 
     def routes(self) -> list[tuple[str, object, list[str]]]:
         return [("/v1/files", self.create_file, ["POST"]), ("/v1/files", self.list_files, ["GET"]),
@@ -153,7 +159,10 @@ class FineTuningRoutes:
                 ("/v1/fine_tuning/jobs/{job_id}", self.get_job, ["GET"]),
                 ("/v1/fine_tuning/jobs/{job_id}/cancel", self.cancel_job, ["POST"]),
                 ("/v1/fine_tuning/jobs/{job_id}/events", self.job_events, ["GET"]),
-                ("/v1/fine_tuning/jobs/{job_id}/checkpoints", self.job_checkpoints, ["GET"])]
+                ("/v1/fine_tuning/jobs/{job_id}/checkpoints", self.job_checkpoints, ["GET"]),
+                ("/v1/models/{model_id}", self.delete_model, ["DELETE"]),
+                ("/v1/models/{model_id}/versions", self.upload_version, ["POST"]),
+                ("/v1/models/{model_id}/rollback", self.rollback_model, ["POST"])]
 
     @staticmethod
     def _call(fn, *args):
@@ -235,6 +244,62 @@ class FineTuningRoutes:
     def job_checkpoints(self, job_id: str, request: Request, after: str | None = None, limit: int = 10) -> dict:
         user, _ = self.tenant(request)
         return page(self._call(self.jobs.checkpoints, user, job_id), after, _limit(limit))
+
+
+    # -- the tenant's adapters (OpenAI's model deletion; upload and rollback are extensions) ----------
+
+    def _own(self, user: str, model_id: str) -> str:
+        """The adapter id of `model_id` if it is the tenant's own; NotPermitted for the base model or
+        a shared one, AdapterNotFoundError (404) for anything else."""
+        adapter_id, pinned = self._call(parse_ref, model_id)
+        if model_id == self.settings.base_model:
+            raise api_error_for(NotPermitted(f"{model_id} is the base model: it cannot be changed", param="model"))
+        if pinned:
+            raise ApiError(400, f"name the model ({adapter_id}), not one of its versions", param="model")
+        resolved = self._call(self.adapters.resolve, user, adapter_id)
+        if resolved.owner != f"user:{user}":
+            raise api_error_for(NotPermitted(f"{adapter_id} is a shared adapter: only an operator can change it",
+                                             param="model"))
+        return adapter_id
+
+    def delete_model(self, model_id: str, request: Request) -> dict:
+        """New requests for it get 404 at once; requests already running finish on their version."""
+        user, _ = self.tenant(request)
+        self._call(self.adapters.delete, user, self._own(user, model_id))
+        return {"id": model_id, "object": "model", "deleted": True}
+
+    def rollback_model(self, model_id: str, body: dict, request: Request) -> dict:
+        """`{"version": "v0001"}`: new requests get that version (replicas follow within poll_interval_s)."""
+        user, _ = self.tenant(request)
+        if set(body) != {"version"} or not isinstance(body["version"], str):
+            raise ApiError(400, 'send {"version": "vNNNN"}, one of the model\'s versions', param="version")
+        resolved = self._call(self.adapters.set_latest, user, self._own(user, model_id), body["version"])
+        return {"id": model_id, "object": "model", "latest_version": resolved.version}
+
+    async def upload_version(self, model_id: str, request: Request) -> dict:
+        """A PEFT adapter (multipart: `config` = adapter_config.json, `weights` = adapter_model.safetensors)
+        published as the next version of the tenant's `model_id` (made if new), once it is checked
+        against the base model."""
+        user, _ = self.tenant(request)
+        adapter_id, pinned = self._call(parse_ref, model_id)
+        if pinned or model_id == self.settings.base_model:
+            raise ApiError(400, f"upload to an adapter's name, not {model_id}", param="model")
+        try:
+            resolved = self.adapters.resolve(user, adapter_id)
+            if resolved.owner != f"user:{user}":
+                raise api_error_for(NotPermitted(f"{adapter_id} is a shared adapter: only an operator can change it",
+                                                 param="model"))
+        except JaxLoraError:
+            pass  # a new adapter of the tenant's
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise ApiError(400, f"send multipart/form-data with 'config' ({PEFT_CONFIG}) and 'weights' ({PEFT_WEIGHTS})")
+        fields = _form_fields(ctype, await request.body())
+        files = {name: fields[field][1] for field, name in (("config", PEFT_CONFIG), ("weights", PEFT_WEIGHTS))
+                 if field in fields}
+        published = self._call(publish_upload, self.adapters, user, adapter_id, files, self.model_config, self.max_rank,
+                               self.base)
+        return {"id": adapter_id, "object": "model", "version": published.version}
 
 
 PRIVATE = ("lora", "parent", "heartbeat_at", "publishing", "attempts", "adapter_version")

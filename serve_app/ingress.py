@@ -58,7 +58,8 @@ def http_app(ingress: "Ingress") -> FastAPI:
     app = FastAPI(title="jaxlora", description="OpenAI-compatible multi-tenant LoRA serving")
     # An upload may be as large as a file may be, plus its multipart framing.
     app.add_middleware(BodyLimit, limit=ingress.args.max_request_bytes,
-                       overrides={"/v1/files": ingress.args.fine_tuning.max_file_bytes + (64 << 10)})
+                       overrides={"/v1/files": ingress.args.fine_tuning.max_file_bytes + (64 << 10),
+                                  "/v1/models/": ingress.args.fine_tuning.max_adapter_bytes + (64 << 10)})
     app.add_middleware(IngressHeader, replica=ingress.replica)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -102,8 +103,8 @@ async def _internal_error(_request: Request, e: Exception) -> JSONResponse:
 
 
 class BodyLimit:
-    """Refuses request bodies over `limit` bytes (or the path's own in `overrides`) with 413, whether or
-    not they declare a length."""
+    """Refuses request bodies over `limit` bytes (or, for paths under a prefix in `overrides`, its own)
+    with 413, whether or not they declare a length."""
 
     def __init__(self, asgi, limit: int, overrides: dict[str, int] | None = None):
         self.asgi, self.default, self.overrides = asgi, limit, overrides or {}
@@ -111,7 +112,8 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.asgi(scope, receive, send)
-        limit = self.overrides.get(scope.get("path", ""), self.default)
+        path = scope.get("path", "")
+        limit = next((n for prefix, n in self.overrides.items() if path.startswith(prefix)), self.default)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         too_big = ApiError(413, f"request body over {limit} bytes", code="body_too_large")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -265,8 +267,13 @@ class Ingress:
         """Checks the rate limits, then submits to a model replica; returns the limits' decision, the
         replica's `Started` and its messages to come. An ApiError if refused (with the limits' headers
         once past them)."""
-        decision = await self._admit(user, tier, body, len(prompt_ids))
         adapter = None if body.model == self.base_model else body.model
+        if adapter is not None:  # here, so a deleted adapter is 404 at once (replicas notice within a poll)
+            try:
+                self.store.resolve(user, adapter)
+            except JaxLoraError as e:
+                raise api_error_for(e) from None
+        decision = await self._admit(user, tier, body, len(prompt_ids))
         affinity = f"{user}/{adapter.split('@')[0]}" if adapter else ""
         try:
             replies = _replies(self.model_handle.options(stream=True, multiplexed_model_id=affinity).generate.remote(

@@ -26,8 +26,8 @@ ENGINE = {"max_batch_size": 8, "max_seq_len": 128, "prefill_buckets": [16, 32], 
 
 
 class App:
-    def __init__(self, url: str, keys: dict[str, str], base: str, fs: Path):
-        self.url, self.keys, self.base, self.fs = url, keys, base, fs
+    def __init__(self, url: str, keys: dict[str, str], model_dir: Path, fs: Path):
+        self.url, self.keys, self.model_dir, self.base, self.fs = url, keys, model_dir, model_dir.name, fs
 
     def client(self, user: str = "alice") -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.keys[user], max_retries=0, timeout=120)
@@ -49,7 +49,7 @@ def app(ray_local, demo_model_dir, tmp_path_factory):
                          "model_num_cpus": 0, "auth": True, "api_keys_file": str(keys_file), "engine": ENGINE,
                          "fine_tuning": {"poll_interval_s": 0.2, "max_queued_per_tenant": 2, "max_file_bytes": 65536}}),
               name="ft", route_prefix="/")
-    yield App(f"http://127.0.0.1:{port}", keys, demo_model_dir.name, root / "fs")
+    yield App(f"http://127.0.0.1:{port}", keys, demo_model_dir, root / "fs")
     serve.shutdown()
 
 
@@ -237,3 +237,113 @@ def test_upload_size_limit_and_unknown_fields(app):
     r = httpx.post(f"{app.url}/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {app.keys['alice']}"},
                    json={"model": app.base, "training_file": "file-x", "integrations": [{"type": "wandb"}]})
     assert r.status_code == 400 and "integrations" in r.text
+
+
+def _peft_files(app: App, tmp_path: Path, seed: int, r: int = 8, poison: bool = False) -> dict:
+    from jaxlora.adapter_format import write_peft
+    from jaxlora.config import ModelConfig
+    from jaxlora.demo import random_adapter
+
+    adapter = random_adapter(ModelConfig.from_dir(app.model_dir), r=r, alpha=2 * r, seed=seed, std=0.5)
+    if poison:
+        next(iter(adapter.weights.values()))[0][0, 0] = float("nan")
+    out = tmp_path / f"peft-{seed}-{r}-{poison}"
+    write_peft(adapter, out)
+    return {"config": ("adapter_config.json", (out / "adapter_config.json").read_bytes()),
+            "weights": ("adapter_model.safetensors", (out / "adapter_model.safetensors").read_bytes())}
+
+
+def _upload(app: App, model: str, files: dict, user: str = "alice") -> httpx.Response:
+    return httpx.post(f"{app.url}/v1/models/{model}/versions", files=files, timeout=60,
+                      headers={"Authorization": f"Bearer {app.keys[user]}"})
+
+
+def _fingerprint(app: App, model: str, user: str = "alice") -> str:
+    return app.client(user).completions.create(model=model, prompt="x", max_tokens=1).system_fingerprint
+
+
+def _until(check, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_tenants_upload_roll_back_and_delete_their_adapters_and_a_stream_survives_the_delete(app, tmp_path):
+    ok = _upload(app, "mine", _peft_files(app, tmp_path, seed=1))
+    assert ok.status_code == 200 and ok.json()["version"] == "v0001", ok.text
+    assert _upload(app, "mine", _peft_files(app, tmp_path, seed=2)).json()["version"] == "v0002"
+    _until(lambda: _fingerprint(app, "mine") == "mine@v0002")
+    for files, message in ((_peft_files(app, tmp_path, seed=3, r=32), "max_lora_rank"),
+                           (_peft_files(app, tmp_path, seed=3, poison=True), "NaN or infinite")):
+        bad = _upload(app, "mine", files)
+        assert bad.status_code == 400 and message in bad.json()["error"]["message"], bad.text
+    assert _upload(app, "mine", {"config": _peft_files(app, tmp_path, seed=1)["config"]}).status_code == 400
+
+    auth = {"Authorization": f"Bearer {app.keys['alice']}"}
+    back = httpx.post(f"{app.url}/v1/models/mine/rollback", json={"version": "v0001"}, headers=auth, timeout=30)
+    assert back.status_code == 200 and back.json()["latest_version"] == "v0001", back.text
+    _until(lambda: _fingerprint(app, "mine") == "mine@v0001")
+    assert httpx.post(f"{app.url}/v1/models/mine/rollback", json={"version": "v0009"}, headers=auth,
+                      timeout=30).status_code == 404
+
+    body = {"model": "mine", "prompt": "x", "max_tokens": 60, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{app.url}/v1/completions", json=body, headers=auth, timeout=120) as stream:
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))  # the stream runs on its version
+        assert app.client().models.delete("mine").deleted
+        rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert rest[-1]["usage"]["completion_tokens"] == 60  # it finished on the version it started with
+    with pytest.raises(openai.NotFoundError):
+        app.client().completions.create(model="mine", prompt="x", max_tokens=1)
+    assert "mine" not in [m.id for m in app.client().models.list()]
+    # Made again under the same name it goes on after v0002: no cache can mistake it for the old v0001.
+    assert _upload(app, "mine", _peft_files(app, tmp_path, seed=4)).json()["version"] == "v0003"
+
+
+def test_shared_adapters_and_the_base_model_cannot_be_changed_and_others_adapters_are_404(app, tmp_path):
+    from jaxlora.adapter_store import AdapterStore
+
+    files = _peft_files(app, tmp_path, seed=5)
+    store = AdapterStore(app.fs)
+    store.publish(None, "common", lambda d: [(d / n).write_bytes(b) for n, b in files.values()])
+    assert _upload(app, "bobs", files, user="bob").status_code == 200
+    for model in ("common", app.base):
+        with pytest.raises(openai.PermissionDeniedError):
+            app.client().models.delete(model)
+    assert _upload(app, "common", files).status_code == 403
+    with pytest.raises(openai.NotFoundError) as theirs:
+        app.client().models.delete("bobs")
+    with pytest.raises(openai.NotFoundError) as missing:
+        app.client().models.delete("nobody")
+    assert theirs.value.message.replace("bobs", "X") == missing.value.message.replace("nobody", "X")
+    assert _fingerprint(app, "bobs", user="bob") == "bobs@v0001"  # still there
+
+
+def test_a_job_survives_its_ingress_replica_being_killed(app):
+    from ray.util import list_named_actors
+
+    client = app.client()
+    f = client.files.create(file=("faq.jsonl", FAQ.read_bytes()), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=app.base, training_file=f.id, suffix="kill",
+                                         hyperparameters={"n_epochs": 10, "batch_size": 8})
+    _wait(client, job.id, ("running",), timeout=300)
+    ingress = [a for a in list_named_actors(all_namespaces=True) if "ft#Ingress" in a["name"]]
+    assert len(ingress) == 1, ingress
+    ray.kill(ray.get_actor(ingress[0]["name"], namespace=ingress[0]["namespace"]), no_restart=True)
+    deadline = time.monotonic() + 300
+    while True:  # Serve starts a new ingress replica; the job went on without it
+        try:
+            done = client.fine_tuning.jobs.retrieve(job.id)
+            if done.status in ("succeeded", "failed", "cancelled"):
+                break
+        except (openai.APIConnectionError, openai.InternalServerError, openai.APIStatusError):
+            pass
+        assert time.monotonic() < deadline, "the job did not finish after its ingress replica was killed"
+        time.sleep(0.5)
+    assert done.status == "succeeded", done.error
+    steps = [e.data["step"] for e in reversed(list(client.fine_tuning.jobs.list_events(job.id, limit=100)))
+             if e.type == "metrics"]
+    assert steps == list(range(1, 41))  # every step's event, once: nothing lost, nothing run twice
+    assert _fingerprint(app, done.fine_tuned_model) == f"{done.fine_tuned_model}@v0001"
