@@ -46,6 +46,7 @@ from training.files import FileLimits, FileStore
 from training.jobs import FINAL, JobRequest, JobSettings, JobStore, new_job, next_to_start, page, validate
 
 log = logging.getLogger("ray.serve")
+MAX_ATTEMPTS = 3  # a job whose task keeps dying (out of memory, a lost node) fails after this many tries
 
 
 def job_settings(a: AppArgs) -> JobSettings:
@@ -125,13 +126,21 @@ class JobController:
                 self._requeue(*key, f"its task failed ({type(e).__name__})")
 
     def _requeue(self, tenant: str, job_id: str, why: str) -> None:
+        """Back to `queued`, to resume from its checkpoint; `failed` once it has been tried MAX_ATTEMPTS times."""
         def back(j: dict) -> dict | None:
             if j["status"] != "running" or j.get("publishing"):
                 return None
-            return j | {"status": "queued", "attempts": j.get("attempts", 0) + 1}
+            attempts = j.get("attempts", 0) + 1
+            if attempts >= MAX_ATTEMPTS:
+                return j | {"status": "failed", "finished_at": int(time.time()), "error": {
+                    "code": "training_error", "message": f"training stopped {attempts} times: {why}", "param": None}}
+            return j | {"status": "queued", "attempts": attempts}
 
-        if self.jobs.update(tenant, job_id, back)["status"] == "queued":
+        status = self.jobs.update(tenant, job_id, back)["status"]
+        if status == "queued":
             self.jobs.add_event(tenant, job_id, f"requeued: {why}; it resumes from its last checkpoint", level="warn")
+        elif status == "failed":
+            self.jobs.add_event(tenant, job_id, f"failed: {why}, {MAX_ATTEMPTS} times", level="error")
 
     def __del__(self):
         if hasattr(self, "_stop"):

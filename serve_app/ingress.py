@@ -267,15 +267,15 @@ class Ingress:
         """Checks the rate limits, then submits to a model replica; returns the limits' decision, the
         replica's `Started` and its messages to come. An ApiError if refused (with the limits' headers
         once past them)."""
-        adapter = None if body.model == self.base_model else body.model
-        if adapter is not None:  # here, so a deleted adapter is 404 at once (replicas notice within a poll)
-            try:
-                self.store.resolve(user, adapter)
-            except JaxLoraError as e:
-                raise api_error_for(e) from None
         decision = await self._admit(user, tier, body, len(prompt_ids))
+        adapter = None if body.model == self.base_model else body.model
         affinity = f"{user}/{adapter.split('@')[0]}" if adapter else ""
         try:
+            if adapter is not None:  # here too, so a deleted adapter is 404 at once (replicas notice within a poll)
+                try:
+                    self.store.resolve(user, adapter)
+                except JaxLoraError as e:
+                    raise api_error_for(e) from None
             replies = _replies(self.model_handle.options(stream=True, multiplexed_model_id=affinity).generate.remote(
                 Generate(tuple(prompt_ids), body.sampling_params(), adapter, user, tier.weight, tier.max_rows,
                          tier.max_queued)))

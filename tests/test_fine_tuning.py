@@ -47,7 +47,8 @@ def app(ray_local, demo_model_dir, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model_dir": str(demo_model_dir), "fs_root": str(root / "fs"), "poll_interval_s": 0.25,
                          "model_num_cpus": 0, "auth": True, "api_keys_file": str(keys_file), "engine": ENGINE,
-                         "fine_tuning": {"poll_interval_s": 0.2, "max_queued_per_tenant": 2, "max_file_bytes": 65536}}),
+                         "fine_tuning": {"poll_interval_s": 0.2, "max_queued_per_tenant": 2, "max_file_bytes": 65536,
+                                         "heartbeat_timeout_s": 5}}),
               name="ft", route_prefix="/")
     yield App(f"http://127.0.0.1:{port}", keys, demo_model_dir, root / "fs")
     serve.shutdown()
@@ -65,8 +66,10 @@ def test_the_whole_loop_with_the_openai_client_serves_the_trained_faq(app):
     client = app.client()
     training = client.files.create(file=("faq.jsonl", FAQ.read_bytes()), purpose="fine-tune")
     assert training.bytes == len(FAQ.read_bytes()) and training.purpose == "fine-tune"
+    validation = client.files.create(file=("valid.jsonl", b"".join(FAQ.read_bytes().splitlines(True)[:4])),
+                                     purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
-        model=app.base, training_file=training.id, suffix="faq", seed=0,
+        model=app.base, training_file=training.id, validation_file=validation.id, suffix="faq", seed=0,
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 30, "batch_size": 8}}},
         extra_body={"lora": {"r": 16, "alpha": 32}})
     assert job.status == "validating_files" and job.fine_tuned_model is None
@@ -77,6 +80,10 @@ def test_the_whole_loop_with_the_openai_client_serves_the_trained_faq(app):
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
     losses = [e.data["train_loss"] for e in reversed(events) if e.type == "metrics"]
     assert len(losses) >= 100 and losses[-1] < losses[0] / 10  # the loss falls
+    valid = [e.data["valid_loss"] for e in reversed(events) if e.type == "metrics"]
+    assert len(valid) == len(losses) and valid[-1] < valid[0] / 10  # rows it trains on: the validation loss falls too
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id)
+    assert [c.step_number for c in checkpoints.data] == [120, 100, 75, 50, 25]
     csv = client.files.content(done.result_files[0]).text.splitlines()
     assert csv[0] == "step,train_loss,valid_loss,tokens_per_s" and len(csv) == len(losses) + 1
 
@@ -89,6 +96,22 @@ def test_the_whole_loop_with_the_openai_client_serves_the_trained_faq(app):
 
     assert answered(done.fine_tuned_model) >= 30
     assert answered(app.base) == 0
+
+    # Training further from it: the job starts from its weights (a low first loss), keeps its LoRA shape,
+    # records where it came from, and serves a new model beside it.
+    more = client.fine_tuning.jobs.create(model=done.fine_tuned_model, training_file=training.id, suffix="more",
+                                          hyperparameters={"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 0.1})
+    assert more.to_dict()["parent_model_version"] == f"{done.fine_tuned_model}@v0001"
+    assert more.to_dict()["lora"]["r"] == 16 and more.to_dict()["lora"]["alpha"] == 32
+    more = _wait(client, more.id, ("succeeded", "failed", "cancelled"))
+    assert more.status == "succeeded", more.error
+    first = [e.data["train_loss"] for e in reversed(list(client.fine_tuning.jobs.list_events(more.id, limit=100)))
+             if e.type == "metrics"][0]
+    assert first < losses[0] / 10
+    assert answered(more.fine_tuned_model) >= 30
+    with pytest.raises(openai.BadRequestError) as e:  # another LoRA shape cannot continue it
+        client.fine_tuning.jobs.create(model=done.fine_tuned_model, training_file=training.id, extra_body={"lora": {"r": 4}})
+    assert e.value.param == "lora"
     # Another tenant cannot see it: not listed, and 404 as a model that does not exist.
     bob = app.client("bob")
     assert done.fine_tuned_model not in [m.id for m in bob.models.list()]
@@ -346,4 +369,30 @@ def test_a_job_survives_its_ingress_replica_being_killed(app):
     steps = [e.data["step"] for e in reversed(list(client.fine_tuning.jobs.list_events(job.id, limit=100)))
              if e.type == "metrics"]
     assert steps == list(range(1, 41))  # every step's event, once: nothing lost, nothing run twice
+    assert _fingerprint(app, done.fine_tuned_model) == f"{done.fine_tuned_model}@v0001"
+
+
+def test_a_job_whose_controller_dies_is_requeued_and_resumes_from_its_checkpoint(app):
+    """The controller owns the jobs' tasks, so its death takes the running task with it (Ray's
+    ownership); the replica Serve starts in its place requeues the job once its heartbeat is
+    heartbeat_timeout_s old, and the job resumes from its last checkpoint and succeeds."""
+    from ray.util import list_named_actors
+
+    client = app.client()
+    f = client.files.create(file=("faq.jsonl", FAQ.read_bytes()), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=app.base, training_file=f.id, suffix="resume",  # 64 steps
+                                         hyperparameters={"n_epochs": 2, "batch_size": 1})
+    _until(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, timeout=300)  # step 25 is saved
+    controller = [a for a in list_named_actors(all_namespaces=True) if "ft#JobController" in a["name"]]
+    assert len(controller) == 1, controller
+    ray.kill(ray.get_actor(controller[0]["name"], namespace=controller[0]["namespace"]), no_restart=True)
+    done = _wait(client, job.id, ("succeeded", "failed", "cancelled"), timeout=300)
+    assert done.status == "succeeded", done.error
+    messages = [e.message for e in reversed(list(client.fine_tuning.jobs.list_events(job.id, limit=100)))]
+    assert any(m.startswith("requeued: its task stopped reporting") for m in messages), messages
+    assert "training resumed" in messages
+    steps = [e.data["step"] for e in reversed(list(client.fine_tuning.jobs.list_events(job.id, limit=100)))
+             if e.type == "metrics"]
+    resumed_at = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[resumed_at] - 1 in (25, 50) and steps[-1] == 64  # from a checkpoint, to the end
     assert _fingerprint(app, done.fine_tuned_model) == f"{done.fine_tuned_model}@v0001"

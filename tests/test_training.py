@@ -195,7 +195,7 @@ def test_bad_data_is_refused_with_its_line(demo_model_dir, tmp_path, content, wo
 
 def test_dpo_needs_preference_rows_and_missing_files_fail_early(demo_model_dir, tmp_path):
     (tmp_path / "d.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
-    with pytest.raises(DataError, match="d.jsonl:1: DPO needs preference rows \('prompt', 'chosen' and 'rejected'"):
+    with pytest.raises(DataError, match=r"d.jsonl:1: DPO needs preference rows \('prompt', 'chosen' and 'rejected'"):
         load_dataset(tmp_path / "d.jsonl", load_tokenizer(demo_model_dir), "dpo", 32)
     with pytest.raises(DataError, match="does not exist"):
         train(_spec(data=str(tmp_path / "missing.jsonl"), model_dir=str(demo_model_dir),

@@ -271,10 +271,20 @@ def new_job(request: JobRequest, tenant: str, settings: JobSettings, files: File
         resolved_hp["beta"] = _bounded(hp.beta, 0.1, 1e-3, 10.0, "beta")
     elif hp.beta != "auto":
         raise InvalidRequest("beta is a DPO hyperparameter; this job's method is supervised", param="beta")
-    r = request.lora.r or settings.max_lora_rank
-    if r > settings.max_lora_rank:
-        raise InvalidRequest(f"lora.r={r} is above the served max_lora_rank {settings.max_lora_rank}", param="lora.r")
-    lora = {"r": r, "alpha": request.lora.alpha or 2.0 * r, "target_modules": request.lora.target_modules or list(PROJECTIONS)}
+    if parent is not None:  # training further: the parent's LoRA shape, which the request may only restate
+        lora = _lora_of(resolved.path)
+        asked = {k: v for k, v in request.lora.model_dump().items() if v is not None}
+        if any((sorted(v) if k == "target_modules" else v) != (sorted(lora[k]) if k == "target_modules" else lora[k])
+               for k, v in asked.items()):
+            raise InvalidRequest(f"lora {asked} differs from {request.model}'s {lora}; a job that continues an adapter "
+                                 "keeps its LoRA shape", param="lora")
+    else:
+        r = request.lora.r or settings.max_lora_rank
+        lora = {"r": r, "alpha": request.lora.alpha or 2.0 * r,
+                "target_modules": request.lora.target_modules or list(PROJECTIONS)}
+    if lora["r"] > settings.max_lora_rank:
+        raise InvalidRequest(f"lora.r={lora['r']} is above the served max_lora_rank {settings.max_lora_rank}",
+                             param="lora.r")
     active = [j for j in jobs.list(tenant) if j["status"] in ("validating_files", "queued")]
     if len(active) >= settings.max_queued_per_tenant:
         raise TenantOverLimit(f"you have {len(active)} fine-tuning jobs waiting, the limit is "
@@ -287,6 +297,14 @@ def new_job(request: JobRequest, tenant: str, settings: JobSettings, files: File
         "trained_tokens": None, "error": None, "seed": request.seed if request.seed is not None else secrets.randbelow(2**31),
         "suffix": request.suffix, "estimated_finish": None, "metadata": request.metadata, "integrations": [],
         "user_provided_suffix": request.suffix, "lora": lora, "parent": parent})
+
+
+def _lora_of(version_dir: Path) -> dict:
+    """r, alpha and target modules of a published PEFT adapter (its adapter_config.json)."""
+    from jaxlora.adapter_format import PEFT_CONFIG
+
+    config = json.loads((version_dir / PEFT_CONFIG).read_text())
+    return {"r": config["r"], "alpha": float(config["lora_alpha"]), "target_modules": sorted(config["target_modules"])}
 
 
 def _bounded(value, default, low, high, param: str):
