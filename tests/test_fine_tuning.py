@@ -45,12 +45,14 @@ def app(ray_local, demo_model_dir, tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model_dir": str(demo_model_dir), "fs_root": str(root / "fs"), "poll_interval_s": 0.25,
-                         "model_num_cpus": 0, "auth": True, "api_keys_file": str(keys_file), "engine": ENGINE,
-                         "fine_tuning": {"poll_interval_s": 0.2, "max_queued_per_tenant": 2, "max_file_bytes": 65536,
-                                         "heartbeat_timeout_s": 5}}),
-              name="ft", route_prefix="/")
-    yield App(f"http://127.0.0.1:{port}", keys, demo_model_dir, root / "fs")
+    args = {"model_dir": str(demo_model_dir), "fs_root": str(root / "fs"), "poll_interval_s": 0.25,
+            "model_num_cpus": 0, "auth": True, "api_keys_file": str(keys_file), "engine": ENGINE,
+            "fine_tuning": {"poll_interval_s": 0.2, "max_queued_per_tenant": 2, "max_file_bytes": 65536,
+                            "heartbeat_timeout_s": 5}}
+    serve.run(build_app(args), name="ft", route_prefix="/")
+    app = App(f"http://127.0.0.1:{port}", keys, demo_model_dir, root / "fs")
+    app.args = args
+    yield app
     serve.shutdown()
 
 
@@ -206,6 +208,8 @@ def test_another_tenants_files_and_jobs_are_404_with_the_message_of_missing_ones
         bob.fine_tuning.jobs.create(model=app.base, training_file=f.id)
     assert f.id not in [x.id for x in bob.files.list()] and job.id not in [j.id for j in bob.fine_tuning.jobs.list()]
     assert f.id in [x.id for x in alice.files.list()]
+    assert alice.files.delete(f.id).deleted  # the owner can
+    assert f.id not in [x.id for x in alice.files.list()] and app.get(f"/v1/files/{f.id}").status_code == 404
 
 
 def test_cancelling_a_running_job_ends_it_within_seconds_and_publishes_nothing(app):
@@ -396,3 +400,20 @@ def test_a_job_whose_controller_dies_is_requeued_and_resumes_from_its_checkpoint
     resumed_at = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     assert steps[resumed_at] - 1 in (25, 50) and steps[-1] == 64  # from a checkpoint, to the end
     assert _fingerprint(app, done.fine_tuned_model) == f"{done.fine_tuned_model}@v0001"
+
+
+def test_stopping_and_starting_the_whole_app_loses_no_file_job_or_model(app):
+    """Last in this module: it restarts the app. Files, jobs (with their events) and models are all on the
+    filesystem; the new app's replicas answer for them as the old ones did."""
+    client = app.client()
+    before = ([f.id for f in client.files.list()], [(j.id, j.status, j.fine_tuned_model) for j in client.fine_tuning.jobs.list(limit=100)],
+              sorted(m.id for m in client.models.list()))
+    job = next(j for j in client.fine_tuning.jobs.list(limit=100) if j.status == "succeeded")
+    events = [e.id for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    serve.delete("ft")
+    serve.run(build_app(app.args), name="ft", route_prefix="/")
+    after = ([f.id for f in client.files.list()], [(j.id, j.status, j.fine_tuned_model) for j in client.fine_tuning.jobs.list(limit=100)],
+             sorted(m.id for m in client.models.list()))
+    assert after == before and len(before[1]) >= 5
+    assert [e.id for e in client.fine_tuning.jobs.list_events(job.id, limit=100)] == events
+    assert _fingerprint(app, job.fine_tuned_model) == f"{job.fine_tuned_model}@v0001"

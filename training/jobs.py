@@ -42,7 +42,6 @@ from training.files import FileStore
 from training.spec import LoraSpec, TrainSpec
 
 JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
-ACTIVE = ("validating_files", "queued", "running")
 FINAL = ("succeeded", "failed", "cancelled")
 Auto = Literal["auto"]
 
