@@ -265,10 +265,8 @@ class FineTuningRoutes:
             raise api_error_for(NotPermitted(f"{model_id} is the base model: it cannot be changed", param="model"))
         if pinned:
             raise ApiError(400, f"name the model ({adapter_id}), not one of its versions", param="model")
-        resolved = self._call(self.adapters.resolve, user, adapter_id)
-        if resolved.owner != f"user:{user}":
-            raise api_error_for(NotPermitted(f"{adapter_id} is a shared adapter: only an operator can change it",
-                                             param="model"))
+        if self._call(self.adapters.resolve, user, adapter_id).owner != f"user:{user}":
+            raise _shared(adapter_id)
         return adapter_id
 
     def delete_model(self, model_id: str, request: Request) -> dict:
@@ -294,12 +292,11 @@ class FineTuningRoutes:
         if pinned or model_id == self.settings.base_model:
             raise ApiError(400, f"upload to an adapter's name, not {model_id}", param="model")
         try:
-            resolved = self.adapters.resolve(user, adapter_id)
-            if resolved.owner != f"user:{user}":
-                raise api_error_for(NotPermitted(f"{adapter_id} is a shared adapter: only an operator can change it",
-                                                 param="model"))
+            owner = self.adapters.resolve(user, adapter_id).owner
         except JaxLoraError:
-            pass  # a new adapter of the tenant's
+            owner = f"user:{user}"  # a new adapter of the tenant's
+        if owner != f"user:{user}":
+            raise _shared(adapter_id)
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise ApiError(400, f"send multipart/form-data with 'config' ({PEFT_CONFIG}) and 'weights' ({PEFT_WEIGHTS})")
@@ -309,6 +306,10 @@ class FineTuningRoutes:
         published = self._call(publish_upload, self.adapters, user, adapter_id, files, self.model_config, self.max_rank,
                                self.base)
         return {"id": adapter_id, "object": "model", "version": published.version}
+
+
+def _shared(adapter_id: str) -> ApiError:
+    return api_error_for(NotPermitted(f"{adapter_id} is a shared adapter: only an operator can change it", param="model"))
 
 
 PRIVATE = ("lora", "parent", "heartbeat_at", "publishing", "attempts", "adapter_version")
