@@ -113,6 +113,17 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (created if missing) for the `with` block."""
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class AdapterStore:
     """Resolves and publishes adapters under `fs_root`.
 
@@ -254,16 +265,10 @@ class AdapterStore:
 
     # -- publishing -------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
     def _publish_lock(self, adapter_dir: Path):
         """Serialises the number choice and the `latest` swap between publishers on this host and,
         where the filesystem supports it, across hosts; the rename below stays safe without it."""
-        with open(adapter_dir / ".publish.lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return file_lock(adapter_dir / ".publish.lock")
 
     def publish(
         self,

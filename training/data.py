@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,20 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def jsonl_rows(lines: list[str], where: Callable[[int], str]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line; DataError at `where(n)` for one that is not a JSON object."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where(n)}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where(n)}: each line must be a JSON object")
+        yield n, row
+
+
 def read_rows(path: str | Path) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
@@ -60,17 +75,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text: {e}") from e
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{n}: each line must be a JSON object")
-        rows.append((n, row))
+    rows = list(jsonl_rows(lines, lambda n: f"{path}:{n}"))
     if not rows:
         raise DataError(f"{path} holds no rows: give one JSON object per line")
     return rows
@@ -130,15 +135,7 @@ def check_upload(data: bytes) -> dict[str, int]:
     except UnicodeDecodeError as e:
         raise DataError(f"the file is not UTF-8 text (byte {e.start})") from None
     kinds: dict[str, int] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"line {n}: each line must be a JSON object")
+    for n, row in jsonl_rows(text.splitlines(), lambda n: f"line {n}"):
         kind = row_kind(row, f"line {n}")
         kinds[kind] = kinds.get(kind, 0) + 1
     if not kinds:

@@ -18,10 +18,8 @@ and `run_job` is what the training task executes. Tenants send data and numbers,
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
-import fcntl
 import io
 import json
 import os
@@ -29,13 +27,13 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from jaxlora.adapter_store import AdapterStore, check_id
+from jaxlora.adapter_store import AdapterStore, check_id, file_lock
 from jaxlora.errors import DataError, InvalidRequest, JaxLoraError, ResourceNotFound, TenantOverLimit
 from jaxlora.model import PROJECTIONS
 from training.files import FileStore
@@ -173,20 +171,11 @@ class JobStore:
     def get(self, tenant: str, job_id: str) -> dict:
         return json.loads((self.folder(tenant, job_id) / "job.json").read_text())
 
-    @contextlib.contextmanager
-    def _locked(self, folder: Path) -> Iterator[None]:
-        with open(folder / ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
     def update(self, tenant: str, job_id: str, change: Callable[[dict], dict | None]) -> dict:
         """Applies `change` to the job under its lock; `change` returns the new record, or None to
         leave it as it is. Returns the record as it now stands."""
         folder = self.folder(tenant, job_id)
-        with self._locked(folder):
+        with file_lock(folder / ".lock"):
             record = json.loads((folder / "job.json").read_text())
             new = change(dict(record))
             if new is None:
