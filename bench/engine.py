@@ -28,7 +28,7 @@ def run_ours(model_dir: Path, peft_dirs: list[Path], prompts: list[list[int]], g
     from jaxlora.sampling import SamplingParams
 
     n = len(prompts)
-    config = EngineConfig(max_batch_size=n, max_seq_len=len(prompts[0]) + gen_len, prefill_buckets=(len(prompts[0]),),
+    config = EngineConfig(max_batch_size=n, max_seq_len=len(prompts[0]) + gen_len, prefill_chunk=len(prompts[0]),
                           decode_steps=16, num_adapter_slots=len(peft_dirs) + 1, max_lora_rank=16)
     # The adapters are read straight from their PEFT folders (no store manifest to check).
     replica = build_replica(model_dir, AdapterStore(tempfile.mkdtemp()), config, warm_up=False)

@@ -51,7 +51,7 @@ def start_app(port: int, max_batch_size: int = 16, max_queue: int = 64, max_queu
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"fs_root": fs, "model_max_queued_requests": max_queued,
-                         "engine": {"max_batch_size": max_batch_size, "max_seq_len": 128, "prefill_buckets": [16, 32, 64],
+                         "engine": {"max_batch_size": max_batch_size, "max_seq_len": 128, "prefill_chunk": 16,
                                     "max_queue": max_queue}}),
               name="load", route_prefix="/")
     return model_dir.name, ["demo-concise", "demo-verbose", "load0", "load1"]

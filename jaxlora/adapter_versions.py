@@ -16,10 +16,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Callable
 
 from jaxlora.adapter_store import AdapterStore, ResolvedAdapter, parse_ref
 from jaxlora.errors import AdapterNotFoundError
-from jaxlora.slots import SlotCache
+from jaxlora.slots import AdapterKey, SlotCache
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,11 @@ class _Tracked:
 
 
 class AdapterVersions:
-    def __init__(self, store: AdapterStore, slots: SlotCache, poll_interval_s: float = 1.0):
+    def __init__(self, store: AdapterStore, slots: SlotCache, poll_interval_s: float = 1.0,
+                 retired: Callable[[AdapterKey], None] = lambda key: None):
         self.store = store
         self.slots = slots
+        self.retired = retired  # told of a version new requests no longer get (the prefix cache drops its KV)
         self.poll_interval_s = poll_interval_s
         self.stats = ReloadStats()
         self._tracked: dict[tuple[str, str], _Tracked] = {}  # (user id, adapter id) -> what new requests get
@@ -81,6 +84,7 @@ class AdapterVersions:
                 with self._lock:
                     self._tracked.pop((user_id, adapter_id), None)
                 self.slots.forget(tracked.current.key)
+                self.retired(tracked.current.key)
                 continue
             if new.key == tracked.current.key:
                 tracked.pointer = pointer
@@ -103,6 +107,7 @@ class AdapterVersions:
             log.info("adapter %s: %s -> %s", new.adapter_id, tracked.current.version, new.version)
             self._tracked[k] = _Tracked(new, pointer)
             self.stats.reloads += 1
+        self.retired(tracked.current.key)
 
     def start(self) -> None:
         if self._thread is None:

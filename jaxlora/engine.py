@@ -1,20 +1,27 @@
-"""The device half of the engine: JetStream's prefill / insert / generate over fixed shapes.
+"""The device half of the engine: JetStream's prefill / generate over fixed shapes, in chunks.
 
-    prefill(params, lora, prompt) -> Prefix      one prompt, padded to a length bucket
-    insert(prefix, state, row)    -> DecodeState  the prompt's KV cache and first token into a row
-    generate(params, lora, state) -> (DecodeState, StepTokens)  `decode_steps` tokens for every row
+    prefill(lora, state, items)   -> (DecodeState, first tokens, ChunkKV)  the next chunk of up to
+                                     `prefill_batch` rows' prompts, written into their rows' caches
+    put_chunk(state, kv, row, start) -> DecodeState   a cached chunk's KV into a row (prefix cache)
+    generate(lora, state)         -> (DecodeState, StepTokens)  `decode_steps` tokens for every row
 
-Why this split: prefill is compute-bound and runs once per request at its own (bucketed) length;
-decode is memory-bound and runs all `max_batch_size` rows together, so it is done for every row at
-once, several steps per device call (`lax.scan`), with the KV cache donated so XLA updates it in
-place. Every shape is fixed by the config (batch, cache length, buckets), so after `warm_up` no
-request compiles anything; `compile_count()` counts XLA compilations to prove it.
+Why this split: prefill is compute-bound and decode memory-bound. Decode runs all `max_batch_size`
+rows together, several steps per device call (`lax.scan`), with the KV cache donated so XLA
+updates it in place. Prefill goes straight into the decode rows, `prefill_chunk` tokens of a
+prompt at a time, aligned to position 0: chunk i of a prompt always covers positions
+[i*C, (i+1)*C) and attends to the first `window(i*C)` cache entries, so its shapes depend on its
+place alone, never on the call, the batch or the cache hit it comes in. That is what lets the
+scheduler interleave a long prompt's chunks with decode calls, and what makes a cached chunk
+(`prefix_cache.py`) bitwise the chunk a fresh prefill computes. Every shape is fixed by the config
+(batch, cache length, chunk, windows), so after `warm_up` no request compiles anything;
+`compile_count()` counts XLA compilations to prove it.
 
-Rows that are free still run (their outputs are ignored): a fixed shape is cheaper than a
-recompile. Each row only ever reads its own cache, adapter slot, random key and token history
-(`sampling.TokenHistory`, for the penalties), so its tokens do not depend on what the other rows
-hold. The host loop that decides what goes in which row is in `scheduler.py`; this module has no
-queues and no threads.
+Rows that are free or still prefilling run in every decode call too (their outputs are ignored; a
+prefilling row is parked past the cache end, where its steps write nothing): a fixed shape is
+cheaper than a recompile. Each row only ever reads its own cache, adapter slot, random key and
+token history (`sampling.TokenHistory`, for the penalties), so its tokens do not depend on what the
+other rows hold. The host loop that decides what goes in which row is in `scheduler.py`; this
+module has no queues and no threads.
 """
 
 from __future__ import annotations
@@ -46,12 +53,21 @@ class EngineConfig:
     """Decode rows; every generate call computes all of them."""
     max_seq_len: int = 512
     """KV cache length per row: prompt + max_tokens must fit."""
-    prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
-    """Prompt lengths are padded up to the smallest bucket that holds them (one compile each)."""
+    prefill_chunk: int = 64
+    """Prompts are prefilled in chunks of this many tokens, aligned to position 0; each chunk
+    attends to what its row's cache holds. Also the prefix cache's unit. max_seq_len (or more, which
+    is taken as max_seq_len): one shot."""
+    prefill_tokens_per_turn: int | None = None
+    """While other rows decode, prefill calls per turn of the loop stop once their chunks (counted
+    at `prefill_batch` x `prefill_chunk` a call, padding included) reach this; at least one call
+    runs. None: one call per turn. With no row decoding, prefill runs unbounded."""
+    prefix_cache_bytes: int = 256 * 2**20
+    """KV of complete prompt chunks kept for reuse (`prefix_cache.py`), LRU beyond this; 0: off."""
     decode_steps: int = 8
     """Tokens per row per generate call: more is faster, fewer streams sooner."""
     prefill_batch: int = 4
-    """Prompts of the same length bucket prefilled together in one call (unused places are padding)."""
+    """Rows whose next chunks share an attention window, prefilled together in one call (unused
+    places are padding)."""
     max_queue: int = 256
     """Requests waiting for a row beyond this are refused at once (overload)."""
     num_adapter_slots: int = 8
@@ -75,15 +91,21 @@ class EngineConfig:
     bitwise where it left off) so a tenant far behind gets a row at once; 0: never."""
 
     def __post_init__(self):
-        for name in ("max_batch_size", "decode_steps", "prefill_batch", "max_lora_rank", "host_adapter_cache"):
+        for name in ("max_batch_size", "decode_steps", "prefill_batch", "prefill_chunk", "max_lora_rank",
+                     "host_adapter_cache"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.max_seq_len < 8:
             raise ValueError(f"max_seq_len must be >= 8, got {self.max_seq_len}")
-        if not self.prefill_buckets or min(self.prefill_buckets) < 1:
-            raise ValueError(f"prefill_buckets must be positive lengths, got {self.prefill_buckets}")
+        if self.prefill_chunk > self.max_seq_len:  # one shot: a chunk never reaches past the cache
+            object.__setattr__(self, "prefill_chunk", self.max_seq_len)
+        if self.prefill_tokens_per_turn is not None and self.prefill_tokens_per_turn < 1:
+            raise ValueError(f"prefill_tokens_per_turn must be >= 1 (or null: one call a turn), got "
+                             f"{self.prefill_tokens_per_turn}")
+        if self.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be >= 0 (0: no prefix cache), got {self.prefix_cache_bytes}")
         if self.num_adapter_slots < 2:
             raise ValueError("num_adapter_slots must be >= 2 (slot 0 is the base model)")
         if self.max_preemptions < 0:
@@ -99,21 +121,25 @@ class EngineConfig:
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
 
     @property
-    def buckets(self) -> tuple[int, ...]:
-        """The usable buckets: those below max_seq_len, plus max_seq_len itself."""
-        return tuple(sorted({b for b in self.prefill_buckets if b < self.max_seq_len} | {self.max_seq_len}))
+    def windows(self) -> tuple[int, ...]:
+        """How much of the cache a prefill chunk's attention reads: the chunk size times a power of
+        two, and max_seq_len (one compile each)."""
+        out, w = [], self.prefill_chunk
+        while w < self.max_seq_len:
+            out.append(w)
+            w *= 2
+        return (*out, self.max_seq_len)
+
+    def window(self, start: int) -> int:
+        """The window of the chunk that starts at `start`: a function of the chunk's place alone, so
+        the chunk is computed in the same shapes whichever call, batch or cache hit it comes in."""
+        end = start + self.prefill_chunk
+        return next((w for w in self.windows if w >= end), self.max_seq_len)
 
     def default_max_tokens(self, prompt_len: int) -> int:
         """A request that gives no max_tokens may fill the rest of the context (at least one token;
         a prompt that leaves none is then refused for its length)."""
         return max(1, self.max_seq_len - prompt_len)
-
-    def bucket(self, n: int) -> int:
-        """The padded length a prompt of `n` tokens is prefilled at."""
-        for b in self.buckets:
-            if n <= b:
-                return b
-        raise ValueError(f"prompt of {n} tokens is longer than max_seq_len={self.max_seq_len}")
 
     @property
     def jnp_dtype(self):
@@ -133,15 +159,12 @@ class StepTokens:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Prefix:
-    """P prefilled prompts of one length bucket: their KV caches and first generated tokens."""
+class ChunkKV:
+    """The keys and values one prefill call wrote, per layer [P, C, K, H] (the cache's dtype): what
+    the prefix cache keeps of the rows whose chunk was a complete one."""
 
-    cache: KVCache  # L x [P, K, T, H]
-    true_len: jax.Array  # [P] int32
-    slot: jax.Array  # [P] int32
-    sampling: RowSampling  # [P] per field
-    first: StepTokens  # [P] per field
-    history: TokenHistory  # [P, V] per field: the prompts, and the first tokens as generated
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
 
 
 @jax.tree_util.register_dataclass
@@ -156,42 +179,62 @@ class DecodeState:
     history: TokenHistory  # [B, V] per field: what the penalties read; `tokens` already counted
 
 
-def _prefill(params: Params, lora: LoraStack, tokens_PxT, true_len_P, slot_P, sampling: RowSampling,
-             cfg: ModelConfig, counts) -> Prefix:
-    P, T = tokens_PxT.shape
-    cache = KVCache.zeros(cfg, P, T, params.embed.dtype)
-    positions_PxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
-    x_PxTxD, cache = hidden_states(params, tokens_PxT, positions_PxT, cfg, cache, lora, slot_P)
-    last_Px1xD = jnp.take_along_axis(x_PxTxD, (true_len_P - 1)[:, None, None], axis=1)
-    last_PxV = lm_head(params, last_Px1xD)[:, 0]  # only what is sampled
-    history = TokenHistory.of_prompts(tokens_PxT, true_len_P, cfg.vocab_size, counts)
+def _write_rows(cache_BxKxSxH: jax.Array, rows_P: jax.Array, positions_PxC: jax.Array, new_PxCxKxH: jax.Array) -> jax.Array:
+    """Entries new[p, c] into row rows_P[p] at positions_PxC[p, c]; rows or positions out of range
+    are dropped (that is how padding places write nothing)."""
+    return cache_BxKxSxH.at[rows_P[:, None], :, positions_PxC].set(new_PxCxKxH.astype(cache_BxKxSxH.dtype), mode="drop")
+
+
+def _prefill_chunk(params: Params, lora: LoraStack, state: DecodeState, prompt_PxT, start_P, true_len_P, rows_P, slot_P,
+                   sampling: RowSampling, cfg: ModelConfig, counts, chunk: int, window: int):
+    """One chunk of each of P rows' prompts: tokens [start, start + chunk) of prompt_PxT[p] go
+    through the model against row rows_P[p]'s cache (the first `window` entries: what the prompt
+    put there so far), and their keys and values into it. A row whose prompt ends in this chunk gets
+    its first token sampled and its decode fields set; a row with more chunks to go is parked at
+    position max_seq_len, where the decode steps that run between its chunks write nothing. A
+    negative row is padding and changes nothing."""
+    P, C, W = rows_P.shape[0], chunk, window
+    B, S = state.tokens.shape[0], state.cache.max_len
+    valid_P = rows_P >= 0
+    read_P = jnp.where(valid_P, rows_P, 0)
+    tokens_PxC = jax.vmap(lambda p, s: jax.lax.dynamic_slice_in_dim(p, s, C))(prompt_PxT, start_P)
+    positions_PxC = start_P[:, None] + jnp.arange(C, dtype=jnp.int32)
+    rows_cache = KVCache(k=tuple(k[read_P, :, :W] for k in state.cache.k), v=tuple(v[read_P, :, :W] for v in state.cache.v))
+    x_PxCxD, rows_cache = hidden_states(params, tokens_PxC, positions_PxC, cfg, rows_cache, lora, slot_P)
+    # what this call wrote, read back from where it went (positions past the window are past the cache)
+    written = ChunkKV(*(tuple(c[jnp.arange(P)[:, None], :, positions_PxC] for c in kv) for kv in (rows_cache.k, rows_cache.v)))
+    write_P = jnp.where(valid_P, rows_P, B)
+    cache = KVCache(k=tuple(_write_rows(c, write_P, positions_PxC, n) for c, n in zip(state.cache.k, written.k)),
+                    v=tuple(_write_rows(c, write_P, positions_PxC, n) for c, n in zip(state.cache.v, written.v)))
+
+    last_P = jnp.clip(true_len_P - 1 - start_P, 0, C - 1)
+    last_PxV = lm_head(params, jnp.take_along_axis(x_PxCxD, last_P[:, None, None], axis=1))[:, 0]  # only what is sampled
+    history = TokenHistory.of_prompts(prompt_PxT, true_len_P, cfg.vocab_size, counts)
     first = StepTokens(*sample(last_PxV, sampling, history, jnp.zeros((P,), jnp.int32)))
-    return Prefix(cache=cache, true_len=true_len_P, slot=slot_P, sampling=sampling, first=first,
-                  history=history.add(first.token))
+    final_P = valid_P & (start_P + C >= true_len_P)
+    done_P = jnp.where(final_P, rows_P, B)  # rows that decode from the next step on
+    parked_P = jnp.where(valid_P & ~final_P, rows_P, B)
+
+    def put(dst, src):
+        return dst.at[done_P].set(src.astype(dst.dtype), mode="drop")
+
+    state = DecodeState(
+        cache=cache, tokens=put(state.tokens, first.token),
+        positions=put(state.positions, true_len_P).at[parked_P].set(S, mode="drop"),
+        index=put(state.index, jnp.ones_like(true_len_P)), slots=put(state.slots, slot_P),
+        sampling=jax.tree.map(put, state.sampling, sampling),
+        history=jax.tree.map(put, state.history, history.add(first.token)),
+    )
+    return state, first, written
 
 
-def _insert(prefix: Prefix, state: DecodeState, rows_P) -> DecodeState:
-    """Prefix p goes into decode row rows_P[p]; a negative row marks padding, which writes back
-    what the (clamped) row already holds, so it changes nothing and needs no branch."""
-    for p in range(rows_P.shape[0]):
-        valid = rows_P[p] >= 0
-        row = jnp.maximum(rows_P[p], 0)
-
-        def put(dst, src, p=p, valid=valid, row=row):
-            start = (row,) + (0,) * (dst.ndim - 1)
-            current = jax.lax.dynamic_slice(dst, start, (1,) + src.shape[1:])
-            return jax.lax.dynamic_update_slice(dst, jnp.where(valid, src[p][None].astype(dst.dtype), current), start)
-
-        state = DecodeState(
-            cache=KVCache(k=tuple(map(put, state.cache.k, prefix.cache.k)), v=tuple(map(put, state.cache.v, prefix.cache.v))),
-            tokens=put(state.tokens, prefix.first.token),
-            positions=put(state.positions, prefix.true_len),
-            index=put(state.index, jnp.ones_like(prefix.true_len)),
-            slots=put(state.slots, prefix.slot),
-            sampling=jax.tree.map(put, state.sampling, prefix.sampling),
-            history=jax.tree.map(put, state.history, prefix.history),
-        )
-    return state
+def _put_chunk(state: DecodeState, kv: ChunkKV, row, start) -> DecodeState:
+    """One cached chunk (per layer [1, C, K, H]) into row `row` at positions [start, start + C)."""
+    rows_1 = jnp.reshape(row, (1,))
+    positions_1xC = start + jnp.arange(kv.k[0].shape[1], dtype=jnp.int32)[None]
+    return dataclasses.replace(state, cache=KVCache(
+        k=tuple(_write_rows(c, rows_1, positions_1xC, n) for c, n in zip(state.cache.k, kv.k)),
+        v=tuple(_write_rows(c, rows_1, positions_1xC, n) for c, n in zip(state.cache.v, kv.v))))
 
 
 def _row_of(state: DecodeState, row) -> DecodeState:
@@ -223,6 +266,18 @@ def _generate(params: Params, lora: LoraStack, state: DecodeState, cfg: ModelCon
         return state, out
 
     return jax.lax.scan(step, state, None, length=steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillItem:
+    """One row's next prefill chunk: tokens [start, start + prefill_chunk) of `prompt` into `row`."""
+
+    row: int
+    prompt: tuple[int, ...]
+    start: int
+    slot: int
+    params: SamplingParams
+    seed: int
 
 
 class _CompileCounter:
@@ -269,8 +324,10 @@ class Engine:
         self.decode_kernels = kernels.applies(params.embed.dtype) and kernels.applies(config.jnp_dtype)
         decode_cfg = dataclasses.replace(cfg, decode_kernels=self.decode_kernels)
         self._counts = count_dtype(config.max_seq_len)
-        self._prefill = jax.jit(functools.partial(_prefill, cfg=cfg, counts=self._counts))
-        self._insert = jax.jit(_insert, donate_argnums=(1,))
+        self._prefill_chunk = jax.jit(functools.partial(_prefill_chunk, cfg=cfg, counts=self._counts,
+                                                        chunk=config.prefill_chunk),
+                                      static_argnames=("window",), donate_argnums=(2,))
+        self._put_chunk = jax.jit(_put_chunk, donate_argnums=(0,))
         self._generate = jax.jit(functools.partial(_generate, cfg=decode_cfg, steps=config.decode_steps),
                                  donate_argnums=(2,))
         self._row_of = jax.jit(_row_of)
@@ -293,26 +350,41 @@ class Engine:
     def vocab_size(self) -> int:
         return self.model_config.vocab_size
 
-    def prefill(self, lora: LoraStack, items: list[tuple[list[int], int, SamplingParams, int]]) -> Prefix:
-        """Prefills up to `prefill_batch` (prompt, slot, params, seed) of one length bucket, padded
-        with dummy prompts to exactly `prefill_batch`, so the shape depends on the bucket alone."""
-        P = self.config.prefill_batch
-        T = self.config.bucket(max(len(prompt) for prompt, *_ in items))
-        if len(items) > P or any(self.config.bucket(len(prompt)) != T for prompt, *_ in items):
-            raise ValueError(f"prefill takes at most {P} prompts of one length bucket")
-        padding = ([0], 0, SamplingParams(max_tokens=1, temperature=0.0), 0)
-        items = list(items) + [padding] * (P - len(items))
-        tokens = np.zeros((P, T), np.int32)
-        for i, (prompt, *_) in enumerate(items):
-            tokens[i, : len(prompt)] = prompt
-        return self._prefill(self.params, lora, tokens, jnp.array([len(p) for p, *_ in items], jnp.int32),
-                             jnp.array([slot for _, slot, *_ in items], jnp.int32),
-                             RowSampling.of([(params, seed) for _, _, params, seed in items]))
+    @property
+    def kv_cache_bytes(self) -> int:
+        """The decode rows' KV cache: 2 x layers x rows x kv heads x max_seq_len x head_dim entries."""
+        cfg = self.model_config
+        return (2 * cfg.num_layers * self.config.max_batch_size * cfg.num_kv_heads * self.config.max_seq_len
+                * cfg.head_dim * self.params.embed.dtype.itemsize)
 
-    def insert(self, prefix: Prefix, state: DecodeState, rows: list[int]) -> DecodeState:
-        """Puts prefix p into decode row rows[p] (the padding places are skipped)."""
-        rows = list(rows) + [-1] * (self.config.prefill_batch - len(rows))
-        return self._insert(prefix, state, jnp.array(rows, jnp.int32))
+    def prefill(self, lora: LoraStack, state: DecodeState, items: list[PrefillItem]) -> tuple[DecodeState, StepTokens, ChunkKV]:
+        """The next chunk of up to `prefill_batch` rows whose chunks share one attention window
+        (`EngineConfig.window`), padded with dummy places to exactly `prefill_batch`, so the shapes
+        depend on the window alone. Returns the new state, each place's first token (meaningful
+        where its prompt ended in this chunk) and the keys and values the call wrote."""
+        P, C, S = self.config.prefill_batch, self.config.prefill_chunk, self.config.max_seq_len
+        windows = {self.config.window(item.start) for item in items}
+        if len(items) > P or len(windows) != 1 or any(not 0 <= i.start < len(i.prompt) for i in items):
+            raise ValueError(f"prefill takes at most {P} rows whose chunks start inside their prompts and share a window")
+        padding = PrefillItem(row=-1, prompt=(0,), start=0, slot=0, params=SamplingParams(max_tokens=1, temperature=0.0),
+                              seed=0)
+        items = list(items) + [padding] * (P - len(items))
+        prompts = np.zeros((P, S + C), np.int32)  # room for a whole chunk past any start
+        for i, item in enumerate(items):
+            prompts[i, : len(item.prompt)] = item.prompt
+
+        def column(field):
+            return jnp.array([getattr(item, field) for item in items], jnp.int32)
+
+        return self._prefill_chunk(self.params, lora, state, prompts, column("start"),
+                                   jnp.array([len(i.prompt) for i in items], jnp.int32), column("row"), column("slot"),
+                                   RowSampling.of([(i.params, i.seed) for i in items]), window=windows.pop())
+
+    def put_chunk(self, state: DecodeState, kv: ChunkKV, row: int, start: int) -> DecodeState:
+        """Writes one chunk's keys and values (per layer [C, K, H], e.g. from the prefix cache) into
+        row `row` at [start, start + prefill_chunk): bitwise what prefilling that chunk there writes."""
+        kv = jax.tree.map(lambda a: jnp.asarray(a)[None], kv)
+        return self._put_chunk(state, kv, jnp.int32(row), jnp.int32(start))
 
     def generate(self, lora: LoraStack, state: DecodeState) -> tuple[DecodeState, StepTokens]:
         """Runs `decode_steps` steps for every row; the StepTokens fields are [steps, B, ...]."""
@@ -330,15 +402,16 @@ class Engine:
         return self._put_row(saved, state, jnp.int32(row), jnp.int32(slot))
 
     def warm_up(self, lora: LoraStack) -> None:
-        """Compiles every shape a request can use: each prefill bucket, insert, generate, swap. Every
-        sampling stage is a branch (`lax.cond`) of these same calls, so a greedy request compiles
-        the stages that penalties, logit_bias or min_p take too."""
+        """Compiles every shape a request can use: a prefill chunk in each window, the chunk write of
+        the prefix cache, generate, swap. Every sampling stage is a branch (`lax.cond`) of these
+        same calls, so a greedy request compiles the stages that penalties, logit_bias or min_p take too."""
         state = self.init_state()
         greedy = SamplingParams(max_tokens=1, temperature=0.0)
-        for T in self.config.buckets:
-            prefix = self.prefill(lora, [([0] * T, 0, greedy, 0)])
-            state = self.insert(prefix, state, [0])
+        C = self.config.prefill_chunk
+        for w in self.config.windows:
+            start = max(0, w - C)
+            state, _, written = self.prefill(lora, state, [PrefillItem(0, (0,) * (start + 1), start, 0, greedy, 0)])
+        state = self.put_chunk(state, jax.tree.map(lambda a: a[0], written), 0, 0)
         state, out = self.generate(lora, state)
         state = self.swap_in(self.swap_out(state, 0), state, 0, 0)
         jax.block_until_ready((out.token, state.tokens))
-

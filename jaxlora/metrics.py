@@ -58,6 +58,8 @@ class EngineMetrics:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     decode_calls: int = 0
+    prefill_calls: int = 0
+    prefill_tokens: int = 0  # chunk tokens of the rows prefill calls computed (the tail chunk padded)
     decode_seconds: float = 0.0
     busy_row_steps: int = 0
     total_row_steps: int = 0
@@ -73,6 +75,11 @@ class EngineMetrics:
             self.busy_row_steps += busy_rows * steps
             self.total_row_steps += rows * steps
             self.generated_tokens += tokens
+
+    def record_prefill(self, tokens: int) -> None:
+        with self.lock:
+            self.prefill_calls += 1
+            self.prefill_tokens += tokens
 
     def record_finish(self, ttft: float | None, latency: float, completion_tokens: int, outcome: str) -> None:
         with self.lock:
@@ -92,7 +99,8 @@ class EngineMetrics:
         with self.lock:
             out = {k: getattr(self, k) for k in (
                 "requests_submitted", "requests_finished", "requests_cancelled", "requests_failed",
-                "requests_rejected_overload", "preemptions", "prompt_tokens", "generated_tokens", "decode_calls")}
+                "requests_rejected_overload", "preemptions", "prompt_tokens", "generated_tokens", "decode_calls",
+                "prefill_calls", "prefill_tokens")}
             out["decode_tokens_per_s"] = self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0
             out["batch_occupancy"] = self.busy_row_steps / self.total_row_steps if self.total_row_steps else 0.0
             out["ttft_s"] = _percentiles(self.ttft_s)

@@ -74,5 +74,6 @@ def build_replica(model_dir: str | Path, store: AdapterStore, config: EngineConf
         slots.warm_up()
         engine.warm_up(slots.stack)
     eos = tuple(sorted(set(model_config.eos_token_ids) | set(eos_token_ids)))
-    return Replica(model_dir, model_config, fingerprint, store, engine, slots, Scheduler(engine, slots, eos),
-                   AdapterVersions(store, slots, poll_interval_s))
+    scheduler = Scheduler(engine, slots, eos, base_model=fingerprint)
+    return Replica(model_dir, model_config, fingerprint, store, engine, slots, scheduler,
+                   AdapterVersions(store, slots, poll_interval_s, retired=scheduler.prefix.drop))

@@ -53,6 +53,7 @@ class Finished:
     adapter: ResolvedAdapter | None
     error: BaseException | None = None
     preemptions: int = 0  # how often it was swapped out of its row and back (fair scheduling)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class TokenStream:

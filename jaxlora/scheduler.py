@@ -3,13 +3,21 @@
 Each turn of the loop, in order:
   1. drop cancelled requests (waiting ones, and running ones, whose rows free at once);
   2. admit waiting requests into free rows, in the order the policy gives (`fairness.py`: least
-     service across tenants, or arrival): pin the adapter's slot, prefill, insert; a request whose
+     service across tenants, or arrival): pin the adapter's slot, take a row, copy the longest
+     cached run of the prompt's leading chunks into it (`prefix_cache.py`); a request whose
      adapter is still being read from disk waits without blocking the others. Under `fair`, with
-     every row taken, a row of a tenant far ahead may be swapped out to host memory for a tenant
-     far behind (`_preempt`); the swapped request resumes later, in any row, bitwise where it was;
-  3. run `decode_steps` decode steps for all rows in one device call;
-  4. hand each running request its new tokens, and retire those that hit EOS, a stop token or
+     every row taken, a decoding row of a tenant far ahead may be swapped out to host memory for a
+     tenant far behind (`_preempt`); the swapped request resumes later, in any row, bitwise where
+     it was;
+  3. prefill: the next chunk of rows still prefilling, oldest first, in calls of up to
+     `prefill_batch` rows that share an attention window, until `prefill_tokens_per_turn` is spent
+     (unbounded when no row decodes); a row whose prompt is done gets its first token and decodes
+     from now on. Complete chunks go into the prefix cache;
+  4. run `decode_steps` decode steps for all rows in one device call;
+  5. hand each decoding request its new tokens, and retire those that hit EOS, a stop token or
      `max_tokens` (their rows are free for the next turn).
+So a long prompt is prefilled a chunk a turn between decode calls, and never stalls the rows
+decoding beside it for longer than one turn's prefill budget.
 One thread, no per-stage queues: the order of events is the order of this code. Requests talk to
 the loop through `submit`, and read their tokens from (or cancel them through) the `RequestHandle`
 it returns (`requests.py`). The device work goes through `EngineApi`.
@@ -34,11 +42,12 @@ import jax
 import numpy as np
 
 from jaxlora.adapter_store import ResolvedAdapter
-from jaxlora.engine import EngineConfig, StepTokens
+from jaxlora.engine import ChunkKV, EngineConfig, PrefillItem, StepTokens
 from jaxlora.errors import EngineDead, InvalidRequest, JaxLoraError, NoFreeSlot, Overloaded, TenantOverLimit
 from jaxlora.fairness import TokenCounters
 from jaxlora.lora import LoraStack
 from jaxlora.metrics import EngineMetrics
+from jaxlora.prefix_cache import PrefixCache
 from jaxlora.requests import Finished, Request, RequestHandle, TokenEvent, TokenStream
 from jaxlora.sampling import SamplingParams
 from jaxlora.slots import BASE_SLOT, SlotCache
@@ -55,9 +64,11 @@ class EngineApi(Protocol):
 
     def init_state(self) -> Any: ...
 
-    def prefill(self, lora: LoraStack, items: list[tuple[list[int], int, SamplingParams, int]]) -> Any: ...
+    kv_cache_bytes: int
 
-    def insert(self, prefix: Any, state: Any, rows: list[int]) -> Any: ...
+    def prefill(self, lora: LoraStack, state: Any, items: list[PrefillItem]) -> tuple[Any, StepTokens, ChunkKV]: ...
+
+    def put_chunk(self, state: Any, kv: ChunkKV, row: int, start: int) -> Any: ...
 
     def generate(self, lora: LoraStack, state: Any) -> tuple[Any, StepTokens]: ...
 
@@ -74,6 +85,10 @@ class _Live:
     stream: TokenStream
     adapter_ready: concurrent.futures.Future | None  # the host read of the adapter
     row: int | None = None  # the decode row it holds while running
+    prefilling: bool = False  # it holds a row whose prompt is not all prefilled yet
+    prefilled: int = 0  # while prefilling: where its next chunk starts
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    chunk_keys: list[bytes] = dataclasses.field(default_factory=list)  # its complete chunks' prefix-cache keys
     slot: int = BASE_SLOT  # the adapter slot it pins while running
     generated: int = 0
     saved: Any = None  # while preempted: its row's decode state in host memory (`EngineApi.swap_out`)
@@ -85,16 +100,18 @@ class _Live:
 
 
 class Scheduler:
-    def __init__(self, engine: EngineApi, slots: SlotCache, eos_token_ids: tuple[int, ...] = ()):
+    def __init__(self, engine: EngineApi, slots: SlotCache, eos_token_ids: tuple[int, ...] = (), base_model: str = ""):
         self.engine = engine
         self.slots = slots
         self.eos_token_ids = frozenset(eos_token_ids)
         self.metrics = EngineMetrics()
+        self.prefix = PrefixCache(engine.config.prefix_cache_bytes, engine.config.prefill_chunk, base_model)
         self.counters = TokenCounters(engine.config.completion_token_weight)
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Live] = collections.deque()
         self._to_cancel: list[_Live] = []
         self._rows: list[_Live | None] = [None] * engine.config.max_batch_size
+        self._prefilling: list[_Live] = []  # rows still prefilling, in the order they took their rows
         self._swapped = 0  # waiting requests that hold a `saved` row (at most max_batch_size)
         self._seed_rng = random.Random()
         self._state = None
@@ -181,7 +198,10 @@ class Scheduler:
     def snapshot(self) -> dict:
         """The metrics plus what is derived from the loop's state now: queue depth and rows in use."""
         return self.metrics.snapshot() | {"queue_depth": len(self._waiting) - self._swapped, "swapped_out": self._swapped,
-                                          "active_rows": len(self._rows) - self.free_rows()}
+                                          "active_rows": len(self._rows) - self.free_rows(),
+                                          "prefilling_rows": len(self._prefilling),
+                                          "kv_cache_bytes": self.engine.kv_cache_bytes,
+                                          "prefix_cache": self.prefix.snapshot()}
 
     def start(self) -> None:
         self._state = self.engine.init_state()
@@ -209,7 +229,8 @@ class Scheduler:
                 for req in cancelled:
                     self._retire(req, "cancelled")
                 self._admit()
-                if any(r is not None for r in self._rows):
+                self._prefill()
+                if any(r is not None and not r.prefilling for r in self._rows):
                     self._decode()
         except BaseException as e:  # noqa: BLE001 - every request must hear about it
             log.exception("engine loop failed; failing all requests")
@@ -227,60 +248,105 @@ class Scheduler:
         return req.adapter_ready is None or req.adapter_ready.done()
 
     def _admit(self) -> None:
-        """Fills free rows, each with the next request by the policy: a preempted one goes back
-        alone (`_resume`); a new one brings waiting ones of its prompt-length bucket (one prefill call
-        for up to `prefill_batch` of them, a shape set by the bucket alone). With every row taken,
-        `_preempt` may free one for a tenant far behind."""
+        """Fills free rows, each with the next request by the policy (`_next`): a preempted one goes
+        back where it left off (`_resume`), a new one takes a row to prefill in (`_place`). With
+        every row taken, `_preempt` may free one for a tenant far behind."""
         while None in self._rows or self._preempt():
-            group = self._next_group(min(self.engine.config.prefill_batch, self._rows.count(None)))
-            if not group:
+            req = self._next()
+            if req is None:
                 return
-            ready = []
-            for i, req in enumerate(group):
-                if req.request.adapter is not None:
-                    if req.adapter_ready.exception() is not None:  # the adapter failed to load: this request only
-                        self._finish(req, "error", req.adapter_ready.exception())
-                        continue
-                    try:
-                        req.slot = self.slots.acquire(req.request.adapter)
-                    except NoFreeSlot:
-                        with self._cond:  # they keep their places (and their service); rows finishing free slots
-                            self._waiting.extendleft(reversed(group[i:]))
-                        for back in group[i:]:
-                            self.counters.charge_prompt(back.request.tenant, -self._prompt_cost(back), back.request.weight)
-                        group = None
-                        break
-                    except JaxLoraError as e:  # e.g. evicted from the host cache and then unreadable
-                        self._finish(req, "error", e)
-                        continue
-                ready.append(req)
-            if ready and ready[0].saved is not None:
-                self._resume(ready[0])
-            elif ready:
-                self._start(ready)
-            if group is None:
-                return
+            if req.request.adapter is not None:
+                if req.adapter_ready.exception() is not None:  # the adapter failed to load: this request only
+                    self._finish(req, "error", req.adapter_ready.exception())
+                    continue
+                try:
+                    req.slot = self.slots.acquire(req.request.adapter)
+                except NoFreeSlot:
+                    with self._cond:  # it keeps its place (and its service); rows finishing free slots
+                        self._waiting.appendleft(req)
+                    self.counters.charge_prompt(req.request.tenant, -self._prompt_cost(req), req.request.weight)
+                    return
+                except JaxLoraError as e:  # e.g. evicted from the host cache and then unreadable
+                    self._finish(req, "error", e)
+                    continue
+            if req.saved is not None:
+                self._resume(req)
+            else:
+                self._place(req)
 
-    def _start(self, reqs: list[_Live]) -> None:
-        for req in reqs:
-            req.row = self._rows.index(None)
-            self._rows[req.row] = req
-            req.placed_at = self.metrics.decode_calls
-        prefix = self.engine.prefill(self.slots.stack, [(list(r.request.prompt), r.slot, r.request.params, r.request.seed) for r in reqs])
-        self._state = self.engine.insert(prefix, self._state, [r.row for r in reqs])
-        first = jax.device_get(prefix.first)
-        now = time.monotonic()
-        for p, req in enumerate(reqs):
-            req.first_token_at = now
-            self._accept(req, int(first.token[p]), float(first.logprob[p]), first.top_ids[p], first.top_logprobs[p])
-
-    def _resume(self, req: _Live) -> None:
+    def _take_row(self, req: _Live) -> None:
         req.row = self._rows.index(None)
         self._rows[req.row] = req
+        req.placed_at = self.metrics.decode_calls
+
+    def _place(self, req: _Live) -> None:
+        """A new request into a free row, with the longest run of its prompt's leading chunks that
+        the prefix cache holds for its adapter version copied in. The last chunk is always left to
+        prefill: its logits give the first token."""
+        self._take_row(req)
+        req.prefilling = True
+        if self.prefix.enabled:
+            prompt, C = req.request.prompt, self.engine.config.prefill_chunk
+            req.chunk_keys = self.prefix.chunk_keys(prompt)
+            usable = (len(prompt) - 1) // C
+            hits = self.prefix.lookup(self._adapter_key(req), req.chunk_keys[:usable]) if usable else []
+            for i, kv in enumerate(hits):
+                self._state = self.engine.put_chunk(self._state, kv, req.row, i * C)
+            req.prefilled = req.cached_tokens = len(hits) * C
+        self._prefilling.append(req)
+
+    @staticmethod
+    def _adapter_key(req: _Live):
+        return None if req.request.adapter is None else req.request.adapter.key
+
+    def _prefill(self) -> None:
+        """Prefills the next chunk of rows still prefilling, oldest first: each call takes the oldest
+        one and up to `prefill_batch` - 1 more whose chunk has the same window. While rows decode,
+        calls stop once `prefill_tokens_per_turn` is spent (one call when it is None)."""
+        config = self.engine.config
+        P, C = config.prefill_batch, config.prefill_chunk
+        budget = config.prefill_tokens_per_turn or P * C
+        spent = 0
+        while self._prefilling:
+            if spent >= budget and any(r is not None and not r.prefilling for r in self._rows):
+                return
+            window = config.window(self._prefilling[0].prefilled)
+            group = [r for r in self._prefilling if config.window(r.prefilled) == window][:P]
+            items = [PrefillItem(r.row, r.request.prompt, r.prefilled, r.slot, r.request.params, r.request.seed)
+                     for r in group]
+            self._state, first, written = self.engine.prefill(self.slots.stack, self._state, items)
+            spent += P * C
+            self.metrics.record_prefill(len(group) * C)
+            self._keep_chunks(group, written)
+            first = jax.device_get(first)
+            now = time.monotonic()
+            for p, req in enumerate(group):
+                req.prefilled += C
+                if req.prefilled >= len(req.request.prompt):
+                    req.prefilling = False
+                    self._prefilling.remove(req)
+                    req.first_token_at = now
+                    self._accept(req, int(first.token[p]), float(first.logprob[p]), first.top_ids[p], first.top_logprobs[p])
+
+    def _keep_chunks(self, group: list[_Live], written: ChunkKV) -> None:
+        """Puts the chunks of `group` this call completed, and the cache lacks, into the prefix cache."""
+        if not self.prefix.enabled:
+            return
+        C = self.engine.config.prefill_chunk
+        new = [(p, r) for p, r in enumerate(group) if r.prefilled + C <= len(r.request.prompt)
+               and (self._adapter_key(r), r.chunk_keys[r.prefilled // C]) not in self.prefix]
+        if not new:
+            return
+        written = jax.device_get(written)
+        for p, r in new:
+            self.prefix.put(self._adapter_key(r), r.chunk_keys[r.prefilled // C],
+                            ChunkKV(k=tuple(np.array(a[p]) for a in written.k), v=tuple(np.array(a[p]) for a in written.v)))
+
+    def _resume(self, req: _Live) -> None:
+        self._take_row(req)
         self._state = self.engine.swap_in(req.saved, self._state, req.row, req.slot)
         req.saved = None
         self._swapped -= 1
-        req.placed_at = self.metrics.decode_calls
 
     @staticmethod
     def _prompt_cost(req: _Live) -> int:
@@ -305,7 +371,7 @@ class Scheduler:
             return False
         waiter = heads[self.counters.least_served(heads)]
         counter = self.counters.counters.get
-        victims = [r for r in self._rows if r is not None and r.request.tenant != waiter.request.tenant
+        victims = [r for r in self._rows if r is not None and not r.prefilling and r.request.tenant != waiter.request.tenant
                    and r.preemptions < config.max_preemptions and r.placed_at < self.metrics.decode_calls]
         if not victims:
             return False
@@ -333,36 +399,28 @@ class Scheduler:
             self._waiting.insert(at, victim)
         return True
 
-    def _next_group(self, limit: int) -> list[_Live]:
-        """Up to `limit` waiting requests that can start now, each the next by the scheduling policy
-        (`_pick`): a preempted one alone, or new ones of the first one's length bucket (one prefill
-        call); those whose adapter is still loading keep their place but do not hold up the others.
-        Charges their prompts."""
-        bucket = self.engine.config.bucket
-        group: list[_Live] = []
+    def _next(self) -> _Live | None:
+        """The waiting request to start now by the scheduling policy (`_pick`), out of the queue with
+        its prompt charged; those whose adapter is still loading keep their place but do not hold up
+        the others."""
         with self._cond:
             candidates = [r for r in self._waiting if not r.cancelled and self._admissible(r)]
-            while candidates and len(group) < limit:
-                req = self._pick(candidates, group)
-                candidates.remove(req)
-                self._waiting.remove(req)
-                group.append(req)
-                self.counters.charge_prompt(req.request.tenant, self._prompt_cost(req), req.request.weight)
-                if req.saved is not None:
-                    break
-                candidates = [r for r in candidates
-                              if r.saved is None and bucket(len(r.request.prompt)) == bucket(len(req.request.prompt))]
-        return group
+            if not candidates:
+                return None
+            req = self._pick(candidates)
+            self._waiting.remove(req)
+        self.counters.charge_prompt(req.request.tenant, self._prompt_cost(req), req.request.weight)
+        return req
 
-    def _pick(self, candidates: list[_Live], group: list[_Live]) -> _Live:
+    def _pick(self, candidates: list[_Live]) -> _Live:
         """`fifo`: the oldest. `fair`: the oldest of the tenant with the least service (`fairness.py`)
-        among those under their row limit (counting the rows `group` is about to take)."""
+        among those under their row limit."""
         if self.engine.config.scheduling == "fifo":
             return candidates[0]
         heads = self._heads(candidates)
         if len(heads) > 1 and any(r.request.max_rows is not None for r in heads.values()):
             # work-conserving: a lone tenant, or every waiting tenant at its limit, is not held back
-            rows = collections.Counter(r.request.tenant for r in [*self._rows, *group] if r is not None)
+            rows = collections.Counter(r.request.tenant for r in self._rows if r is not None)
             under = {t: r for t, r in heads.items() if r.request.max_rows is None or rows[t] < r.request.max_rows}
             heads = under or heads
         return heads[self.counters.least_served(heads)]
@@ -380,7 +438,7 @@ class Scheduler:
         t0 = time.monotonic()
         self._state, out = self.engine.generate(self.slots.stack, self._state)
         out = jax.device_get(out)
-        busy = [r for r in self._rows if r is not None]
+        busy = [r for r in self._rows if r is not None and not r.prefilling]
         steps = out.token.shape[0]
         accepted = 0
         for req in busy:
@@ -408,6 +466,8 @@ class Scheduler:
             return
         if req.row is not None:
             self._rows[req.row] = None
+            if req.prefilling:
+                self._prefilling.remove(req)
             if req.request.adapter is not None:
                 self.slots.release(req.slot)
         else:
@@ -426,9 +486,10 @@ class Scheduler:
             self._swapped -= 1
         req.stream.put(Finished(reason if error is None else "error", len(req.request.prompt), req.generated,
                                 now - req.request.submitted_at, ttft, req.request.seed, req.request.adapter, error,
-                                req.preemptions))
+                                req.preemptions, req.cached_tokens))
 
     def _fail_all(self, error: BaseException) -> None:
+        self._prefilling.clear()
         for row, req in enumerate(self._rows):
             if req is not None:
                 self._rows[row] = None

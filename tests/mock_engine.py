@@ -18,9 +18,8 @@ import threading
 
 import numpy as np
 
-from jaxlora.engine import EngineConfig, StepTokens
+from jaxlora.engine import ChunkKV, EngineConfig, PrefillItem, StepTokens
 from jaxlora.lora import LoraModule, LoraStack
-from jaxlora.sampling import SamplingParams
 
 VOCAB = 1000
 TOP = 5
@@ -33,12 +32,6 @@ class MockState:
     slots: np.ndarray  # [B]
 
 
-@dataclasses.dataclass
-class MockPrefix:
-    first: StepTokens  # [P] per field
-    slot: np.ndarray  # [P]
-
-
 def _tokens(token: np.ndarray, index: np.ndarray) -> StepTokens:
     alt = np.arange(1, TOP + 1)
     return StepTokens(token=token.astype(np.int32), logprob=-index.astype(np.float32),
@@ -48,10 +41,11 @@ def _tokens(token: np.ndarray, index: np.ndarray) -> StepTokens:
 
 class MockEngine:
     vocab_size = VOCAB
+    kv_cache_bytes = 0
 
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.calls: list[tuple] = []  # ("prefill", prompts) / ("insert", rows) / ("generate",)
+        self.calls: list[tuple] = []  # ("prefill", prompts, rows) / ("put_chunk", row, start) / ("generate",) / ...
         self.gate: threading.Semaphore | None = None
         self.fail_next_generate: BaseException | None = None
 
@@ -59,18 +53,22 @@ class MockEngine:
         B = self.config.max_batch_size
         return MockState(np.zeros(B, np.int64), np.zeros(B, np.int64), np.zeros(B, np.int64))
 
-    def prefill(self, lora: LoraStack, items: list[tuple[list[int], int, SamplingParams, int]]) -> MockPrefix:
-        T = self.config.bucket(max(len(prompt) for prompt, *_ in items))
-        assert len(items) <= self.config.prefill_batch and all(self.config.bucket(len(p)) == T for p, *_ in items)
-        self.calls.append(("prefill", [tuple(p) for p, *_ in items]))
-        first = np.array([(sum(p) + 100 * slot) % VOCAB for p, slot, *_ in items])
-        return MockPrefix(_tokens(first, np.zeros(len(items), np.int64)), np.array([slot for _, slot, *_ in items]))
-
-    def insert(self, prefix: MockPrefix, state: MockState, rows: list[int]) -> MockState:
-        self.calls.append(("insert", list(rows)))
+    def prefill(self, lora: LoraStack, state: MockState, items: list[PrefillItem]) -> tuple[MockState, StepTokens, ChunkKV]:
+        C = self.config.prefill_chunk
+        assert len(items) <= self.config.prefill_batch and len({self.config.window(i.start) for i in items}) == 1
+        self.calls.append(("prefill", [tuple(i.prompt) for i in items], [i.row for i in items]))
         state = MockState(state.tokens.copy(), state.index.copy(), state.slots.copy())
-        for p, row in enumerate(rows):
-            state.tokens[row], state.index[row], state.slots[row] = prefix.first.token[p], 1, prefix.slot[p]
+        first = np.array([(sum(i.prompt) + 100 * i.slot) % VOCAB for i in items])
+        for p, i in enumerate(items):
+            if i.start + C >= len(i.prompt):  # its last chunk: the row decodes from now on
+                state.tokens[i.row], state.index[i.row], state.slots[i.row] = first[p], 1, i.slot
+        # each "key" entry is the chunk's start position, so a test can see which chunk a cache hit copied
+        written = ChunkKV(k=(np.array([[i.start] for i in items]),), v=(np.zeros((len(items), 1)),))
+        return state, _tokens(first, np.zeros(len(items), np.int64)), written
+
+    def put_chunk(self, state: MockState, kv: ChunkKV, row: int, start: int) -> MockState:
+        assert int(kv.k[0][0]) == start, "a cached chunk goes back where it was computed"
+        self.calls.append(("put_chunk", row, start))
         return state
 
     def generate(self, lora: LoraStack, state: MockState) -> tuple[MockState, StepTokens]:

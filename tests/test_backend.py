@@ -19,7 +19,7 @@ from jaxlora.tokenizer import TextStream, load_tokenizer
 @pytest.fixture(scope="module")
 def backend(demo_model_dir, tmp_path_factory):
     b = LocalJaxLoRABackend(demo_model_dir, tmp_path_factory.mktemp("fs"),
-                            EngineConfig(max_batch_size=4, max_seq_len=128, prefill_buckets=(16, 32, 64), num_adapter_slots=3))
+                            EngineConfig(max_batch_size=4, max_seq_len=128, prefill_chunk=16, num_adapter_slots=3))
     ad = random_adapter(b.model_config, r=8, alpha=16, seed=1, std=0.3)
     b.store.publish("local", "faq", lambda d: write_peft(ad, d), base_model={"name": b.model_id, "fingerprint": b.replica.fingerprint})
     yield b

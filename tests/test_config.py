@@ -176,7 +176,7 @@ def test_a_config_json_that_is_not_json_is_named(tmp_path):
 ENGINE_BOUNDS = [
     ("max_batch_size", 1, 0), ("decode_steps", 1, 0), ("prefill_batch", 1, 0), ("max_lora_rank", 1, 0),
     ("host_adapter_cache", 1, 0), ("max_queue", 0, -1), ("max_seq_len", 8, 7), ("num_adapter_slots", 2, 1),
-    ("prefill_buckets", (1,), ()), ("prefill_buckets", (1,), (0, 16)), ("dtype", "bfloat16", "float16"),
+    ("prefill_chunk", 1, 0), ("prefill_tokens_per_turn", 1, 0), ("prefix_cache_bytes", 0, -1), ("dtype", "bfloat16", "float16"),
     ("scheduling", "fifo", "lottery"), ("completion_token_weight", 1e-6, 0.0),
     ("max_queued_per_tenant", 1, 0), ("max_rows_per_tenant", 1, 0), ("max_preemptions", 0, -1),
 ]
@@ -195,14 +195,23 @@ def test_engine_bounds_cover_every_field_and_reach_the_app_args_error():
         AppArgs(engine={"max_batch_size": 0})
 
 
-@pytest.mark.parametrize("buckets,max_seq_len,expected", [
-    ((16, 32, 64, 128), 100, (16, 32, 64, 100)),  # those below max_seq_len, then max_seq_len itself
-    ((16, 32, 64), 64, (16, 32, 64)),
-    ((64, 16, 16, 1024), 512, (16, 64, 512)),  # sorted, once each, none past max_seq_len
-    ((512,), 256, (256,)),
+@pytest.mark.parametrize("chunk,max_seq_len,expected", [
+    (16, 100, (16, 32, 64, 100)),  # the chunk times powers of two below max_seq_len, then max_seq_len
+    (16, 64, (16, 32, 64)),
+    (64, 64, (64,)),  # one shot
+    (48, 512, (48, 96, 192, 384, 512)),
 ])
-def test_engine_buckets(buckets, max_seq_len, expected):
-    assert EngineConfig(prefill_buckets=buckets, max_seq_len=max_seq_len).buckets == expected
+def test_engine_windows(chunk, max_seq_len, expected):
+    config = EngineConfig(prefill_chunk=chunk, max_seq_len=max_seq_len)
+    assert config.windows == expected
+    # a chunk's window holds the chunk, and is a function of where the chunk starts
+    for start in range(0, max_seq_len, chunk):
+        assert config.window(start) == min(w for w in expected if w >= min(start + chunk, max_seq_len))
+
+
+def test_a_chunk_past_the_context_is_one_shot():
+    assert EngineConfig(prefill_chunk=128, max_seq_len=64) == EngineConfig(prefill_chunk=64, max_seq_len=64)
+    assert EngineConfig(prefill_chunk=128, max_seq_len=64).windows == (64,)
 
 
 def test_unknown_app_args_are_refused_naming_them():

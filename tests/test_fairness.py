@@ -20,7 +20,7 @@ from jaxlora.slots import SlotCache
 from tests.engine_fixtures import collect
 from tests.mock_engine import MockEngine, tiny_stack
 
-ONE_ROW = EngineConfig(max_batch_size=1, max_seq_len=64, prefill_buckets=(8, 16), decode_steps=1, prefill_batch=1,
+ONE_ROW = EngineConfig(max_batch_size=1, max_seq_len=64, prefill_chunk=8, decode_steps=1, prefill_batch=1,
                        max_queue=512, num_adapter_slots=2, max_lora_rank=1)
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -81,7 +81,7 @@ def test_fifo_keeps_arrival_order():
     assert order == ["A1", "A2", "A3", "B1", "B2", "B3", "C1", "C2", "C3"]
 
 
-TWO_ROWS = EngineConfig(max_batch_size=2, max_seq_len=64, prefill_buckets=(8, 16), decode_steps=2, prefill_batch=2,
+TWO_ROWS = EngineConfig(max_batch_size=2, max_seq_len=64, prefill_chunk=8, decode_steps=2, prefill_batch=2,
                         max_queue=1024, num_adapter_slots=2, max_lora_rank=1)
 HEAVY, LIGHT = (7, 6), (1, 1)  # (prompt tokens, completion tokens): costs 7 + 2*6 = 19 and 1 + 2*1 = 3
 
@@ -129,12 +129,12 @@ def test_weights_give_shares_in_proportion():
 def test_a_lone_tenant_gets_every_row():
     engine = _loop(dataclasses.replace(TWO_ROWS, max_batch_size=3),
                    [("solo", [i], 5, 1.0) for i in range(6)] + [("other", [9], 1, 1.0)])
-    first_generate = engine.calls.index(("generate",))
-    rows = [r for call in engine.calls[:first_generate] if call[0] == "insert" for r in call[1]]
-    # Every row is taken before the first decode: the other tenant's one request went into the first
-    # prefill beside solo's first (it finished there), and solo's next two took rows 1 and 2.
-    assert rows == [0, 1, 1, 2]
-    assert _prefilled(engine)[0] == [(0,), (9,)]
+    second_generate = [i for i, c in enumerate(engine.calls) if c == ("generate",)][1]
+    rows = [r for call in engine.calls[:second_generate] if call[0] == "prefill" for r in call[2]]
+    # Every row is taken by the second decode: the other tenant's one request went into the first
+    # prefill beside solo's first (it finished there), and solo's next two took rows 2 and 1.
+    assert rows == [0, 1, 2, 1]
+    assert _prefilled(engine)[:2] == [[(0,), (9,)], [(1,), (2,)]]
 
 
 def test_counters_bank_no_credit_for_idle_time():
@@ -193,7 +193,7 @@ def test_max_queued_per_tenant_refuses_only_that_tenant():
 
 # -- preemption -------------------------------------------------------------------------------------
 
-PREEMPT = EngineConfig(max_batch_size=2, max_seq_len=64, prefill_buckets=(8, 16), decode_steps=1, prefill_batch=2,
+PREEMPT = EngineConfig(max_batch_size=2, max_seq_len=64, prefill_chunk=8, decode_steps=1, prefill_batch=2,
                        max_queue=64, num_adapter_slots=3, max_lora_rank=1)
 
 
@@ -229,9 +229,8 @@ def test_a_light_tenant_takes_a_flooding_tenants_row_which_resumes_where_it_left
     # request costs 1 + 2 * 2 = 5. After one decode call f = 10 (gap 4: no), after two f = 14
     # (gap 8 > 5): f's latest request (f2, row 1) goes to host memory and l1 takes its row. Once l1
     # is done f2 comes back, into row 1 on slot 0, before f3 starts.
-    assert engine.calls[:10] == [("prefill", [(1,), (2,)]), ("insert", [0, 1]), ("generate",), ("generate",),
-                                 ("swap_out", 1), ("prefill", [(50,)]), ("insert", [1]), ("generate",),
-                                 ("swap_in", 1, 0), ("generate",)]
+    assert engine.calls[:8] == [("prefill", [(1,), (2,)], [0, 1]), ("generate",), ("generate",),
+                                ("swap_out", 1), ("prefill", [(50,)], [1]), ("generate",), ("swap_in", 1, 0), ("generate",)]
     # f2's tokens and logprobs run on as if it had never left its row (the mock's rule: +1 per token)
     assert f2[0] == list(range(3, 14)) and f2[1] == [-float(n) for n in range(1, 12)]
     assert f1[0] == list(range(2, 13))
@@ -247,7 +246,7 @@ def test_without_preemption_the_light_request_waits_for_a_row(change):
     second = [i for i, c in enumerate(engine.calls) if c[0] == "prefill"][1]
     assert engine.calls[:second].count(("generate",)) == 11  # once f1 and f2 are done: 1 + 11 tokens each
     fifo = change.get("scheduling") == "fifo"
-    assert engine.calls[second] == ("prefill", [(3,), (50,)] if fifo else [(50,), (3,)])
+    assert engine.calls[second] == ("prefill", [(3,), (50,)] if fifo else [(50,), (3,)], [0, 1])
     assert f2[0] == list(range(3, 14))
 
 

@@ -21,7 +21,7 @@ from serve_app.app import build_app  # noqa: E402
 from serve_app.keys import add_key  # noqa: E402
 
 FAQ = Path("configs/train/demo_faq.jsonl")
-ENGINE = {"max_batch_size": 8, "max_seq_len": 128, "prefill_buckets": [16, 32], "decode_steps": 4, "max_queue": 64,
+ENGINE = {"max_batch_size": 8, "max_seq_len": 128, "prefill_chunk": 16, "decode_steps": 4, "max_queue": 64,
           "num_adapter_slots": 4, "max_lora_rank": 16}
 
 

@@ -19,7 +19,7 @@ from jaxlora.slots import SlotCache
 from tests.engine_fixtures import collect
 from tests.mock_engine import MockEngine, tiny_stack
 
-CONFIG = EngineConfig(max_batch_size=3, max_seq_len=64, prefill_buckets=(8, 16), decode_steps=4, prefill_batch=2,
+CONFIG = EngineConfig(max_batch_size=3, max_seq_len=64, prefill_chunk=8, decode_steps=4, prefill_batch=2,
                       max_queue=4, num_adapter_slots=3, max_lora_rank=1)
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -65,7 +65,7 @@ def test_tokens_logprobs_and_alternatives_follow_the_rules(loop):
     assert tops[2] == ((10, -3.0), (11, -4.0))  # the 3rd token (9, n=2): alternatives 9+1, 9+2
     assert (fin.reason, fin.prompt_tokens, fin.completion_tokens) == ("length", 2, 6)
     # one prefill (the first token), then decode calls of 4 steps: 1 + 4 + 4 >= 6
-    assert [c[0] for c in engine.calls] == ["prefill", "insert", "generate", "generate"]
+    assert [c[0] for c in engine.calls] == ["prefill", "generate", "generate"]
 
 
 def test_the_adapter_slot_reaches_the_engine(loop):
@@ -75,21 +75,24 @@ def test_the_adapter_slot_reaches_the_engine(loop):
     assert collect(h)[0] == [107, 108]  # slot 1: 3 + 4 + 100
 
 
-def test_admission_is_oldest_first_and_groups_one_bucket_per_prefill(loop):
+def test_admission_is_oldest_first_and_chunks_share_a_call_by_window(loop):
     sched, engine, _ = loop
     two = SamplingParams(max_tokens=2, **GREEDY)  # the first token at prefill, the second in a decode call
-    short1 = sched.submit([1], two)  # bucket 8
-    long1 = sched.submit([2] * 9, two)  # bucket 16
-    short2 = sched.submit([3], two)  # bucket 8
-    short3 = sched.submit([4], two)  # bucket 8, but the three rows are taken
+    short1 = sched.submit([1], two)  # one chunk, window 8
+    long1 = sched.submit([2] * 9, two)  # two chunks: window 8, then 16
+    short2 = sched.submit([3], two)
+    short3 = sched.submit([4], two)  # the three rows are taken
     sched.start()
     for h in (short1, long1, short2, short3):
         assert collect(h)[3].reason == "length"
-    # Three free rows: the oldest (short1) with the next of its bucket (short2), then long1 into the
-    # last row; short3 waits for the decode call that retires them.
-    assert [c[1] for c in engine.calls if c[0] == "prefill"] == [[(1,), (3,)], [(2,) * 9], [(4,)]]
-    assert [c[1] for c in engine.calls if c[0] == "insert"] == [[0, 1], [2], [0]]
-    assert [c[0] for c in engine.calls].index("generate") == 4  # both prefills came before any decode
+    prefills = [c[1:] for c in engine.calls if c[0] == "prefill"]
+    # The oldest (short1) with the next of its window (long1's first chunk): one call of two rows.
+    # short1 then decodes, so the turn's budget (one call) is spent and a decode call runs. It
+    # retires short1 and short3 takes row 0; the oldest still prefilling is long1, whose last chunk
+    # (window 16) goes alone; long1 decodes, so the budget holds again until the next decode call,
+    # and then short2 and short3 (window 8) share one.
+    assert prefills == [([(1,), (2,) * 9], [0, 1]), ([(2,) * 9], [1]), ([(3,), (4,)], [2, 0])]
+    assert [c[0] for c in engine.calls][:5] == ["prefill", "generate", "prefill", "generate", "prefill"]
 
 
 def test_a_request_done_at_prefill_never_holds_a_row(loop):
@@ -98,7 +101,7 @@ def test_a_request_done_at_prefill_never_holds_a_row(loop):
     sched.start()
     assert [collect(h)[0] for h in handles] == [[0], [1], [2], [3], [4]]
     assert ("generate",) not in engine.calls
-    assert [c[1] for c in engine.calls if c[0] == "insert"] == [[0, 1], [0, 1], [0]]
+    assert [c[2] for c in engine.calls if c[0] == "prefill"] == [[0, 1], [2], [0, 1]]
 
 
 def test_a_stop_token_inside_a_decode_call_retires_the_row_there(loop):
@@ -129,7 +132,9 @@ def test_while_the_loop_is_held_requests_wait_and_the_queue_is_bounded(loop):
     engine.gate = gate = threading.Semaphore(0)  # every generate call waits for a release
     running = [sched.submit([i], SamplingParams(max_tokens=5, **GREEDY)) for i in range(3)]
     sched.start()
-    assert [next(iter(h)).token_id for h in running] == [0, 1, 2]  # prefilled; the decode call is held
+    # the first two were prefilled in one call; the third waits for the held decode call (one
+    # prefill call a turn while rows decode), holding its row
+    assert [next(iter(h)).token_id for h in running[:2]] == [0, 1]
     waiting = [sched.submit([7], SamplingParams(max_tokens=1, **GREEDY)) for _ in range(CONFIG.max_queue)]
     with pytest.raises(Overloaded, match="4 requests waiting"):
         sched.submit([7], SamplingParams(max_tokens=1, **GREEDY))
@@ -146,7 +151,7 @@ def test_cancelling_a_running_row_frees_it_for_the_next_request(loop):
     rows = [sched.submit([i], SamplingParams(max_tokens=50, **GREEDY)) for i in range(3)]
     late = sched.submit([100], SamplingParams(max_tokens=2, **GREEDY))
     sched.start()
-    for h in rows:
+    for h in rows[:2]:  # prefilled in the first call; the third row's prompt waits for the held decode
         next(iter(h))
     rows[1].cancel()
     gate.release()  # this call still computes row 1; the next turn retires it and admits `late`
@@ -155,7 +160,8 @@ def test_cancelling_a_running_row_frees_it_for_the_next_request(loop):
     tokens, _, _, fin = collect(late)
     assert tokens == [100, 101] and fin.reason == "length"
     assert collect(rows[1])[3].reason == "cancelled"
-    assert ("insert", [1]) in engine.calls  # `late` took the cancelled request's row
+    # `late` took the cancelled request's row
+    assert [c[2][c[1].index((100,))] for c in engine.calls if c[0] == "prefill" and (100,) in c[1]] == [1]
     for h in (rows[0], rows[2]):
         h.cancel()
 
@@ -184,7 +190,7 @@ def test_with_every_slot_pinned_a_request_waits_in_place(loop):
     engine.gate = None
     gate.release()
     assert collect(c)[0] == [101]  # slot 1 again, once a's row was retired and its slot unpinned
-    assert [c_[1] for c_ in engine.calls if c_[0] == "insert"] == [[0, 1], [0]]
+    assert [c_[2] for c_ in engine.calls if c_[0] == "prefill"] == [[0, 1], [0]]
     assert collect(a)[3].reason == collect(b)[3].reason == "length"
 
 

@@ -28,7 +28,7 @@ from jaxlora.config import ModelConfig  # noqa: E402
 from serve_app.app import build_app  # noqa: E402
 from serve_app.keys import add_key, remove_keys  # noqa: E402
 
-ENGINE = {"max_batch_size": 8, "max_seq_len": 128, "prefill_buckets": [16, 32, 64], "decode_steps": 4, "max_queue": 64,
+ENGINE = {"max_batch_size": 8, "max_seq_len": 128, "prefill_chunk": 16, "decode_steps": 4, "max_queue": 64,
           "num_adapter_slots": 4, "max_lora_rank": 8}
 
 
@@ -101,7 +101,7 @@ def server(ray_local, demo_model_dir, tmp_path_factory):
     # test of "main" counts on its one ingress replica having exported everything before its marker. One
     # prefill bucket keeps its start (compilation) short.
     serve.run(build_app({**common, **limited, "engine": {**ENGINE, "max_batch_size": 2, "max_seq_len": 32,
-                                                         "prefill_buckets": [32]}, "ingress_replicas": 2}),
+                                                         "prefill_chunk": 32}, "ingress_replicas": 2}),
               name="twin", route_prefix="/twin")
     yield srv
     serve.shutdown()

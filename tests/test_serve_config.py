@@ -66,13 +66,13 @@ def test_every_engine_option_has_one_definition_settable_from_yaml():
     import dataclasses
 
     fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
-    changed = {"max_batch_size": 3, "max_seq_len": 96, "prefill_buckets": [8, 24], "decode_steps": 2, "prefill_batch": 2,
+    changed = {"max_batch_size": 3, "max_seq_len": 96, "prefill_chunk": 24, "decode_steps": 2, "prefill_batch": 2,
                "max_queue": 5, "num_adapter_slots": 3, "max_lora_rank": 4, "host_adapter_cache": 7, "dtype": "bfloat16",
                "scheduling": "fifo", "completion_token_weight": 3.0, "max_queued_per_tenant": 2, "max_rows_per_tenant": 1,
-               "max_preemptions": 3}
+               "max_preemptions": 3, "prefill_tokens_per_turn": 100, "prefix_cache_bytes": 12345}
     assert set(changed) == set(fields), "a new EngineConfig field: add it here"
     engine = AppArgs(**yaml.safe_load(yaml.safe_dump({"engine": changed}))).engine
-    assert engine == EngineConfig(**{**changed, "prefill_buckets": (8, 24)})
+    assert engine == EngineConfig(**changed)
     assert AppArgs().engine == EngineConfig()  # one set of defaults
     with pytest.raises(ValueError, match="bogus"):
         AppArgs(engine={"bogus": 1})
@@ -88,7 +88,7 @@ def test_changed_args_of_the_shipped_config_reach_the_running_deployments(serve_
     app["args"].update({
         "model_dir": str(demo_model_dir), "fs_root": str(tmp_path / "fs"),
         "engine": {**app["args"]["engine"], "max_batch_size": 3, "max_queue": 5, "max_seq_len": 128,
-                   "prefill_buckets": [16, 32, 64]},
+                   "prefill_chunk": 16},
         "tokenizer_replicas": 2, "model_replicas": 2, "model_num_cpus": 0.25, "model_max_queued_requests": 7,
         "model_runtime_env": {"env_vars": {"JAXLORA_CONFIG_PROBE": "yes"}},
     })

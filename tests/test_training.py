@@ -123,7 +123,7 @@ def test_demo_faq_is_learned_and_served(faq_run, demo_model_dir):
     assert open(f"{result.path}/loss_curve.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(line) for line in open(spec.data)]
     backend = LocalJaxLoRABackend(demo_model_dir, spec.fs_root, EngineConfig(max_batch_size=8, max_seq_len=64,
-                                                                            prefill_buckets=(16, 32)))
+                                                                            prefill_chunk=16))
     try:
         def answered(adapter):
             return sum(backend.generate(prompt=r["prompt"], adapter=adapter, user="local", max_tokens=12,
