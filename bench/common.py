@@ -9,7 +9,7 @@ import platform
 from pathlib import Path
 
 BENCH_LLAMA = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 

@@ -38,6 +38,7 @@ class Usage:
     model: str
     adapter: str | None
     adapter_version: str | None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def total_tokens(self) -> int:
@@ -114,6 +115,7 @@ class LocalJaxLoRABackend:
             model=self.model_id,
             adapter=fin.adapter.adapter_id if fin.adapter else None,
             adapter_version=fin.adapter.version if fin.adapter else None,
+            cached_tokens=fin.cached_tokens,
         )
 
     # -- text-level API ---------------------------------------------------------------------------

@@ -229,10 +229,11 @@ def _prefill_chunk(params: Params, lora: LoraStack, state: DecodeState, prompt_P
 
 
 def _put_chunk(state: DecodeState, kv: ChunkKV, row, start) -> DecodeState:
-    """One cached chunk (per layer [1, C, K, H]) into row `row` at positions [start, start + C)."""
+    """One cached chunk (per layer [1, C, K, H]) into row `row` at positions [start, start + C); the
+    row is parked (as a prefilling row is), so decode calls before its next chunk write nothing there."""
     rows_1 = jnp.reshape(row, (1,))
     positions_1xC = start + jnp.arange(kv.k[0].shape[1], dtype=jnp.int32)[None]
-    return dataclasses.replace(state, cache=KVCache(
+    return dataclasses.replace(state, positions=state.positions.at[row].set(state.cache.max_len), cache=KVCache(
         k=tuple(_write_rows(c, rows_1, positions_1xC, n) for c, n in zip(state.cache.k, kv.k)),
         v=tuple(_write_rows(c, rows_1, positions_1xC, n) for c, n in zip(state.cache.v, kv.v))))
 

@@ -142,7 +142,7 @@ class LoRAModel:
                 if isinstance(batch[-1], Finished):
                     finished = True
                     fin = batch[-1]
-                    yield Done(fin.reason, fin.completion_tokens) if fin.error is None else Failed.of(api_error_for(fin.error))
+                    yield Done(fin.reason, fin.completion_tokens, fin.cached_tokens) if fin.error is None else Failed.of(api_error_for(fin.error))
         finally:
             if not finished:  # the caller went away (client disconnect): free the row now
                 handle.cancel()

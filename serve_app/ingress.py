@@ -287,7 +287,8 @@ class Ingress:
             raise
 
     async def _events(self, replies: AsyncIterator[Tokens | Done], stop: list[str], logprobs: bool):
-        """(text delta, its tokens' logprobs if asked for, tokens so far, finish reason) per replica message:
+        """(text delta, its tokens' logprobs if asked for, tokens so far, finish reason, cached prompt
+        tokens) per replica message (the last two known from the last message on):
         the tokens of one message leave as one piece (one SSE chunk), which keeps per-chunk costs in the
         ingress, the proxy and the client off the per-token path."""
         text = TextStream(self.tokenizer, stop)
@@ -295,7 +296,7 @@ class Ingress:
         try:
             async for msg in replies:
                 if isinstance(msg, Done):
-                    yield text.finish(), [], msg.completion_tokens, msg.reason
+                    yield text.finish(), [], msg.completion_tokens, msg.reason, msg.cached_tokens
                     return
                 deltas, tokens = [], []
                 for token_id, lp, top in zip(msg.ids, msg.logprobs, msg.top_logprobs):
@@ -306,10 +307,10 @@ class Ingress:
                     emitted += len(delta)
                     deltas.append(delta)
                     if text.stopped:
-                        yield "".join(deltas), tokens, produced, "stop"
+                        yield "".join(deltas), tokens, produced, "stop", None  # ended here: the replica's count never comes
                         return
                 if any(deltas) or tokens:
-                    yield "".join(deltas), tokens, produced, None
+                    yield "".join(deltas), tokens, produced, None, None
         finally:
             await replies.aclose()  # cancels the request when it stopped early (a stop string, a client gone)
 
@@ -411,9 +412,9 @@ class Ingress:
             options = body.stream_options or StreamOptions()
             return StreamingResponse(self._stream(route, fmt, usage_tags, decision, events, prompt_tokens, received,
                                                   options), media_type="text/event-stream", headers=headers)
-        parts, tokens, completion_tokens, finish, first_at, status = [], [], 0, None, None, 200
+        parts, tokens, completion_tokens, finish, cached, first_at, status = [], [], 0, None, None, None, 200
         try:
-            async for delta, token_logprobs, produced, reason in events:
+            async for delta, token_logprobs, produced, reason, cached in events:
                 first_at = first_at or time.monotonic()
                 parts.append(delta)
                 tokens.extend(token_logprobs)
@@ -426,23 +427,23 @@ class Ingress:
             raise
         finally:
             self._observe(route, usage_tags, decision, received, first_at, prompt_tokens, completion_tokens, status)
-        out = fmt.final("".join(parts), tokens if logprobs else None, finish, usage_dict(prompt_tokens, completion_tokens))
+        out = fmt.final("".join(parts), tokens if logprobs else None, finish, usage_dict(prompt_tokens, completion_tokens, cached))
         return JSONResponse(out, headers=headers)
 
     async def _stream(self, route, fmt: CompletionFormat | ChatFormat, usage_tags, decision: Decision | None, events,
                       prompt_tokens, received, options: StreamOptions) -> AsyncIterator[str]:
-        completion_tokens, first_at, status = 0, None, 200
+        completion_tokens, cached, first_at, status = 0, None, None, 200
         try:
             if (first := fmt.first_chunk()) is not None:
                 yield _sse(first)
-            async for delta, token_logprobs, produced, reason in events:
+            async for delta, token_logprobs, produced, reason, cached in events:
                 first_at = first_at or time.monotonic()
                 completion_tokens = produced
                 if delta or token_logprobs or reason:  # vLLM's continuous_usage_stats: the usage so far on every chunk
                     usage = usage_dict(prompt_tokens, produced) if options.continuous_usage_stats else None
                     yield _sse(fmt.chunk(delta, token_logprobs or None, reason, usage))
             if options.include_usage:
-                yield _sse(fmt.usage_chunk(usage_dict(prompt_tokens, completion_tokens)))
+                yield _sse(fmt.usage_chunk(usage_dict(prompt_tokens, completion_tokens, cached)))
         except ApiError as e:
             status = e.status
             yield _sse(e.body())

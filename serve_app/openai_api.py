@@ -184,9 +184,12 @@ def now() -> int:
     return int(time.time())
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens` (prompt tokens served from the
+    prefix cache) once the request is done and the number known."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    return out if cached_tokens is None else out | {"prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,6 +51,7 @@ class Tokens:
 class Done:
     reason: str  # the engine's finish reason: "stop" or "length" ("cancelled" if the row was freed first)
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclasses.dataclass(frozen=True)

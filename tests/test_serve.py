@@ -341,6 +341,23 @@ def test_openai_client_streaming(server):
     assert "".join(c.choices[0].text for c in pieces) == client.completions.create(**kw).choices[0].text
 
 
+def test_a_shared_prompt_prefix_comes_from_the_cache_and_usage_says_how_much(server):
+    client = server.client()
+    system = {"role": "system", "content": "Answer in one short sentence, politely, and never guess. " * 2}
+    kw = dict(model="a1", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    first = client.chat.completions.create(messages=[system, {"role": "user", "content": "Who are you?"}], **kw)
+    assert 48 < first.usage.prompt_tokens < ENGINE["max_seq_len"] - 6  # several chunks of 16
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    second = client.chat.completions.create(messages=[system, {"role": "user", "content": "And what now?"}], **kw)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 48 and cached % ENGINE["prefill_chunk"] == 0  # the system prompt's whole chunks
+    chunks = list(client.chat.completions.create(messages=[system, {"role": "user", "content": "Who are you?"}],
+                                                 stream=True, stream_options={"include_usage": True}, **kw))
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens_details.cached_tokens == (usage.prompt_tokens - 1) // 16 * 16  # all but its last chunk
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == first.choices[0].message.content
+
+
 def test_logprobs_and_stop_strings(server):
     client = server.client()
     c = client.completions.create(model=server.base, prompt="Hello", max_tokens=4, temperature=0, logprobs=2,
