@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import build_adapters, build_model, emit, machine
+from jaxlora.engine import EngineConfig
 
 SYSTEM, TURN, LONG, STREAMS, SEQ = 384, 32, 2048, 16, 4096
 
@@ -40,7 +41,6 @@ def _pct(xs: list[float]) -> dict[str, float]:
 
 def _replica(model_dir: Path, peft_dirs: list[Path], **engine):
     from jaxlora.adapter_store import AdapterStore, ResolvedAdapter
-    from jaxlora.engine import EngineConfig
     from jaxlora.replica import build_replica
 
     config = EngineConfig(max_seq_len=SEQ, num_adapter_slots=len(peft_dirs) + 1, max_lora_rank=16, **engine)
@@ -48,11 +48,12 @@ def _replica(model_dir: Path, peft_dirs: list[Path], **engine):
     return replica, [ResolvedAdapter("bench", d.name, "v0001", d) for d in peft_dirs]
 
 
-def shared_prefix_ttft(model_dir: Path, peft_dirs: list[Path], prompts: list[list[int]], chunk: int) -> dict:
+def shared_prefix_ttft(model_dir: Path, peft_dirs: list[Path], prompts: list[list[int]], chunk: int,
+                       prefill_batch: int) -> dict:
     from jaxlora.prefix_cache import PrefixCache
     from jaxlora.sampling import SamplingParams
 
-    replica, adapters = _replica(model_dir, peft_dirs, max_batch_size=4, prefill_chunk=chunk)
+    replica, adapters = _replica(model_dir, peft_dirs, max_batch_size=4, prefill_chunk=chunk, prefill_batch=prefill_batch)
     sched = replica.scheduler
     sched.start()
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
@@ -105,14 +106,15 @@ def peer_ttft(model_dir: Path, peft_dirs: list[Path], prompts: list[list[int]]) 
     return _pct(out[1:])
 
 
-def long_prompts_itl(model_dir: Path, peft_dirs: list[Path], chunk: int, prefill_batch: int, seconds: float,
-                     rounds: int, rng) -> dict:
+def long_prompts_itl(model_dir: Path, peft_dirs: list[Path], chunk: int, prefill_batch: int, budget: int,
+                     seconds: float, rounds: int, rng) -> dict:
     """Inter-token latency of STREAMS decoding rows, quiet and with LONG-token prompts arriving."""
     from jaxlora.sampling import SamplingParams
     from jaxlora.scheduler import Scheduler
 
     replica, adapters = _replica(model_dir, peft_dirs, max_batch_size=STREAMS + 2, prefill_chunk=chunk,
-                                 prefill_batch=prefill_batch, prefix_cache_bytes=0)  # every long prompt computed
+                                 prefill_batch=prefill_batch, prefill_tokens_per_turn=budget,
+                                 prefix_cache_bytes=0)  # every long prompt computed
     sched = replica.scheduler
     decoded: list[tuple[float, int]] = []  # (when a decode call delivered, rows it delivered to)
     original = Scheduler._decode
@@ -164,7 +166,8 @@ def long_prompts_itl(model_dir: Path, peft_dirs: list[Path], chunk: int, prefill
             h.cancel()
         replica.close()
     quiet, busy = _pct(phases["quiet"]), _pct(phases["arriving"])
-    return {"chunk": chunk, "prefill_batch": prefill_batch, "quiet_itl_ms": quiet, "arriving_itl_ms": busy,
+    return {"chunk": chunk, "prefill_batch": prefill_batch, "prefill_tokens_per_turn": budget,
+            "quiet_itl_ms": quiet, "arriving_itl_ms": busy,
             "p99_ratio": round(busy["p99"] / quiet["p99"], 2), "long_prompts": len(long_ttft),
             "long_ttft_ms": _pct(long_ttft) if long_ttft else None}
 
@@ -174,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=64, help="prefill_chunk of the chunked runs (the engine default)")
-    ap.add_argument("--prefill-batch", type=int, default=1, help="prefill_batch in (b): the long prompts come one at a time")
+    ap.add_argument("--prefill-batch", type=int, default=EngineConfig.prefill_batch)
+    ap.add_argument("--prefill-tokens-per-turn", type=int, default=EngineConfig.prefill_tokens_per_turn)
     ap.add_argument("--seconds", type=float, default=8.0, help="each phase of (b)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--parts", default="a,b")
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     if "a" in parts:
         system = rng.integers(3, 8192, size=SYSTEM).tolist()
         prompts = [system + rng.integers(3, 8192, size=TURN).tolist() for _ in range(args.requests)]
-        ours = shared_prefix_ttft(model_dir, peft_dirs, prompts, args.chunk)
+        ours = shared_prefix_ttft(model_dir, peft_dirs, prompts, args.chunk, args.prefill_batch)
         print(f"(a) ours: {ours}", flush=True)
         peer = peer_ttft(model_dir, peft_dirs, prompts)
         print(f"(a) transformers + peft: {peer}", flush=True)
@@ -200,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     if "b" in parts:
         runs = {}
         for name, chunk in (("chunked", args.chunk), ("one_shot", LONG)):
-            runs[name] = long_prompts_itl(model_dir, peft_dirs, chunk, args.prefill_batch, args.seconds, args.rounds, rng)
+            runs[name] = long_prompts_itl(model_dir, peft_dirs, chunk, args.prefill_batch, args.prefill_tokens_per_turn,
+                                          args.seconds, args.rounds, rng)
             print(f"(b) {name}: {runs[name]}", flush=True)
         result["b_long_prompts_itl"] = runs
     emit(result)

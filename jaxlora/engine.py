@@ -57,17 +57,19 @@ class EngineConfig:
     """Prompts are prefilled in chunks of this many tokens, aligned to position 0; each chunk
     attends to what its row's cache holds. Also the prefix cache's unit. max_seq_len (or more, which
     is taken as max_seq_len): one shot."""
-    prefill_tokens_per_turn: int | None = None
+    prefill_tokens_per_turn: int | None = 128
     """While other rows decode, prefill calls per turn of the loop stop once their chunks (counted
     at `prefill_batch` x `prefill_chunk` a call, padding included) reach this; at least one call
-    runs. None: one call per turn. With no row decoding, prefill runs unbounded."""
+    runs. None: one call per turn. With no row decoding, prefill runs unbounded. The trade: each
+    call a turn delays the decoding rows' next tokens by one chunk's time (docs/benchmarks.md)."""
     prefix_cache_bytes: int = 256 * 2**20
     """KV of complete prompt chunks kept for reuse (`prefix_cache.py`), LRU beyond this; 0: off."""
     decode_steps: int = 8
     """Tokens per row per generate call: more is faster, fewer streams sooner."""
-    prefill_batch: int = 4
+    prefill_batch: int = 1
     """Rows whose next chunks share an attention window, prefilled together in one call (unused
-    places are padding)."""
+    places are padding, computed all the same). On CPU a chunk of 64 is already an efficient
+    matmul, so 1 (no padding) is the fastest; a GPU may want more."""
     max_queue: int = 256
     """Requests waiting for a row beyond this are refused at once (overload)."""
     num_adapter_slots: int = 8
@@ -229,13 +231,16 @@ def _prefill_chunk(params: Params, lora: LoraStack, state: DecodeState, prompt_P
 
 
 def _put_chunk(state: DecodeState, kv: ChunkKV, row, start) -> DecodeState:
-    """One cached chunk (per layer [1, C, K, H]) into row `row` at positions [start, start + C); the
-    row is parked (as a prefilling row is), so decode calls before its next chunk write nothing there."""
-    rows_1 = jnp.reshape(row, (1,))
-    positions_1xC = start + jnp.arange(kv.k[0].shape[1], dtype=jnp.int32)[None]
-    return dataclasses.replace(state, positions=state.positions.at[row].set(state.cache.max_len), cache=KVCache(
-        k=tuple(_write_rows(c, rows_1, positions_1xC, n) for c, n in zip(state.cache.k, kv.k)),
-        v=tuple(_write_rows(c, rows_1, positions_1xC, n) for c, n in zip(state.cache.v, kv.v))))
+    """One cached chunk (per layer [C, K, H]) into row `row` at positions [start, start + C) (a
+    contiguous block: a slice update, not a scatter); the row is parked (as a prefilling row is), so
+    decode calls before its next chunk write nothing there."""
+
+    def put(cache_BxKxSxH, new_CxKxH):
+        block = new_CxKxH.transpose(1, 0, 2)[None].astype(cache_BxKxSxH.dtype)  # [1, K, C, H]
+        return jax.lax.dynamic_update_slice(cache_BxKxSxH, block, (row, 0, start, 0))
+
+    return dataclasses.replace(state, positions=state.positions.at[row].set(state.cache.max_len),
+                               cache=KVCache(k=tuple(map(put, state.cache.k, kv.k)), v=tuple(map(put, state.cache.v, kv.v))))
 
 
 def _row_of(state: DecodeState, row) -> DecodeState:
@@ -384,7 +389,6 @@ class Engine:
     def put_chunk(self, state: DecodeState, kv: ChunkKV, row: int, start: int) -> DecodeState:
         """Writes one chunk's keys and values (per layer [C, K, H], e.g. from the prefix cache) into
         row `row` at [start, start + prefill_chunk): bitwise what prefilling that chunk there writes."""
-        kv = jax.tree.map(lambda a: jnp.asarray(a)[None], kv)
         return self._put_chunk(state, kv, jnp.int32(row), jnp.int32(start))
 
     def generate(self, lora: LoraStack, state: DecodeState) -> tuple[DecodeState, StepTokens]:

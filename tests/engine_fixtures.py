@@ -14,7 +14,7 @@ from jaxlora.scheduler import Scheduler
 from jaxlora.slots import SlotCache
 from tests.peft_adapters import ADAPTER_SPECS, make_peft_adapter
 
-ENGINE_CONFIG = EngineConfig(max_batch_size=8, max_seq_len=64, prefill_chunk=8, decode_steps=4,
+ENGINE_CONFIG = EngineConfig(max_batch_size=8, max_seq_len=64, prefill_chunk=8, prefill_batch=4, decode_steps=4,
                              max_queue=512, num_adapter_slots=4, max_lora_rank=8)
 
 

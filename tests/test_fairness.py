@@ -81,7 +81,7 @@ def test_fifo_keeps_arrival_order():
     assert order == ["A1", "A2", "A3", "B1", "B2", "B3", "C1", "C2", "C3"]
 
 
-TWO_ROWS = EngineConfig(max_batch_size=2, max_seq_len=64, prefill_chunk=8, decode_steps=2, prefill_batch=2,
+TWO_ROWS = EngineConfig(max_batch_size=2, max_seq_len=64, prefill_chunk=8, prefill_tokens_per_turn=None, decode_steps=2, prefill_batch=2,
                         max_queue=1024, num_adapter_slots=2, max_lora_rank=1)
 HEAVY, LIGHT = (7, 6), (1, 1)  # (prompt tokens, completion tokens): costs 7 + 2*6 = 19 and 1 + 2*1 = 3
 

@@ -4,6 +4,7 @@ real engine adds (bits, parity, compiles) is tested in test_engine.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from jaxlora.slots import SlotCache
 from tests.engine_fixtures import collect
 from tests.mock_engine import MockEngine, tiny_stack
 
-CONFIG = EngineConfig(max_batch_size=3, max_seq_len=64, prefill_chunk=8, decode_steps=4, prefill_batch=2,
-                      max_queue=4, num_adapter_slots=3, max_lora_rank=1)
+CONFIG = EngineConfig(max_batch_size=3, max_seq_len=64, prefill_chunk=8, prefill_tokens_per_turn=None, decode_steps=4,
+                      prefill_batch=2, max_queue=4, num_adapter_slots=3, max_lora_rank=1)
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
@@ -93,6 +94,29 @@ def test_admission_is_oldest_first_and_chunks_share_a_call_by_window(loop):
     # and then short2 and short3 (window 8) share one.
     assert prefills == [([(1,), (2,) * 9], [0, 1]), ([(2,) * 9], [1]), ([(3,), (4,)], [2, 0])]
     assert [c[0] for c in engine.calls][:5] == ["prefill", "generate", "prefill", "generate", "prefill"]
+
+
+def test_while_a_row_decodes_a_long_prompt_takes_its_budget_of_chunks_a_turn():
+    config = dataclasses.replace(CONFIG, prefill_batch=1, prefill_tokens_per_turn=16)  # two chunks of 8 a turn
+    engine = MockEngine(config)
+    slots = SlotCache(tiny_stack(config.num_adapter_slots), lambda r: None)
+    sched = Scheduler(engine, slots)
+    try:
+        engine.gate = gate = threading.Semaphore(0)
+        streaming = sched.submit([1], SamplingParams(max_tokens=30, **GREEDY))
+        sched.start()
+        next(iter(streaming))  # decoding; its first decode call is held
+        long = sched.submit([2] * 40, SamplingParams(max_tokens=1, **GREEDY))  # five chunks
+        engine.gate = None
+        gate.release()
+        assert collect(long)[0] == [80]
+        streaming.cancel()
+    finally:
+        sched.stop()
+        slots.close()
+    kinds = [c[0] if c[0] == "generate" else c[2] for c in engine.calls if c[0] in ("generate", "prefill")]
+    first = kinds.index([1], 1)  # the long prompt's first chunk (row 1)
+    assert kinds[first:first + 8] == [[1], [1], "generate", [1], [1], "generate", [1], "generate"]
 
 
 def test_a_request_done_at_prefill_never_holds_a_row(loop):
