@@ -8,7 +8,9 @@ current, so requests never wait for it and a version that fails to load leaves t
 identity, because NFS/CephFS mtimes can be coarse or late. Rows already running keep the slot of the
 version they started with; the slot cache is keyed by version, so nothing is overwritten under them.
 
-Pinned references (`id@v0003`) bypass all this and resolve straight from the store.
+Pinned references (`id@v0003`) bypass all this and resolve straight from the store. When a version
+stops being the one new requests get (replaced, or its adapter deleted), `retired` hears of it:
+the replica wires it to the prefix cache, which drops that version's KV.
 """
 
 from __future__ import annotations
