@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import build_adapters, build_model, emit, machine
+from bench.common import bench_model, emit, machine, peft_peer
 from jaxlora.engine import EngineConfig
 
 SYSTEM, TURN, LONG, STREAMS, SEQ = 384, 32, 2048, 16, 4096
@@ -82,18 +82,9 @@ def shared_prefix_ttft(model_dir: Path, peft_dirs: list[Path], prompts: list[lis
 
 
 def peer_ttft(model_dir: Path, peft_dirs: list[Path], prompts: list[list[int]]) -> dict:
-    import os
-
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), peft_dirs[0],
-                                      adapter_name=peft_dirs[0].name)
-    for d in peft_dirs[1:]:
-        model.load_adapter(d, adapter_name=d.name)
-    model.eval()
+    model = peft_peer(model_dir, peft_dirs)
     out = []
     with torch.inference_mode():
         for i, p in enumerate([prompts[0]] + prompts):  # the first one warms up
@@ -120,7 +111,7 @@ def long_prompts_itl(model_dir: Path, peft_dirs: list[Path], chunk: int, prefill
     original = Scheduler._decode
 
     def timed_decode(self) -> None:
-        rows = sum(r is not None and not r.prefilling for r in self._rows)
+        rows = len(self._decoding())
         original(self)
         decoded.append((time.monotonic(), rows))
 
@@ -184,9 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--parts", default="a,b")
     ap.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "jaxlora-bench"))
     args = ap.parse_args(argv)
-    work = Path(args.work_dir)
-    model_dir = build_model(work / "llama8x512")
-    peft_dirs = build_adapters(model_dir, work / "adapters", args.adapters)
+    model_dir, peft_dirs = bench_model(args.work_dir, args.adapters)
     rng = np.random.default_rng(0)
     result = {"benchmark": "prefix_cache_and_chunked_prefill", "max_seq_len": SEQ, "adapters": args.adapters,
               "machine": machine()}

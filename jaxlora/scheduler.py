@@ -230,7 +230,7 @@ class Scheduler:
                     self._retire(req, "cancelled")
                 self._admit()
                 self._prefill()
-                if any(r is not None and not r.prefilling for r in self._rows):
+                if self._decoding():
                     self._decode()
         except BaseException as e:  # noqa: BLE001 - every request must hear about it
             log.exception("engine loop failed; failing all requests")
@@ -299,6 +299,10 @@ class Scheduler:
     def _adapter_key(req: _Live):
         return None if req.request.adapter is None else req.request.adapter.key
 
+    def _decoding(self) -> list[_Live]:
+        """The requests whose rows decode: they hold a row and their prompt is all prefilled."""
+        return [r for r in self._rows if r is not None and not r.prefilling]
+
     def _prefill(self) -> None:
         """Prefills the next chunk of rows still prefilling, oldest first: each call takes the oldest
         one and up to `prefill_batch` - 1 more whose chunk has the same window. While rows decode,
@@ -308,7 +312,7 @@ class Scheduler:
         budget = config.prefill_tokens_per_turn or P * C
         spent = 0
         while self._prefilling:
-            if spent >= budget and any(r is not None and not r.prefilling for r in self._rows):
+            if spent >= budget and self._decoding():
                 return
             window = config.window(self._prefilling[0].prefilled)
             group = [r for r in self._prefilling if config.window(r.prefilled) == window][:P]
@@ -438,7 +442,7 @@ class Scheduler:
         t0 = time.monotonic()
         self._state, out = self.engine.generate(self.slots.stack, self._state)
         out = jax.device_get(out)
-        busy = [r for r in self._rows if r is not None and not r.prefilling]
+        busy = self._decoding()
         steps = out.token.shape[0]
         accepted = 0
         for req in busy:
