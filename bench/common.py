@@ -45,6 +45,27 @@ def build_adapters(model_dir: Path, out: Path, n: int, r: int = 16) -> list[Path
     return dirs
 
 
+def bench_model(work_dir: str | Path, adapters: int) -> tuple[Path, list[Path]]:
+    """The benchmark model and `adapters` PEFT adapters for it, built under `work_dir` unless there."""
+    work = Path(work_dir)
+    model_dir = build_model(work / "llama8x512")
+    return model_dir, build_adapters(model_dir, work / "adapters", adapters)
+
+
+def peft_peer(model_dir: Path, peft_dirs: list[Path]):
+    """The peer: transformers + PEFT on every core, each adapter loaded under its folder's name."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, peft_dirs[0], adapter_name=peft_dirs[0].name)
+    for d in peft_dirs[1:]:
+        model.load_adapter(d, adapter_name=d.name)
+    return model.eval()
+
+
 def machine() -> dict:
     return {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine()}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import build_adapters, build_model, emit, machine
+from bench.common import bench_model, emit, machine, peft_peer
 
 
 def run_ours(model_dir: Path, peft_dirs: list[Path], prompts: list[list[int]], gen_len: int, repeats: int) -> dict:
@@ -61,15 +61,8 @@ def run_ours(model_dir: Path, peft_dirs: list[Path], prompts: list[list[int]], g
 
 def run_peer(model_dir: Path, peft_dirs: list[Path], prompts: list[list[int]], gen_len: int, repeats: int) -> float:
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, peft_dirs[0], adapter_name=peft_dirs[0].name)
-    for d in peft_dirs[1:]:
-        model.load_adapter(d, adapter_name=d.name)
-    model.eval()
+    model = peft_peer(model_dir, peft_dirs)
     model.generation_config.eos_token_id = None
     ids = torch.tensor(prompts)
     names = [peft_dirs[i % len(peft_dirs)].name for i in range(len(prompts))]
@@ -95,9 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "jaxlora-bench"))
     args = ap.parse_args(argv)
-    work = Path(args.work_dir)
-    model_dir = build_model(work / "llama8x512")
-    peft_dirs = build_adapters(model_dir, work / "adapters", args.adapters)
+    model_dir, peft_dirs = bench_model(args.work_dir, args.adapters)
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, 8192, size=(args.requests, args.prompt_len)).tolist()
     ours = run_ours(model_dir, peft_dirs, prompts, args.gen_len, args.repeats)

@@ -35,3 +35,18 @@ def load_peft(base_dir: Path, adapters: dict[str, Path]) -> PeftModel:
     for n in names[1:]:
         model.load_adapter(adapters[n], adapter_name=n)
     return model.eval()
+
+
+def peft_greedy(model: PeftModel, adapter: str | None, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """PEFT's greedy `generate` of `prompt` on `adapter` (None: the base model), the new tokens only;
+    EOS does not stop it (the engine's requests set ignore_eos to compare)."""
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        if adapter is None:
+            with model.disable_adapter():
+                out = model.generate(input_ids=ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0)
+        else:
+            model.set_adapter(adapter)
+            out = model.generate(input_ids=ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

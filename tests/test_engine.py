@@ -7,7 +7,6 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 from jaxlora.hf_checkpoint import model_fingerprint
 from jaxlora.engine import compile_count
@@ -16,7 +15,7 @@ from jaxlora.replica import build_slots
 from jaxlora.sampling import SamplingParams
 from jaxlora.scheduler import Scheduler
 from tests.engine_fixtures import build_tiny_engine, collect
-from tests.peft_adapters import load_peft
+from tests.peft_adapters import load_peft, peft_greedy
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -41,16 +40,8 @@ def test_concurrent_greedy_equals_peft_generate_alone(tiny):
     finally:
         sched.stop()
     peft_model = load_peft(tiny.base_dir, tiny.peft_dirs)
-    peft_model.generation_config.eos_token_id = None
     for (adapter, _), p, got in zip(jobs, prompts, results):
-        with torch.no_grad():
-            if adapter is None:
-                with peft_model.disable_adapter():
-                    out = peft_model.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=24, pad_token_id=0)
-            else:
-                peft_model.set_adapter(adapter)
-                out = peft_model.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=24, pad_token_id=0)
-        assert got == out[0, len(p):].tolist(), adapter
+        assert got == peft_greedy(peft_model, adapter, p, 24), adapter
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.9, top_p=0.9, top_k=40, seed=1234)],
