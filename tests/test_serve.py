@@ -28,7 +28,7 @@ from jaxlora.config import ModelConfig  # noqa: E402
 from serve_app.app import build_app  # noqa: E402
 from serve_app.keys import add_key, remove_keys  # noqa: E402
 
-ENGINE = {"max_batch_size": 8, "max_seq_len": 128, "prefill_chunk": 16, "decode_steps": 4, "max_queue": 64,
+ENGINE = {"max_batch_size": 8, "max_seq_len": 512, "prefill_chunk": 16, "decode_steps": 4, "max_queue": 64,
           "num_adapter_slots": 4, "max_lora_rank": 8}
 
 
@@ -158,15 +158,16 @@ def test_usage_is_each_tenants_own_and_sums_the_responses(server):
 
 
 def test_a_flooding_key_does_not_make_another_key_wait_for_its_backlog(server):
-    """Alice holds every row of `main` (8) and queues 16 more requests of 100 tokens; bob then asks
+    """Alice holds every row of `main` (8) and queues 8 more requests of 500 tokens; bob then asks
     for 4 tokens. Fair scheduling with preemption gives bob a row within a decode call or two (a
     row of alice's goes to host memory and comes back later), so bob's answer is complete before
     any of alice's requests has finished, let alone started her backlog. Under arrival order bob
-    would wait for two of alice's waves; without preemption, for her first requests to end.
-    An ordering, with a margin: alice's requests each need 30 decode calls (as long as `main`'s 128
-    tokens allow), bob's needs one or two once it reached the replica, past the ingress that streams
-    alice's tokens."""
-    n_flood, flood_tokens = 24, 120
+    would wait for both of alice's waves; without preemption, for her first requests to end.
+    An ordering, with a margin: alice's requests each need 125 decode calls, bob's one or two once
+    it reached the replica. His way there, past an ingress busy streaming alice's tokens, took
+    10 decode calls on a quiet machine (stats' decode_calls) and over 30 under the full suite once,
+    when alice's requests needed 30: so they are as long as `main`'s context allows."""
+    n_flood, flood_tokens = 16, 500
     alice, bob = ({"Authorization": f"Bearer {server.keys[u]}"} for u in ("alice", "bob"))
 
     async def main():
@@ -264,11 +265,12 @@ def test_the_token_limit_counts_the_reserved_max_tokens_and_gives_back_what_was_
     assert too_large.status_code == 429 and "retry-after" not in too_large.headers
     assert too_large.json()["error"]["type"] == "tokens"
     assert "can never fit" in too_large.json()["error"]["message"] and "lower max_tokens" in too_large.json()["error"]["message"]
-    # Without max_tokens the engine fills the context (max_seq_len 128), and that is what is reserved.
+    # Without max_tokens the engine fills the context (max_seq_len), and that is what is reserved.
     no_max = server.post("/v1/chat/completions", {"model": server.base, "messages": [{"role": "user", "content": "x"}]},
                          user="erin")
     assert no_max.status_code == 429 and "max_tokens " in no_max.json()["error"]["message"]
-    assert re.search(r"Requested 128 \(prompt (\d+) \+ max_tokens (\d+)\)", no_max.json()["error"]["message"])
+    reserved = rf"Requested {ENGINE['max_seq_len']} \(prompt (\d+) \+ max_tokens (\d+)\)"
+    assert re.search(reserved, no_max.json()["error"]["message"])
 
 
 def test_rate_limit_headers_are_on_streaming_responses(server):
@@ -410,7 +412,7 @@ def test_tenants_see_their_own_and_shared_adapters(server):
 
 
 @pytest.mark.parametrize("body,status,words", [
-    ({"model": "BASE", "prompt": "x", "max_tokens": 500}, 400, "exceeds this model's max_seq_len of 128"),
+    ({"model": "BASE", "prompt": "x", "max_tokens": 600}, 400, "exceeds this model's max_seq_len of 512"),
     ({"model": "BASE", "prompt": "x", "temperature": 5}, 400, "temperature"),
     ({"model": "BASE", "prompt": "x", "temperature": "hot"}, 400, "temperature: Input should be a valid number"),
     ({"model": "BASE", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
