@@ -1,9 +1,10 @@
 """Two tenants on one replica: does a flood from one raise the other's time to first token?
 
     python -m bench.fairness [--seconds 30] [--rounds 2] [--flood-streams 48] [--stream-interval 1]
+                             [--decode-steps N]
 
 The same two-tenant workload at two levels, the policies (`scheduling: fair` and `fifo`) alternating
-for `--rounds` rounds, with the default engine options otherwise:
+for `--rounds` rounds, with the default engine options otherwise (`--decode-steps` sets that one):
   engine  the demo model's scheduler driven in this process (no Ray, no HTTP): what the policy does;
   http    the whole app on a local Ray (auth with one key per tenant), streamed over HTTP.
 Per level and policy:
@@ -37,7 +38,7 @@ LIGHT_TOKENS, FLOOD_TOKENS = 8, 128
 Send = Callable[[str, str, int], Awaitable[tuple[float, int]]]
 
 
-def start_app(port: int, scheduling: str, keys_file: Path, fs: str, stream_interval: int) -> str:
+def start_app(port: int, engine: dict, keys_file: Path, fs: str, stream_interval: int) -> str:
     from ray import serve
 
     from jaxlora.demo import ensure_demo_model
@@ -46,7 +47,7 @@ def start_app(port: int, scheduling: str, keys_file: Path, fs: str, stream_inter
     model_dir = ensure_demo_model()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"fs_root": fs, "auth": True, "api_keys_file": str(keys_file),
-                         "engine": {"scheduling": scheduling}, "stream_interval": stream_interval}),
+                         "engine": engine, "stream_interval": stream_interval}),
               name="fairness", route_prefix="/")
     return model_dir.name
 
@@ -119,13 +120,17 @@ def pooled(runs: list[dict]) -> dict:
             "tokens_per_s_by_round": [round(r["tokens"] / r["seconds"], 1) for r in runs]}
 
 
+def engine_options(policy: str, args) -> dict:
+    return {"scheduling": policy} | ({"decode_steps": args.decode_steps} if args.decode_steps else {})
+
+
 def over_http(policy: str, args, work: Path, keys_file: Path, keys: dict[str, str]) -> dict:
     from ray import serve
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    model = start_app(port, policy, keys_file, str(work / "fs"), args.stream_interval)
+    model = start_app(port, engine_options(policy, args), keys_file, str(work / "fs"), args.stream_interval)
 
     async def run() -> dict:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:
@@ -144,7 +149,7 @@ def in_process(policy: str, args, work: Path) -> dict:
     from jaxlora.requests import Finished
     from jaxlora.sampling import SamplingParams
 
-    backend = LocalJaxLoRABackend(fs_root=work / "fs", engine_config=EngineConfig(scheduling=policy))
+    backend = LocalJaxLoRABackend(fs_root=work / "fs", engine_config=EngineConfig(**engine_options(policy, args)))
 
     async def send(tenant: str, prompt: str, max_tokens: int) -> tuple[float, int]:
         t0, ttft = time.monotonic(), None
@@ -174,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=30, help="length of the flood phase, per level and policy")
     ap.add_argument("--flood-streams", type=int, default=48)
     ap.add_argument("--stream-interval", type=int, default=1, help="the app's stream_interval (http level)")
+    ap.add_argument("--decode-steps", type=int, default=None, help="the engine's decode_steps (default: its default)")
     ap.add_argument("--levels", default="engine,http", help="which of engine,http to run")
     ap.add_argument("--rounds", type=int, default=2,
                     help="fair and fifo alternate this many times per level (the machine's speed drifts by more "
@@ -203,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
             "fifo_flood_over_idle_p50": round(fifo["light_flood_ttft"]["p50_ms"] / fifo["light_idle_ttft"]["p50_ms"], 2),
             "fair_over_fifo_throughput": round(fair["tokens_per_s"] / fifo["tokens_per_s"], 3)}
     emit({"benchmark": "tenant_fairness", "flood_streams": args.flood_streams, "flood_tokens": FLOOD_TOKENS,
-          "light_tokens": LIGHT_TOKENS, "seconds": args.seconds, "rounds": args.rounds, "stream_interval": args.stream_interval, **out,
+          "light_tokens": LIGHT_TOKENS, "seconds": args.seconds, "rounds": args.rounds, "stream_interval": args.stream_interval,
+          "decode_steps": args.decode_steps, **out,
           "summary": summary, "machine": machine()})
 
 
