@@ -4,7 +4,8 @@
                              [--decode-steps N]
 
 The same two-tenant workload at two levels, the policies (`scheduling: fair` and `fifo`) alternating
-for `--rounds` rounds, with the default engine options otherwise (`--decode-steps` sets that one):
+for `--rounds` rounds, with the engine options of the shipped serve_config.yaml otherwise (the
+default deployment; `--decode-steps` overrides that one):
   engine  the demo model's scheduler driven in this process (no Ray, no HTTP): what the policy does;
   http    the whole app on a local Ray (auth with one key per tenant), streamed over HTTP.
 Per level and policy:
@@ -121,7 +122,13 @@ def pooled(runs: list[dict]) -> dict:
 
 
 def engine_options(policy: str, args) -> dict:
-    return {"scheduling": policy} | ({"decode_steps": args.decode_steps} if args.decode_steps else {})
+    """The `engine:` block of the shipped serve_config.yaml, with the policy (and `--decode-steps`)."""
+    import yaml
+
+    with open(Path(__file__).resolve().parent.parent / "serve_config.yaml") as f:
+        (app,) = yaml.safe_load(f)["applications"]
+    return app["args"]["engine"] | {"scheduling": policy} | (
+        {"decode_steps": args.decode_steps} if args.decode_steps else {})
 
 
 def over_http(policy: str, args, work: Path, keys_file: Path, keys: dict[str, str]) -> dict:
@@ -179,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=30, help="length of the flood phase, per level and policy")
     ap.add_argument("--flood-streams", type=int, default=48)
     ap.add_argument("--stream-interval", type=int, default=1, help="the app's stream_interval (http level)")
-    ap.add_argument("--decode-steps", type=int, default=None, help="the engine's decode_steps (default: its default)")
+    ap.add_argument("--decode-steps", type=int, default=None, help="the engine's decode_steps (default: serve_config.yaml's)")
     ap.add_argument("--levels", default="engine,http", help="which of engine,http to run")
     ap.add_argument("--rounds", type=int, default=2,
                     help="fair and fifo alternate this many times per level (the machine's speed drifts by more "
@@ -210,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             "fair_over_fifo_throughput": round(fair["tokens_per_s"] / fifo["tokens_per_s"], 3)}
     emit({"benchmark": "tenant_fairness", "flood_streams": args.flood_streams, "flood_tokens": FLOOD_TOKENS,
           "light_tokens": LIGHT_TOKENS, "seconds": args.seconds, "rounds": args.rounds, "stream_interval": args.stream_interval,
-          "decode_steps": args.decode_steps, **out,
+          "engine": engine_options("fair", args) | {"scheduling": "fair|fifo"}, **out,
           "summary": summary, "machine": machine()})
 
 
