@@ -60,6 +60,8 @@ class TokenStream:
     """Events of one request, pushed by the engine thread, read by a thread or a coroutine."""
 
     def __init__(self):
+        # prompt tokens whose KV came from the prefix cache: set at admission, before the first token
+        self.cached_tokens = 0
         self._items: collections.deque = collections.deque()
         self._cond = threading.Condition()
         # (loop, event, how many events it waits for): woken once that many wait, or the last has come
@@ -110,6 +112,12 @@ class RequestHandle:
     @property
     def adapter(self) -> ResolvedAdapter | None:
         return self.request.adapter
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose KV came from the prefix cache; final once the first token is out, so a
+        consumer that stops early (a stop string) still knows it."""
+        return self._stream.cached_tokens
 
     def cancel(self) -> None:
         """Ends the request: a waiting one leaves the queue, a running one frees its row."""

@@ -292,7 +292,7 @@ class Scheduler:
             hits = self.prefix.lookup(self._adapter_key(req), req.chunk_keys[:usable]) if usable else []
             for i, kv in enumerate(hits):
                 self._state = self.engine.put_chunk(self._state, kv, req.row, i * C)
-            req.prefilled = req.cached_tokens = len(hits) * C
+            req.prefilled = req.cached_tokens = req.stream.cached_tokens = len(hits) * C
         self._prefilling.append(req)
 
     @staticmethod

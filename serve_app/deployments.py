@@ -132,17 +132,18 @@ class LoRAModel:
         adapter = handle.adapter
         yield Started(serve.get_replica_context().replica_id.unique_id,
                       None if adapter is None else AdapterVersion(adapter.adapter_id, adapter.version))
-        finished = False
+        finished, first = False, True
         try:
             async for batch in handle.batches(self.stream_interval):
                 events = [e for e in batch if not isinstance(e, Finished)]
                 if events:
                     yield Tokens(tuple(e.token_id for e in events), tuple(e.logprob for e in events),
-                                 tuple(e.top_logprobs for e in events))
+                                 tuple(e.top_logprobs for e in events), handle.cached_tokens if first else None)
+                    first = False
                 if isinstance(batch[-1], Finished):
                     finished = True
                     fin = batch[-1]
-                    yield Done(fin.reason, fin.completion_tokens, fin.cached_tokens) if fin.error is None else Failed.of(api_error_for(fin.error))
+                    yield Done(fin.reason, fin.completion_tokens) if fin.error is None else Failed.of(api_error_for(fin.error))
         finally:
             if not finished:  # the caller went away (client disconnect): free the row now
                 handle.cancel()

@@ -288,16 +288,17 @@ class Ingress:
 
     async def _events(self, replies: AsyncIterator[Tokens | Done], stop: list[str], logprobs: bool):
         """(text delta, its tokens' logprobs if asked for, tokens so far, finish reason, cached prompt
-        tokens) per replica message (the last two known from the last message on):
-        the tokens of one message leave as one piece (one SSE chunk), which keeps per-chunk costs in the
-        ingress, the proxy and the client off the per-token path."""
+        tokens) per replica message (the reason known from the last message, the cached tokens from the
+        first token on): the tokens of one message leave as one piece (one SSE chunk), which keeps
+        per-chunk costs in the ingress, the proxy and the client off the per-token path."""
         text = TextStream(self.tokenizer, stop)
-        emitted, produced = 0, 0
+        emitted, produced, cached = 0, 0, None
         try:
             async for msg in replies:
                 if isinstance(msg, Done):
-                    yield text.finish(), [], msg.completion_tokens, msg.reason, msg.cached_tokens
+                    yield text.finish(), [], msg.completion_tokens, msg.reason, cached
                     return
+                cached = cached if msg.cached_tokens is None else msg.cached_tokens
                 deltas, tokens = [], []
                 for token_id, lp, top in zip(msg.ids, msg.logprobs, msg.top_logprobs):
                     produced += 1
@@ -307,10 +308,10 @@ class Ingress:
                     emitted += len(delta)
                     deltas.append(delta)
                     if text.stopped:
-                        yield "".join(deltas), tokens, produced, "stop", None  # ended here: the replica's count never comes
+                        yield "".join(deltas), tokens, produced, "stop", cached  # ended here: the replica's count never comes
                         return
                 if any(deltas) or tokens:
-                    yield "".join(deltas), tokens, produced, None, None
+                    yield "".join(deltas), tokens, produced, None, cached
         finally:
             await replies.aclose()  # cancels the request when it stopped early (a stop string, a client gone)
 

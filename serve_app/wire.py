@@ -45,13 +45,13 @@ class Tokens:
     ids: tuple[int, ...]  # [n]
     logprobs: tuple[float, ...]  # [n]
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...]  # [n][k] (token id, logprob), best first
+    cached_tokens: int | None = None  # on a request's first Tokens: prompt tokens whose KV came from the prefix cache
 
 
 @dataclasses.dataclass(frozen=True)
 class Done:
     reason: str  # the engine's finish reason: "stop" or "length" ("cancelled" if the row was freed first)
     completion_tokens: int
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclasses.dataclass(frozen=True)

@@ -360,6 +360,14 @@ def test_a_shared_prompt_prefix_comes_from_the_cache_and_usage_says_how_much(ser
     usage = chunks[-1].usage
     assert usage.prompt_tokens_details.cached_tokens == (usage.prompt_tokens - 1) // 16 * 16  # all but its last chunk
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == first.choices[0].message.content
+    # Cut by a stop string, which the ingress matches and which cancels the row before its Done: the
+    # count still comes (it travels with the first tokens).
+    text = first.choices[0].message.content
+    assert len(text) >= 4, text
+    stop = text[len(text) // 2:][:2]
+    cut = client.chat.completions.create(messages=[system, {"role": "user", "content": "Who are you?"}], stop=[stop], **kw)
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == text[:text.index(stop)]
+    assert cut.usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens_details.cached_tokens
 
 
 def test_logprobs_and_stop_strings(server):
