@@ -87,7 +87,6 @@ class _Live:
     row: int | None = None  # the decode row it holds while running
     prefilling: bool = False  # it holds a row whose prompt is not all prefilled yet
     prefilled: int = 0  # while prefilling: where its next chunk starts
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     chunk_keys: list[bytes] = dataclasses.field(default_factory=list)  # its complete chunks' prefix-cache keys
     slot: int = BASE_SLOT  # the adapter slot it pins while running
     generated: int = 0
@@ -292,7 +291,7 @@ class Scheduler:
             hits = self.prefix.lookup(self._adapter_key(req), req.chunk_keys[:usable]) if usable else []
             for i, kv in enumerate(hits):
                 self._state = self.engine.put_chunk(self._state, kv, req.row, i * C)
-            req.prefilled = req.cached_tokens = req.stream.cached_tokens = len(hits) * C
+            req.prefilled = req.stream.cached_tokens = len(hits) * C  # the stream tells its consumer
         self._prefilling.append(req)
 
     @staticmethod
@@ -490,7 +489,7 @@ class Scheduler:
             self._swapped -= 1
         req.stream.put(Finished(reason if error is None else "error", len(req.request.prompt), req.generated,
                                 now - req.request.submitted_at, ttft, req.request.seed, req.request.adapter, error,
-                                req.preemptions, req.cached_tokens))
+                                req.preemptions, req.stream.cached_tokens))
 
     def _fail_all(self, error: BaseException) -> None:
         self._prefilling.clear()
