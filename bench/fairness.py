@@ -1,11 +1,12 @@
 """Two tenants on one replica: does a flood from one raise the other's time to first token?
 
-    python -m bench.fairness [--seconds 30] [--rounds 2] [--flood-streams 48] [--stream-interval 1]
-                             [--decode-steps N]
+    python -m bench.fairness [--seconds 30] [--rounds 2] [--flood-streams 48] [--stream-interval N]
+                             [--stream-messages-per-s R] [--decode-steps N]
 
 The same two-tenant workload at two levels, the policies (`scheduling: fair` and `fifo`) alternating
-for `--rounds` rounds, with the engine options of the shipped serve_config.yaml otherwise (the
-default deployment; `--decode-steps` overrides that one):
+for `--rounds` rounds, with the engine and streaming options of the shipped serve_config.yaml otherwise
+(the default deployment; `--decode-steps`, `--stream-interval` and `--stream-messages-per-s` override
+them):
   engine  the demo model's scheduler driven in this process (no Ray, no HTTP): what the policy does;
   http    the whole app on a local Ray (auth with one key per tenant), streamed over HTTP.
 Per level and policy:
@@ -39,7 +40,7 @@ LIGHT_TOKENS, FLOOD_TOKENS = 8, 128
 Send = Callable[[str, str, int], Awaitable[tuple[float, int]]]
 
 
-def start_app(port: int, engine: dict, keys_file: Path, fs: str, stream_interval: int) -> str:
+def start_app(port: int, engine: dict, keys_file: Path, fs: str, streaming: dict) -> str:
     from ray import serve
 
     from jaxlora.demo import ensure_demo_model
@@ -48,7 +49,7 @@ def start_app(port: int, engine: dict, keys_file: Path, fs: str, stream_interval
     model_dir = ensure_demo_model()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"fs_root": fs, "auth": True, "api_keys_file": str(keys_file),
-                         "engine": engine, "stream_interval": stream_interval}),
+                         "engine": engine, **streaming}),
               name="fairness", route_prefix="/")
     return model_dir.name
 
@@ -121,14 +122,28 @@ def pooled(runs: list[dict]) -> dict:
             "tokens_per_s_by_round": [round(r["tokens"] / r["seconds"], 1) for r in runs]}
 
 
-def engine_options(policy: str, args) -> dict:
-    """The `engine:` block of the shipped serve_config.yaml, with the policy (and `--decode-steps`)."""
+def shipped_args() -> dict:
+    """The `args` of the shipped serve_config.yaml: the default deployment."""
     import yaml
 
     with open(Path(__file__).resolve().parent.parent / "serve_config.yaml") as f:
         (app,) = yaml.safe_load(f)["applications"]
-    return app["args"]["engine"] | {"scheduling": policy} | (
+    return app["args"]
+
+
+def engine_options(policy: str, args) -> dict:
+    """The shipped `engine:` block, with the policy (and `--decode-steps`)."""
+    return shipped_args()["engine"] | {"scheduling": policy} | (
         {"decode_steps": args.decode_steps} if args.decode_steps else {})
+
+
+def streaming_options(args) -> dict:
+    """The shipped stream pacing (stream_interval, stream_messages_per_s), with the options given
+    (`--stream-messages-per-s 0`: no pacing)."""
+    shipped = {k: v for k, v in shipped_args().items() if k in ("stream_interval", "stream_messages_per_s")}
+    given = {"stream_interval": args.stream_interval, "stream_messages_per_s": args.stream_messages_per_s}
+    out = shipped | {k: v for k, v in given.items() if v is not None}
+    return out if out.get("stream_messages_per_s") != 0 else {k: v for k, v in out.items() if k != "stream_messages_per_s"}
 
 
 def over_http(policy: str, args, work: Path, keys_file: Path, keys: dict[str, str]) -> dict:
@@ -137,7 +152,7 @@ def over_http(policy: str, args, work: Path, keys_file: Path, keys: dict[str, st
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    model = start_app(port, engine_options(policy, args), keys_file, str(work / "fs"), args.stream_interval)
+    model = start_app(port, engine_options(policy, args), keys_file, str(work / "fs"), streaming_options(args))
 
     async def run() -> dict:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:
@@ -185,7 +200,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=30, help="length of the flood phase, per level and policy")
     ap.add_argument("--flood-streams", type=int, default=48)
-    ap.add_argument("--stream-interval", type=int, default=1, help="the app's stream_interval (http level)")
+    ap.add_argument("--stream-interval", type=int, default=None,
+                    help="the app's stream_interval (http level; default: serve_config.yaml's)")
+    ap.add_argument("--stream-messages-per-s", type=float, default=None,
+                    help="the app's stream_messages_per_s (http level; default: serve_config.yaml's; 0: no pacing)")
     ap.add_argument("--decode-steps", type=int, default=None, help="the engine's decode_steps (default: serve_config.yaml's)")
     ap.add_argument("--levels", default="engine,http", help="which of engine,http to run")
     ap.add_argument("--rounds", type=int, default=2,
@@ -216,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             "fifo_flood_over_idle_p50": round(fifo["light_flood_ttft"]["p50_ms"] / fifo["light_idle_ttft"]["p50_ms"], 2),
             "fair_over_fifo_throughput": round(fair["tokens_per_s"] / fifo["tokens_per_s"], 3)}
     emit({"benchmark": "tenant_fairness", "flood_streams": args.flood_streams, "flood_tokens": FLOOD_TOKENS,
-          "light_tokens": LIGHT_TOKENS, "seconds": args.seconds, "rounds": args.rounds, "stream_interval": args.stream_interval,
+          "light_tokens": LIGHT_TOKENS, "seconds": args.seconds, "rounds": args.rounds, **streaming_options(args),
           "engine": engine_options("fair", args) | {"scheduling": "fair|fifo"}, **out,
           "summary": summary, "machine": machine()})
 

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import dataclasses
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from jaxlora.adapter_store import ResolvedAdapter
@@ -84,17 +85,31 @@ class TokenStream:
                 raise TimeoutError("no event from the engine in time")
             return self._items.popleft()
 
-    async def take(self, n: int) -> list[TokenEvent | Finished]:
-        """Every waiting event, once there are at least `n` of them or the last one (Finished) has come."""
+    async def take(self, n: int, not_before: float | None = None) -> list[TokenEvent | Finished]:
+        """Every waiting event, once there are at least `n` of them and the clock (time.monotonic()) is
+        past `not_before`, or as soon as the last one (Finished) has come."""
         loop = asyncio.get_running_loop()
         while True:
             with self._cond:
-                if len(self._items) >= n or (self._items and isinstance(self._items[-1], Finished)):
+                early = not_before is not None and time.monotonic() < not_before
+                if self._items and (isinstance(self._items[-1], Finished) or (not early and len(self._items) >= n)):
                     items, self._items = list(self._items), collections.deque()
                     return items
                 event = asyncio.Event()
-                self._async_waiters.append((loop, event, n))
-            await event.wait()
+                waiter = (loop, event, _LAST_ONLY if early else n)  # too early: only the last event wakes it
+                self._async_waiters.append(waiter)
+            if not early:
+                await event.wait()
+                continue
+            try:
+                await asyncio.wait_for(event.wait(), not_before - time.monotonic())
+            except TimeoutError:
+                with self._cond:
+                    if waiter in self._async_waiters:
+                        self._async_waiters.remove(waiter)
+
+
+_LAST_ONLY = float("inf")  # a waiter's count that no number of events reaches: woken by Finished alone
 
 
 class RequestHandle:
@@ -135,15 +150,45 @@ class RequestHandle:
             for item in batch:
                 yield item
 
-    async def batches(self, interval: int = 1) -> AsyncIterator[list[TokenEvent | Finished]]:
+    async def batches(self, interval: int = 1, pacer: "MessagePacer | None" = None
+                      ) -> AsyncIterator[list[TokenEvent | Finished]]:
         """Events in batches: the first token as soon as it exists, then `interval` tokens at a time
         (fewer with the Finished that ends them; more when the consumer was busy). Larger batches keep
         per-message costs (a Ray streaming item, an SSE chunk) off the per-token path; the cost is a
-        coarser stream, as with vLLM's stream_interval."""
-        want = 1
-        while True:
-            batch = await self._stream.take(want)
-            yield batch
-            if isinstance(batch[-1], Finished):
-                return
-            want = interval
+        coarser stream, as with vLLM's stream_interval. With a `pacer`, the batches after the first are
+        also spaced by its gap, so a busy server coarsens its streams while an idle one keeps them fine;
+        the Finished that ends the request never waits."""
+        want, not_before, pacing = 1, None, False
+        try:
+            while True:
+                batch = await self._stream.take(want, not_before)
+                yield batch
+                if isinstance(batch[-1], Finished):
+                    return
+                want = interval
+                if pacer is not None:
+                    if not pacing:
+                        pacer.streams, pacing = pacer.streams + 1, True
+                    not_before = time.monotonic() + pacer.gap()
+        finally:
+            if pacing:
+                pacer.streams -= 1
+
+
+class MessagePacer:
+    """A message budget shared by the streams of one event loop (a model replica's): each stream past
+    its first message waits `gap()` = streams / `per_second` seconds between messages, so together they
+    send about `per_second` messages a second however many there are. One stream alone waits
+    1 / `per_second`, less than a decode call at a sensible rate, and keeps every call's tokens apart.
+    Per-message costs (serialization, a Ray streaming item, an SSE chunk through ingress, proxy and
+    client) are per stream and per message, not per token: under a flood of streams they, not the
+    engine, are what delays a new request's first token."""
+
+    def __init__(self, per_second: float):
+        if per_second <= 0:
+            raise ValueError(f"per_second must be > 0, got {per_second}")
+        self.per_second = per_second
+        self.streams = 0  # streams past their first message and not yet finished
+
+    def gap(self) -> float:
+        return self.streams / self.per_second

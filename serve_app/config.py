@@ -92,6 +92,11 @@ class AppArgs(BaseModel):
     stream_interval: int = Field(
         1, ge=1, description="tokens per streamed message after the first (vLLM's --stream-interval): larger cuts "
         "the per-message CPU of replica, ingress, proxy and client when many streams run, for a coarser stream")
+    stream_messages_per_s: float | None = Field(
+        None, gt=0, description="a model replica's streamed messages per second, all its streams together "
+        "(jaxlora.requests.MessagePacer): each stream's messages after the first are (streams / this) seconds "
+        "apart at least, so a flood of streams sends coarser deltas while a lone stream keeps every decode "
+        "call's; first tokens and last messages never wait. None: no spacing")
     fine_tuning: FineTuningArgs = Field(default_factory=FineTuningArgs)
     ingress_replicas: int = Field(1, ge=1)
     tokenizer_replicas: int = Field(1, ge=1)

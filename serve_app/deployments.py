@@ -10,6 +10,7 @@ text or HTTP; core errors become API errors here, through `serve_app.errors.STAT
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from ray import serve
 from jaxlora.backend import LocalJaxLoRABackend
 from jaxlora.demo import ensure_demo_model
 from jaxlora.errors import JaxLoraError
-from jaxlora.requests import Finished
+from jaxlora.requests import Finished, MessagePacer
 from jaxlora.tokenizer import load_tokenizer, render_chat
 from serve_app.config import AppArgs, option_mismatches
 from serve_app.errors import api_error_for
@@ -106,6 +107,7 @@ class LoRAModel:
             model_dir_of(a), a.fs_root, a.engine, a.registered_adapters, a.allowed_roots,
             a.poll_interval_s, model_id=base_model_id(a))
         self.stream_interval = a.stream_interval
+        self.pacer = None if a.stream_messages_per_s is None else MessagePacer(a.stream_messages_per_s)
         self._metrics = CounterExport(MODEL_METRICS, build(MODEL_METRICS))
         self._stop = threading.Event()
         threading.Thread(target=self._export_metrics, name="metrics-export", daemon=True).start()
@@ -133,20 +135,22 @@ class LoRAModel:
         yield Started(serve.get_replica_context().replica_id.unique_id,
                       None if adapter is None else AdapterVersion(adapter.adapter_id, adapter.version))
         finished, first = False, True
-        try:
-            async for batch in handle.batches(self.stream_interval):
-                events = [e for e in batch if not isinstance(e, Finished)]
-                if events:
-                    yield Tokens(tuple(e.token_id for e in events), tuple(e.logprob for e in events),
-                                 tuple(e.top_logprobs for e in events), handle.cached_tokens if first else None)
-                    first = False
-                if isinstance(batch[-1], Finished):
-                    finished = True
-                    fin = batch[-1]
-                    yield Done(fin.reason, fin.completion_tokens) if fin.error is None else Failed.of(api_error_for(fin.error))
-        finally:
-            if not finished:  # the caller went away (client disconnect): free the row now
-                handle.cancel()
+        # aclosing: a caller that goes away ends the batches at once, which gives back its share of the pacer
+        async with contextlib.aclosing(handle.batches(self.stream_interval, self.pacer)) as batches:
+            try:
+                async for batch in batches:
+                    events = [e for e in batch if not isinstance(e, Finished)]
+                    if events:
+                        yield Tokens(tuple(e.token_id for e in events), tuple(e.logprob for e in events),
+                                     tuple(e.top_logprobs for e in events), handle.cached_tokens if first else None)
+                        first = False
+                    if isinstance(batch[-1], Finished):
+                        finished = True
+                        fin = batch[-1]
+                        yield Done(fin.reason, fin.completion_tokens) if fin.error is None else Failed.of(api_error_for(fin.error))
+            finally:
+                if not finished:  # the caller went away (client disconnect): free the row now
+                    handle.cancel()
 
     def stats(self) -> dict:
         """The engine's metrics snapshot (the numbers serve_app.metrics.MODEL_METRICS exports)."""

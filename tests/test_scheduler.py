@@ -273,3 +273,99 @@ def test_batches_send_the_first_token_alone_then_interval_tokens_at_a_time():
 
     asyncio.run(run())
     assert got == [[0], [1, 2, 3], [4, 5, 6], [7, "end"]]
+
+
+def test_paced_batches_wait_the_pacers_gap_and_the_last_event_never_waits():
+    """`batches(pacer=...)` (the serving layer's stream_messages_per_s): after the first batch the next
+    waits the pacer's gap at least, however many events come meanwhile; the Finished that ends the
+    request is handed over at once, gap or not."""
+    import asyncio
+    import time
+
+    from jaxlora.requests import Finished, MessagePacer, RequestHandle, TokenEvent, TokenStream
+
+    stream = TokenStream()
+    handle = RequestHandle(None, stream, lambda: None)
+    pacer = MessagePacer(5.0)  # one stream: 0.2 s between its messages
+    got: list[tuple[float, list[int | str]]] = []
+
+    async def run():
+        new_batch = asyncio.Event()
+
+        async def consume():
+            async for batch in handle.batches(1, pacer):
+                got.append((time.monotonic(), [e.token_id if isinstance(e, TokenEvent) else "end" for e in batch]))
+                new_batch.set()
+
+        async def next_batch():
+            await asyncio.wait_for(new_batch.wait(), 30)
+            new_batch.clear()
+
+        task = asyncio.create_task(consume())
+        stream.put(TokenEvent(0, 0.0, ()))
+        await next_batch()
+        for token in (1, 2, 3):
+            stream.put(TokenEvent(token, 0.0, ()))
+        await next_batch()  # after the 0.2 s gap, all three at once
+        pacer.per_second = 1 / 3600  # the next gap is an hour: only Finished ends it
+        stream.put(TokenEvent(4, 0.0, ()))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert len(got) == 2  # inside the gap: nothing handed over
+        stream.put(Finished("length", 1, 5, 0.0, None, 0, None))
+        await next_batch()
+        await asyncio.wait_for(task, 30)
+
+    asyncio.run(run())
+    assert [b for _, b in got] == [[0], [1, 2, 3], [4, "end"]]
+    assert got[1][0] - got[0][0] >= 0.2
+    assert pacer.streams == 0  # the finished stream gave its share back
+
+
+def test_streams_share_one_pacers_budget_from_their_first_message_until_they_end():
+    """The gap is streams / per_second: a stream counts once its first message is out (a request still
+    waiting for its first token sends nothing) and stops counting when it ends or its consumer leaves."""
+    import asyncio
+
+    from jaxlora.requests import Finished, MessagePacer, RequestHandle, TokenEvent, TokenStream
+
+    pacer = MessagePacer(10.0)
+    streams = [TokenStream() for _ in range(3)]
+    gaps: list[tuple[str, int, float]] = []
+
+    async def run():
+        batches = [RequestHandle(None, s, lambda: None).batches(1, pacer) for s in streams]
+        for i in (0, 1):
+            streams[i].put(TokenEvent(0, 0.0, ()))
+            await anext(batches[i])  # the first message: not yet counted, it waits for nothing
+            gaps.append(("first out", i, pacer.gap()))
+        waiting = asyncio.ensure_future(anext(batches[0]))  # counted from here: asks for the next message
+        await asyncio.sleep(0)
+        gaps.append(("stream 0 paced", 0, pacer.gap()))
+        waiting1 = asyncio.ensure_future(anext(batches[1]))
+        await asyncio.sleep(0)
+        gaps.append(("stream 1 paced", 1, pacer.gap()))
+        streams[0].put(Finished("length", 1, 1, 0.0, None, 0, None))
+        await asyncio.wait_for(waiting, 30)
+        try:
+            await anext(batches[0])
+        except StopAsyncIteration:
+            pass
+        gaps.append(("stream 0 ended", 0, pacer.gap()))
+        waiting1.cancel()  # its consumer left while it waited
+        await asyncio.gather(waiting1, return_exceptions=True)
+        gaps.append(("stream 1 left", 1, pacer.gap()))
+        streams[2].put(TokenEvent(0, 0.0, ()))
+        await anext(batches[2])
+        gaps.append(("first out", 2, pacer.gap()))
+        streams[2].put(TokenEvent(1, 0.0, ()))
+        await asyncio.wait_for(anext(batches[2]), 30)  # after its gap
+        gaps.append(("stream 2 paced", 2, pacer.gap()))
+        await batches[2].aclose()  # its consumer left between messages (the deployment's aclosing)
+        gaps.append(("stream 2 left", 2, pacer.gap()))
+
+    asyncio.run(run())
+    assert gaps == [("first out", 0, 0.0), ("first out", 1, 0.0), ("stream 0 paced", 0, 0.1),
+                    ("stream 1 paced", 1, 0.2), ("stream 0 ended", 0, 0.1), ("stream 1 left", 1, 0.0),
+                    ("first out", 2, 0.0), ("stream 2 paced", 2, 0.1), ("stream 2 left", 2, 0.0)]
+    assert pacer.streams == 0

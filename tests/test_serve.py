@@ -95,8 +95,10 @@ def server(ray_local, demo_model_dir, tmp_path_factory):
     serve.run(build_app({**common, "engine": {**ENGINE, "max_batch_size": 2}, "model_replicas": 2, "stream_interval": 6}),
               name="pair", route_prefix="/pair")
     # A deliberately tiny deployment for back-pressure: one row, no engine queue, two queued at the handle.
+    # Its streams are paced to one message in 1000 s (stream_messages_per_s): after the first token only
+    # the end of a request is sent.
     serve.run(build_app({**common, "engine": {**ENGINE, "max_batch_size": 1, "max_queue": 0, "max_seq_len": 512},
-                         "model_max_queued_requests": 2}), name="bp", route_prefix="/bp")
+                         "model_max_queued_requests": 2, "stream_messages_per_s": 0.001}), name="bp", route_prefix="/bp")
     # Two ingress replicas, to see they share one rate limit (TenantState). An app of its own: the metrics
     # test of "main" counts on its one ingress replica having exported everything before its marker. One
     # prefill bucket keeps its start (compilation) short.
@@ -526,6 +528,19 @@ def test_stream_interval_sends_the_first_token_alone_then_larger_chunks(server):
     assert sizes[0] == 1 and sum(sizes) == 20 and all(n >= 6 for n in sizes[1:-1]) and len(sizes) <= 5, sizes
     assert "".join(c["text"] for c in chunks) == whole["text"]
     assert [t for c in chunks if c["logprobs"] for t in c["logprobs"]["tokens"]] == whole["logprobs"]["tokens"]
+
+
+def test_a_paced_replica_sends_the_first_token_at_once_and_the_rest_with_the_end(server):
+    """stream_messages_per_s ("bp" has 0.001): a stream's messages after the first are spaced by the
+    replica's message budget, but the first token and the end never wait, and nothing is lost."""
+    body = {"model": server.base, "prompt": "Once upon a time", "max_tokens": 16, "ignore_eos": True,
+            "temperature": 0, "logprobs": 0}
+    whole = httpx.post(f"{server.url}/bp/v1/completions", json=body, timeout=120).json()["choices"][0]
+    with httpx.stream("POST", f"{server.url}/bp/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+        chunks = [json.loads(line[6:])["choices"][0] for line in r.iter_lines() if line.startswith("data: {")]
+    assert [len(c["logprobs"]["tokens"]) for c in chunks if c["logprobs"]] == [1, 15]
+    assert chunks[-1]["finish_reason"] == "length"
+    assert "".join(c["text"] for c in chunks) == whole["text"]
 
 
 def _token_texts(server, **kw) -> list[str]:
