@@ -140,14 +140,17 @@ class LoRAModel:
             try:
                 async for batch in batches:
                     events = [e for e in batch if not isinstance(e, Finished)]
+                    messages = []
                     if events:
-                        yield Tokens(tuple(e.token_id for e in events), tuple(e.logprob for e in events),
-                                     tuple(e.top_logprobs for e in events), handle.cached_tokens if first else None)
+                        messages.append(Tokens(tuple(e.token_id for e in events), tuple(e.logprob for e in events),
+                                               tuple(e.top_logprobs for e in events), handle.cached_tokens if first else None))
                         first = False
                     if isinstance(batch[-1], Finished):
                         finished = True
                         fin = batch[-1]
-                        yield Done(fin.reason, fin.completion_tokens) if fin.error is None else Failed.of(api_error_for(fin.error))
+                        messages.append(Done(fin.reason, fin.completion_tokens) if fin.error is None
+                                        else Failed.of(api_error_for(fin.error)))
+                    yield messages[0] if len(messages) == 1 else tuple(messages)  # one streaming item either way
             finally:
                 if not finished:  # the caller went away (client disconnect): free the row now
                     handle.cancel()

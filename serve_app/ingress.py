@@ -161,12 +161,15 @@ async def _replies(gen: DeploymentResponseGenerator) -> AsyncIterator[Started | 
     """A model replica's messages for one request. The one place where a failure on the way becomes the
     client's error: a `Failed` message, Serve's back-pressure, or a replica that died (Ray replaces it)."""
     answered = False  # until a replica answers, `cancel()` would wait for Serve's routing and re-raise its error
+    ended = False  # the replica sent its last message: nothing to cancel (a cancel is a Ray call, per request)
     try:
-        async for msg in gen:
+        async for item in gen:
             answered = True
-            if isinstance(msg, Failed):
-                raise msg.error()
-            yield msg
+            for msg in item if isinstance(item, tuple) else (item,):
+                ended = isinstance(msg, (Done, Failed))
+                if isinstance(msg, Failed):
+                    raise msg.error()
+                yield msg
     except ApiError:
         raise
     except BackPressureError:
@@ -177,8 +180,8 @@ async def _replies(gen: DeploymentResponseGenerator) -> AsyncIterator[Started | 
         raise ApiError(503, "the model replica serving this request failed; retry the request",
                        type_="overloaded_error", code="replica_failed") from None
     finally:
-        if answered:
-            gen.cancel()  # no-op when finished; frees the engine row when the client went away
+        if answered and not ended:
+            gen.cancel()  # frees the engine row when the client went away or a stop string ended the answer
 
 
 def _sse(data: dict | str) -> str:

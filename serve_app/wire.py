@@ -4,6 +4,8 @@ The ingress sends one `Generate`; the replica answers with a stream (a Ray strea
     Started | Failed                    first: accepted, or refused
     Tokens ...                          as the engine produces them, one message per batch of tokens
     Done | Failed                       last
+A streaming item is one message, or a tuple of them where they leave together (a request's last
+Tokens with its Done): each item is a Ray streaming call's per-message cost.
 `Failed` carries the API error the core error became on the replica (`serve_app.errors.STATUS`);
 `Failed.error()` is the one way back to an `ApiError`. Tokens travel as columns of plain numbers, so
 a message costs little per token. No HTTP, no OpenAI shapes and no text here: the ingress detokenizes.
