@@ -5,6 +5,7 @@
     Finished      the last event: why it ended, usage, timings, or the error that ended it
     TokenStream   events pushed by the engine thread, read by a thread or a coroutine
     RequestHandle what `Scheduler.submit` returns: iterate it (sync or async), or cancel it
+    MessagePacer  a message budget its consumers' streams share (the serving layer's stream pacing)
 
 What it deliberately does not hold: where a request runs (row, slot, tokens so far): that state is
 the scheduler's, acquired when a row is free and dropped when it is retired.
