@@ -8,7 +8,8 @@ for `--rounds` rounds, with the engine and streaming options of the shipped serv
 (the default deployment; `--decode-steps`, `--stream-interval` and `--stream-messages-per-s` override
 them):
   engine  the demo model's scheduler driven in this process (no Ray, no HTTP): what the policy does;
-  http    the whole app on a local Ray (auth with one key per tenant), streamed over HTTP.
+  http    the whole app on a local Ray (auth with one key per tenant), streamed over HTTP (Ray Serve's
+          high-throughput mode if the environment sets RAY_SERVE_THROUGHPUT_OPTIMIZED=1; the JSON says).
 Per level and policy:
   1. idle: the light tenant sends short streamed requests one at a time; their TTFT is the baseline;
   2. flood: the flooding tenant keeps `--flood-streams` streams of 128 tokens in flight (a new one
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import tempfile
@@ -40,14 +42,14 @@ LIGHT_TOKENS, FLOOD_TOKENS = 8, 128
 Send = Callable[[str, str, int], Awaitable[tuple[float, int]]]
 
 
-def start_app(port: int, engine: dict, keys_file: Path, fs: str, streaming: dict) -> str:
+def start_app(engine: dict, keys_file: Path, fs: str, streaming: dict) -> str:
+    """The app for one policy, on the Serve instance `main` started (`over_http` deletes it after)."""
     from ray import serve
 
     from jaxlora.demo import ensure_demo_model
     from serve_app.app import build_app
 
     model_dir = ensure_demo_model()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"fs_root": fs, "auth": True, "api_keys_file": str(keys_file),
                          "engine": engine, **streaming}),
               name="fairness", route_prefix="/")
@@ -146,13 +148,10 @@ def streaming_options(args) -> dict:
     return out if out.get("stream_messages_per_s") != 0 else {k: v for k, v in out.items() if k != "stream_messages_per_s"}
 
 
-def over_http(policy: str, args, work: Path, keys_file: Path, keys: dict[str, str]) -> dict:
+def over_http(policy: str, args, work: Path, keys_file: Path, keys: dict[str, str], port: int) -> dict:
     from ray import serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    model = start_app(port, engine_options(policy, args), keys_file, str(work / "fs"), streaming_options(args))
+    model = start_app(engine_options(policy, args), keys_file, str(work / "fs"), streaming_options(args))
 
     async def run() -> dict:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:
@@ -161,7 +160,7 @@ def over_http(policy: str, args, work: Path, keys_file: Path, keys: dict[str, st
     try:
         return asyncio.run(run())
     finally:
-        serve.shutdown()
+        serve.delete("fairness")
 
 
 def in_process(policy: str, args, work: Path) -> dict:
@@ -222,7 +221,14 @@ def main(argv: list[str] | None = None) -> None:
         keys_file = work / "keys.json"
         keys = {tenant: add_key(keys_file, tenant) for tenant in ("flood", "light")}
         ray.init(include_dashboard=False, log_to_driver=False)
-        out["http"] = alternate(lambda policy: over_http(policy, args, work, keys_file, keys), args.rounds, "http")
+        from ray import serve
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})  # one Serve; each policy's app in turn
+        out["http"] = alternate(lambda policy: over_http(policy, args, work, keys_file, keys, port), args.rounds, "http")
+        serve.shutdown()
         ray.shutdown()
     if "engine" in levels:
         out["engine"] = alternate(lambda policy: in_process(policy, args, work), args.rounds, "engine")
@@ -235,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
             "fair_over_fifo_throughput": round(fair["tokens_per_s"] / fifo["tokens_per_s"], 3)}
     emit({"benchmark": "tenant_fairness", "flood_streams": args.flood_streams, "flood_tokens": FLOOD_TOKENS,
           "light_tokens": LIGHT_TOKENS, "seconds": args.seconds, "rounds": args.rounds, **streaming_options(args),
+          "serve_throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED"),
           "engine": engine_options("fair", args) | {"scheduling": "fair|fifo"}, **out,
           "summary": summary, "machine": machine()})
 
