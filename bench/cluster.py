@@ -2,7 +2,8 @@
 
     python -m bench.cluster [--keep]
 
-Runs, with RAY_AUTH_MODE=token as Ray 2.59+ requires for the clusters it starts:
+Runs, with RAY_AUTH_MODE=token as Ray 2.59+ requires for the clusters it starts (and
+RAY_SERVE_THROUGHPUT_OPTIMIZED=1 unless the environment says otherwise, as the README's walk sets):
   1. `ray start --head` (1 CPU) and a second node with `ray start --address` (1 CPU);
   2. the shared demo adapters into ./jaxlora-fs, then `serve deploy serve_config.yaml` (the shipped
      file, unchanged) and `serve status` until the app runs;
@@ -34,7 +35,9 @@ TEMP_DIR = "/tmp/jaxlora-cluster"
 
 def _env() -> dict[str, str]:
     venv_bin = str(Path(sys.executable).parent)
-    return {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
+    # The README's walk: token authentication, and Serve's high-throughput mode on every node
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", **os.environ, "RAY_AUTH_MODE": "token",
+            "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
 
 
 def _run(cmd: list[str], timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:

@@ -8,8 +8,8 @@ for `--rounds` rounds, with the engine and streaming options of the shipped serv
 (the default deployment; `--decode-steps`, `--stream-interval` and `--stream-messages-per-s` override
 them):
   engine  the demo model's scheduler driven in this process (no Ray, no HTTP): what the policy does;
-  http    the whole app on a local Ray (auth with one key per tenant), streamed over HTTP (Ray Serve's
-          high-throughput mode if the environment sets RAY_SERVE_THROUGHPUT_OPTIMIZED=1; the JSON says).
+  http    the whole app on a local Ray (auth with one key per tenant), streamed over HTTP, in Ray Serve's
+          high-throughput mode as ./dev runs it (RAY_SERVE_THROUGHPUT_OPTIMIZED=0 in the environment: without).
 Per level and policy:
   1. idle: the light tenant sends short streamed requests one at a time; their TTFT is the baseline;
   2. flood: the flooding tenant keeps `--flood-streams` streams of 128 tokens in flight (a new one
@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
 
         keys_file = work / "keys.json"
         keys = {tenant: add_key(keys_file, tenant) for tenant in ("flood", "light")}
+        # Serve's high-throughput mode, as ./dev and the README's cluster walk run it (read when Ray starts)
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")  # no load balancer to drain for
         ray.init(include_dashboard=False, log_to_driver=False)
         from ray import serve
 

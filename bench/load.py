@@ -60,7 +60,10 @@ def start_app(port: int, max_batch_size: int = 16, max_queue: int = 64, max_queu
 def model_stats() -> dict:
     from ray import serve
 
-    return serve.get_deployment_handle("LoRAModel", app_name="load").stats.remote().result()
+    handle = serve.get_deployment_handle("LoRAModel", app_name="load")
+    if not handle.is_initialized:  # no event loop here: route on Serve's own thread in either mode
+        handle._init(_run_router_in_separate_loop=True)
+    return handle.stats.remote().result()
 
 
 async def client_loop(url: str, base: str, adapters: list[str], until: float, rng: random.Random, tally: dict,

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# In Serve's high-throughput mode (./dev sets it) an ingress replica drains 30 s before it stops, for
+# load balancers; the tests' Ray stops and starts apps and has none.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
 import pytest  # noqa: E402
 

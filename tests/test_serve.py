@@ -633,7 +633,10 @@ def test_requests_for_an_adapter_stay_on_one_replica(server):
 
 
 def _model_stats(app: str) -> dict:
-    return serve.get_deployment_handle("LoRAModel", app_name=app).stats.remote().result()
+    handle = serve.get_deployment_handle("LoRAModel", app_name=app)
+    if not handle.is_initialized:  # the driver has no event loop: route on Serve's own thread in either mode
+        handle._init(_run_router_in_separate_loop=True)
+    return handle.stats.remote().result()
 
 
 def test_client_disconnect_frees_the_engine_row(server):
