@@ -142,10 +142,12 @@ def engine_options(policy: str, args) -> dict:
 def streaming_options(args) -> dict:
     """The shipped stream pacing (stream_interval, stream_messages_per_s), with the options given
     (`--stream-messages-per-s 0`: no pacing)."""
-    shipped = {k: v for k, v in shipped_args().items() if k in ("stream_interval", "stream_messages_per_s")}
     given = {"stream_interval": args.stream_interval, "stream_messages_per_s": args.stream_messages_per_s}
-    out = shipped | {k: v for k, v in given.items() if v is not None}
-    return out if out.get("stream_messages_per_s") != 0 else {k: v for k, v in out.items() if k != "stream_messages_per_s"}
+    shipped = shipped_args()
+    out = {k: v if v is not None else shipped.get(k) for k, v in given.items()}
+    if out["stream_messages_per_s"] == 0:
+        out["stream_messages_per_s"] = None
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def over_http(policy: str, args, work: Path, keys_file: Path, keys: dict[str, str], port: int) -> dict:
