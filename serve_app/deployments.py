@@ -26,7 +26,7 @@ from serve_app.config import AppArgs, option_mismatches
 from serve_app.errors import api_error_for
 from serve_app.limits import Decision, Limiter, Limits
 from serve_app.metrics import MODEL_METRICS, CounterExport, build
-from serve_app.usage import UsageLedger
+from serve_app.usage import Row, UsageLedger
 from serve_app.wire import AdapterVersion, Done, Failed, Generate, Started, Tokens
 
 def check_deployment_options(deployment: str, args: AppArgs) -> None:
@@ -84,8 +84,9 @@ class TenantState:
     async def settle(self, tenant: str, reserved: int, used: int) -> None:
         self.limiter.settle(tenant, reserved, used)
 
-    async def record(self, tenant: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        self.usage.record(tenant, model, prompt_tokens, completion_tokens)
+    async def record(self, rows: list[Row]) -> None:
+        """What an ingress replica counted since it last sent (`UsageLedger.rows`)."""
+        self.usage.add(rows)
 
     async def totals(self, tenant: str) -> dict:
         return self.usage.totals(tenant)

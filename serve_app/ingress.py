@@ -46,6 +46,7 @@ from serve_app.limits import Decision, Limits
 from serve_app.metrics import INGRESS_METRICS, build
 from serve_app.openai_api import (ChatCompletionRequest, ChatFormat, CompletionFormat, CompletionRequest, StreamOptions,
                                   TokenLogprob, now, usage_dict)
+from serve_app.usage import SEND_INTERVAL_S, UsageLedger
 from serve_app.wire import Done, Failed, Generate, Started, Tokens
 
 log = logging.getLogger("ray.serve")
@@ -157,19 +158,24 @@ class IngressHeader:
         await self.asgi(scope, receive, named_send)
 
 
-async def _replies(gen: DeploymentResponseGenerator) -> AsyncIterator[Started | Tokens | Done]:
-    """A model replica's messages for one request. The one place where a failure on the way becomes the
-    client's error: a `Failed` message, Serve's back-pressure, or a replica that died (Ray replaces it)."""
+async def _replies(gen: DeploymentResponseGenerator) -> AsyncIterator[tuple[Started | Tokens | Done, ...]]:
+    """A model replica's messages for one request, one tuple per streaming item as the replica sent
+    them (a request's last Tokens and its Done come as one, and go on to the client as one chunk). The
+    one place where a failure on the way becomes the client's error: a `Failed` message (the messages
+    before it in its item are yielded first), Serve's back-pressure, or a replica that died (Ray
+    replaces it)."""
     answered = False  # until a replica answers, `cancel()` would wait for Serve's routing and re-raise its error
     ended = False  # the replica sent its last message: nothing to cancel (a cancel is a Ray call, per request)
     try:
         async for item in gen:
             answered = True
-            for msg in item if isinstance(item, tuple) else (item,):
-                ended = isinstance(msg, (Done, Failed))
-                if isinstance(msg, Failed):
-                    raise msg.error()
-                yield msg
+            msgs = item if isinstance(item, tuple) else (item,)
+            ended = isinstance(msgs[-1], (Done, Failed))
+            if isinstance(msgs[-1], Failed):
+                if msgs[:-1]:
+                    yield msgs[:-1]
+                raise msgs[-1].error()
+            yield msgs
     except ApiError:
         raise
     except BackPressureError:
@@ -206,6 +212,7 @@ class Ingress:
         self.keys = KeysFile(self.args.api_keys_file) if self.args.auth else None
         self.limits = Limits(self.args.requests_per_minute, self.args.tokens_per_minute)  # a tier may override them
         self.metrics = build(INGRESS_METRICS)
+        self.unsent_usage, self._usage_timer = UsageLedger(), None  # counted here, not yet in TenantState
         self.job_controller = job_controller  # in the graph so Serve runs it; jobs are on the filesystem
         self.fine_tuning = FineTuningRoutes(self.args, self._tenant)
 
@@ -263,10 +270,10 @@ class Ingress:
     def _settle(self, user: str, decision: Decision | None, used: int) -> None:
         """Gives back what the request reserved of its tenant's tokens but did not use."""
         if decision is not None and decision.reserved:
-            self.tenants.settle.remote(user, decision.reserved, used)  # not awaited, like `record`
+            self.tenants.settle.remote(user, decision.reserved, used)  # not awaited: accounting never holds up an answer
 
     async def _submit(self, user: str, tier: Tier, body: CompletionRequest | ChatCompletionRequest,
-                      prompt_ids: list[int]) -> tuple[Decision | None, Started, AsyncIterator[Tokens | Done]]:
+                      prompt_ids: list[int]) -> tuple[Decision | None, Started, AsyncIterator[tuple[Tokens | Done, ...]]]:
         """Checks the rate limits, then submits to a model replica; returns the limits' decision, the
         replica's `Started` and its messages to come. An ApiError if refused (with the limits' headers
         once past them)."""
@@ -282,39 +289,45 @@ class Ingress:
             replies = _replies(self.model_handle.options(stream=True, multiplexed_model_id=affinity).generate.remote(
                 Generate(tuple(prompt_ids), body.sampling_params(), adapter, user, tier.weight, tier.max_rows,
                          tier.max_queued)))
-            return decision, await anext(replies), replies
+            (start,) = await anext(replies)
+            return decision, start, replies
         except BaseException as e:  # refused, or the client left, before it ran: nothing used
             self._settle(user, decision, 0)
             if isinstance(e, ApiError) and decision is not None:
                 raise e.with_headers(decision.headers()) from None
             raise
 
-    async def _events(self, replies: AsyncIterator[Tokens | Done], stop: list[str], logprobs: bool):
+    async def _events(self, replies: AsyncIterator[tuple[Tokens | Done, ...]], stop: list[str], logprobs: bool):
         """(text delta, its tokens' logprobs if asked for, tokens so far, finish reason, cached prompt
-        tokens) per replica message (the reason known from the last message, the cached tokens from the
-        first token on): the tokens of one message leave as one piece (one SSE chunk), which keeps
-        per-chunk costs in the ingress, the proxy and the client off the per-token path."""
+        tokens) per streaming item of the replica (the reason on the last, the cached tokens from the
+        first token on): the tokens of one item leave as one piece (one SSE chunk), the last ones with
+        the finish reason, which keeps per-chunk costs in the ingress, the proxy and the client off the
+        per-token path."""
         text = TextStream(self.tokenizer, stop)
         emitted, produced, cached = 0, 0, None
         try:
-            async for msg in replies:
-                if isinstance(msg, Done):
-                    yield text.finish(), [], msg.completion_tokens, msg.reason, cached
+            async for item in replies:
+                deltas, tokens, reason = [], [], None
+                for msg in item:
+                    if isinstance(msg, Done):
+                        deltas.append(text.finish())
+                        produced, reason = msg.completion_tokens, msg.reason
+                        break
+                    cached = cached if msg.cached_tokens is None else msg.cached_tokens
+                    for token_id, lp, top in zip(msg.ids, msg.logprobs, msg.top_logprobs):
+                        produced += 1
+                        delta = text.add(token_id)
+                        if logprobs:
+                            tokens.append(self._token_logprob(token_id, lp, top, emitted))
+                        emitted += len(delta)
+                        deltas.append(delta)
+                        if text.stopped:  # ended here: the replica's count never comes
+                            yield "".join(deltas), tokens, produced, "stop", cached
+                            return
+                if reason is not None or any(deltas) or tokens:
+                    yield "".join(deltas), tokens, produced, reason, cached
+                if reason is not None:
                     return
-                cached = cached if msg.cached_tokens is None else msg.cached_tokens
-                deltas, tokens = [], []
-                for token_id, lp, top in zip(msg.ids, msg.logprobs, msg.top_logprobs):
-                    produced += 1
-                    delta = text.add(token_id)
-                    if logprobs:
-                        tokens.append(self._token_logprob(token_id, lp, top, emitted))
-                    emitted += len(delta)
-                    deltas.append(delta)
-                    if text.stopped:
-                        yield "".join(deltas), tokens, produced, "stop", cached  # ended here: the replica's count never comes
-                        return
-                if any(deltas) or tokens:
-                    yield "".join(deltas), tokens, produced, None, cached
         finally:
             await replies.aclose()  # cancels the request when it stopped early (a stop string, a client gone)
 
@@ -355,9 +368,29 @@ class Ingress:
                                 latest_version=a.latest)
 
     async def usage(self, request: Request) -> dict:
-        """The calling tenant's own requests and tokens since the app started (an extension)."""
+        """The calling tenant's own requests and tokens since the app started (an extension): all that
+        this replica answered, and what other ingress replicas answered up to `SEND_INTERVAL_S` ago."""
         user, _ = self._tenant(request)
+        if (sent := self._send_usage()) is not None:
+            await sent
         return await self.tenants.totals.remote(user)
+
+    def _send_usage(self):
+        """Sends TenantState what this replica counted since it last did, in one call (None: nothing
+        to send). The call is returned, to await when the caller needs it arrived."""
+        if self._usage_timer is not None:
+            self._usage_timer.cancel()
+            self._usage_timer = None
+        rows = self.unsent_usage.rows()
+        if not rows:
+            return None
+        self.unsent_usage = UsageLedger()
+        return self.tenants.record.remote(rows)
+
+    async def __del__(self):
+        """Serve calls it on a graceful shutdown: what was counted but not yet sent goes now."""
+        if (sent := self._send_usage()) is not None:
+            await sent
 
     async def models(self, request: Request) -> dict:
         user, _ = self._tenant(request)
@@ -436,7 +469,9 @@ class Ingress:
 
     async def _stream(self, route, fmt: CompletionFormat | ChatFormat, usage_tags, decision: Decision | None, events,
                       prompt_tokens, received, options: StreamOptions) -> AsyncIterator[str]:
-        completion_tokens, cached, first_at, status = 0, None, None, 200
+        """The SSE events of a streamed answer. The last chunk (the finish reason), the usage chunk and
+        `[DONE]` leave in one write: one message through the proxy instead of three."""
+        completion_tokens, cached, first_at, status, tail = 0, None, None, 200, ""
         try:
             if (first := fmt.first_chunk()) is not None:
                 yield _sse(first)
@@ -445,18 +480,22 @@ class Ingress:
                 completion_tokens = produced
                 if delta or token_logprobs or reason:  # vLLM's continuous_usage_stats: the usage so far on every chunk
                     usage = usage_dict(prompt_tokens, produced) if options.continuous_usage_stats else None
-                    yield _sse(fmt.chunk(delta, token_logprobs or None, reason, usage))
+                    chunk = _sse(fmt.chunk(delta, token_logprobs or None, reason, usage))
+                    if reason is None:
+                        yield chunk
+                    else:
+                        tail = chunk
             if options.include_usage:
-                yield _sse(fmt.usage_chunk(usage_dict(prompt_tokens, completion_tokens, cached)))
+                tail += _sse(fmt.usage_chunk(usage_dict(prompt_tokens, completion_tokens, cached)))
         except ApiError as e:
             status = e.status
-            yield _sse(e.body())
+            tail += _sse(e.body())
         except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
             status = 499
             raise
         finally:
             self._observe(route, usage_tags, decision, received, first_at, prompt_tokens, completion_tokens, status)
-        yield _sse("[DONE]")
+        yield tail + _sse("[DONE]")
 
     def _observe(self, route, usage_tags, decision: Decision | None, received, first_at, prompt_tokens, completion_tokens,
                  status) -> None:
@@ -464,8 +503,11 @@ class Ingress:
         client that left was sent), settles its token reservation to that usage, and, for complete answers,
         records its latencies."""
         self._count(route, status, usage_tags["tenant"], usage_tags["model"])
-        # Not awaited: accounting must not hold up the answer (the call is sent now, in order).
-        self.tenants.record.remote(usage_tags["tenant"], usage_tags["model"], prompt_tokens, completion_tokens)
+        # Sent on within SEND_INTERVAL_S, with the other requests ending meanwhile: accounting costs
+        # one Ray call per interval, not one per request, and never holds up an answer.
+        self.unsent_usage.record(usage_tags["tenant"], usage_tags["model"], prompt_tokens, completion_tokens)
+        if self._usage_timer is None:
+            self._usage_timer = asyncio.get_running_loop().call_later(SEND_INTERVAL_S, self._send_usage)
         self._settle(usage_tags["tenant"], decision, prompt_tokens + completion_tokens)
         for name, n in (("jaxlora_prompt_tokens", prompt_tokens), ("jaxlora_completion_tokens", completion_tokens)):
             if n > 0:  # Ray's counters refuse increments of 0

@@ -2,8 +2,10 @@
 
 `UsageLedger` is plain Python; the `TenantState` deployment (`deployments.py`) holds the one
 instance of an app, so every ingress replica records into, and answers `GET /v1/usage` from, the
-same totals. The ingress records a request once its usage is final (what the response reported,
-or what a client that left had been sent), exactly the figures its Prometheus counters get.
+same totals. The ingress counts a request once its usage is final (what the response reported,
+or what a client that left had been sent), exactly the figures its Prometheus counters get, in a
+ledger of its own that it sends on as rows (`rows`, `add`) at most `SEND_INTERVAL_S` later: one Ray
+call for many requests.
 
 What it deliberately does not do: persist (totals restart with the app; Prometheus keeps history),
 or answer for one tenant about another (`totals` takes the caller's own id only).
@@ -13,6 +15,11 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Iterable
+
+SEND_INTERVAL_S = 0.5  # how long an ingress replica keeps what it counted before sending it to TenantState
+
+Row = tuple[str, str, int, int, int]  # (tenant, model, requests, prompt tokens, completion tokens)
 
 
 class UsageLedger:
@@ -21,11 +28,19 @@ class UsageLedger:
         # tenant -> model -> [requests, prompt tokens, completion tokens]
         self._totals: dict[str, dict[str, list[int]]] = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0, 0]))
 
-    def record(self, tenant: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def record(self, tenant: str, model: str, prompt_tokens: int, completion_tokens: int, requests: int = 1) -> None:
         row = self._totals[tenant][model]
-        row[0] += 1
+        row[0] += requests
         row[1] += prompt_tokens
         row[2] += completion_tokens
+
+    def rows(self) -> list[Row]:
+        """Everything recorded, one row per tenant and model (what `add` takes)."""
+        return [(tenant, model, *counts) for tenant, by_model in self._totals.items() for model, counts in by_model.items()]
+
+    def add(self, rows: Iterable[Row]) -> None:
+        for tenant, model, requests, prompt_tokens, completion_tokens in rows:
+            self.record(tenant, model, prompt_tokens, completion_tokens, requests)
 
     def totals(self, tenant: str) -> dict:
         """The tenant's own usage, in the shape `GET /v1/usage` answers with."""
