@@ -14,6 +14,8 @@ Per level and policy:
   1. idle: the light tenant sends short streamed requests one at a time; their TTFT is the baseline;
   2. flood: the flooding tenant keeps `--flood-streams` streams of 128 tokens in flight (a new one
      as soon as one ends) while the light tenant sends a short request every half second.
+Over HTTP the two tenants are two client processes, as two tenants are; they share the machine's
+cores with the server all the same.
 Reports the light tenant's TTFT p50/p99 idle and under the flood, and the tokens/s everything
 produced under the flood, per level and policy. Prints one JSON line last. Not a test: figures go in
 docs/benchmarks.md.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import socket
 import statistics
@@ -31,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
@@ -83,37 +87,105 @@ def _percentiles(xs: list[float]) -> dict[str, float]:
             "n": len(xs)}
 
 
-async def workload(send: Send, seconds: float, flood_streams: int) -> dict:
-    for _ in range(3):  # warm every path
+async def light_idle(send: Send) -> list[float]:
+    """The light tenant alone: its TTFTs, one request at a time, once every path is warm."""
+    for _ in range(3):
         await send("light", "warm up", LIGHT_TOKENS)
-    idle = [(await send("light", f"light idle {i}", LIGHT_TOKENS))[0] for i in range(20)]
+    return [(await send("light", f"light idle {i}", LIGHT_TOKENS))[0] for i in range(20)]
 
-    stop_at = time.monotonic() + seconds
+
+async def light_under_flood(send: Send, start_at: float, stop_at: float) -> tuple[list[float], int]:
+    """The light tenant from `start_at` (wall clock: the flood has filled the rows and the queue) to
+    `stop_at`, a request every half second: its TTFTs and the tokens it got."""
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    ttfts, tokens = [], 0
+    while time.time() < stop_at:
+        ttft, n = await send("light", f"light {len(ttfts)}", LIGHT_TOKENS)
+        ttfts.append(ttft)
+        tokens += n
+        await asyncio.sleep(0.5)
+    return ttfts, tokens
+
+
+class Light(Protocol):
+    async def idle(self) -> list[float]: ...
+
+    async def under_flood(self, start_at: float, stop_at: float) -> tuple[list[float], int]: ...
+
+
+class InProcessLight:
+    """The light tenant on the flood's own event loop (the engine level: no client work to share)."""
+
+    def __init__(self, send: Send):
+        self.send = send
+
+    async def idle(self) -> list[float]:
+        return await light_idle(self.send)
+
+    async def under_flood(self, start_at: float, stop_at: float) -> tuple[list[float], int]:
+        return await light_under_flood(self.send, start_at, stop_at)
+
+
+class LightProcess:
+    """The light tenant as its own client process (the http level), as another tenant is: its
+    requests never wait for the flooding client's event loop, busy reading 48 streams."""
+
+    def __init__(self, url: str, key: str, model: str):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_light_process, args=(url, key, model, child), daemon=True)
+        self.process.start()
+
+    async def _answer(self):
+        answer = await asyncio.to_thread(self.conn.recv)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    async def idle(self) -> list[float]:
+        return await self._answer()
+
+    async def under_flood(self, start_at: float, stop_at: float) -> tuple[list[float], int]:
+        self.conn.send((start_at, stop_at))
+        return await self._answer()
+
+    def close(self) -> None:
+        self.process.join(timeout=30)
+
+
+def _light_process(url: str, key: str, model: str, conn) -> None:
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+            def send(tenant, prompt, n):
+                return stream_one(http, key, model, prompt, n)
+
+            conn.send(await light_idle(send))
+            conn.send(await light_under_flood(send, *conn.recv()))
+    try:
+        asyncio.run(run())
+    except BaseException as e:  # the parent re-raises it
+        conn.send(RuntimeError(f"light tenant: {e!r}"))
+
+
+async def workload(send: Send, light: Light, seconds: float, flood_streams: int) -> dict:
+    """The light tenant idle, then under a flood of `flood_streams` streams for `seconds`."""
+    idle = await light.idle()
+    t0 = time.time()
+    stop_at = t0 + seconds
     produced = 0
 
     async def flood(i: int) -> None:
         nonlocal produced
         n = 0
-        while time.monotonic() < stop_at:
+        while time.time() < stop_at:
             _, tokens = await send("flood", f"flood {i} {n}", FLOOD_TOKENS)
             produced += tokens  # after the await: `produced += await ...` would read it before
             n += 1
 
-    async def light() -> list[float]:
-        await asyncio.sleep(min(5.0, seconds / 4))  # the flood fills the rows and the queue first
-        out = []
-        while time.monotonic() < stop_at:
-            ttft, n = await send("light", f"light {len(out)}", LIGHT_TOKENS)
-            produced_light.append(n)
-            out.append(ttft)
-            await asyncio.sleep(0.5)
-        return out
-
-    produced_light: list[int] = []
-    t0 = time.monotonic()
-    results = await asyncio.gather(light(), *(flood(i) for i in range(flood_streams)))
-    wall = time.monotonic() - t0
-    return {"idle": idle, "flood": results[0], "tokens": produced + sum(produced_light), "seconds": wall}
+    (light_ttfts, light_tokens), *_ = await asyncio.gather(light.under_flood(t0 + min(5.0, seconds / 4), stop_at),
+                                                           *(flood(i) for i in range(flood_streams)))
+    wall = time.time() - t0
+    return {"idle": idle, "flood": light_ttfts, "tokens": produced + light_tokens, "seconds": wall}
 
 
 def pooled(runs: list[dict]) -> dict:
@@ -155,13 +227,17 @@ def over_http(policy: str, args, work: Path, keys_file: Path, keys: dict[str, st
 
     model = start_app(engine_options(policy, args), keys_file, str(work / "fs"), streaming_options(args))
 
+    url = f"http://127.0.0.1:{port}"
+    light = LightProcess(url, keys["light"], model)
+
     async def run() -> dict:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as http:
             return await workload(lambda tenant, prompt, n: stream_one(http, keys[tenant], model, prompt, n),
-                                  args.seconds, args.flood_streams)
+                                  light, args.seconds, args.flood_streams)
     try:
         return asyncio.run(run())
     finally:
+        light.close()
         serve.delete("fairness")
 
 
@@ -183,7 +259,7 @@ def in_process(policy: str, args, work: Path) -> dict:
             if isinstance(batch[-1], Finished):
                 return ttft, batch[-1].completion_tokens
     try:
-        return asyncio.run(workload(send, args.seconds, args.flood_streams))
+        return asyncio.run(workload(send, InProcessLight(send), args.seconds, args.flood_streams))
     finally:
         backend.close()
 
