@@ -150,7 +150,9 @@ class LightProcess:
         return await self._answer()
 
     def close(self) -> None:
-        self.process.join(timeout=30)
+        self.process.join(timeout=10)  # it ends after its last answer; it waits forever if the flood failed
+        if self.process.is_alive():
+            self.process.terminate()
 
 
 def _light_process(url: str, key: str, model: str, conn) -> None:
