@@ -5,8 +5,8 @@
 
 The same two-tenant workload at two levels, the policies (`scheduling: fair` and `fifo`) alternating
 for `--rounds` rounds, with the engine and streaming options of the shipped serve_config.yaml otherwise
-(the default deployment; `--decode-steps`, `--stream-interval` and `--stream-messages-per-s` override
-them):
+(the default deployment, its engine computing on as many threads as the model replica reserves CPUs;
+`--decode-steps`, `--stream-interval` and `--stream-messages-per-s` override them):
   engine  the demo model's scheduler driven in this process (no Ray, no HTTP): what the policy does;
   http    the whole app on a local Ray (auth with one key per tenant), streamed over HTTP, in Ray Serve's
           high-throughput mode as ./dev runs it (RAY_SERVE_THROUGHPUT_OPTIMIZED=0 in the environment: without).
@@ -39,6 +39,7 @@ from typing import Protocol
 import httpx
 
 from bench.common import emit, machine
+from serve_app.config import AppArgs
 
 LIGHT_TOKENS, FLOOD_TOKENS = 8, 128
 
@@ -314,6 +315,10 @@ def main(argv: list[str] | None = None) -> None:
         serve.shutdown()
         ray.shutdown()
     if "engine" in levels:
+        from jaxlora.cpu_threads import limit_compute_threads
+
+        if (threads := AppArgs(**shipped_args()).engine_compute_threads) is not None:  # as the shipped replica computes
+            limit_compute_threads(threads)
         out["engine"] = alternate(lambda policy: in_process(policy, args, work), args.rounds, "engine")
     summary = {}
     for level, by_policy in out.items():
@@ -325,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     emit({"benchmark": "tenant_fairness", "flood_streams": args.flood_streams, "flood_tokens": FLOOD_TOKENS,
           "light_tokens": LIGHT_TOKENS, "seconds": args.seconds, "rounds": args.rounds, **streaming_options(args),
           "serve_throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED"),
+          "engine_compute_threads": AppArgs(**shipped_args()).engine_compute_threads,
           "engine": engine_options("fair", args) | {"scheduling": "fair|fifo"}, **out,
           "summary": summary, "machine": machine()})
 

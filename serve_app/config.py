@@ -101,11 +101,20 @@ class AppArgs(BaseModel):
     ingress_replicas: int = Field(1, ge=1)
     tokenizer_replicas: int = Field(1, ge=1)
     model_replicas: int = Field(1, ge=1, description="model replicas (engines); each holds the base model")
-    model_num_cpus: float = Field(1, ge=0, description="CPUs reserved per model replica")
+    model_num_cpus: float = Field(
+        1, ge=0, description="CPUs reserved per model replica; on CPU also its engine's compute threads (at least 1)")
     model_num_gpus: float = Field(0, ge=0, description="GPUs per model replica (1 on a GPU cluster: one engine per GPU)")
     model_max_queued_requests: int = Field(64, ge=-1, description="handle-level queue per model deployment; -1 = unbounded")
     model_runtime_env: dict[str, Any] = Field(
         default_factory=dict, description="Ray runtime_env of the model replicas (env_vars such as XLA_FLAGS, a worker_process_setup_hook)")
+
+    @property
+    def engine_compute_threads(self) -> int | None:
+        """The XLA compute threads of a model replica on CPU: the CPUs it reserves, at least one
+        (`jaxlora.cpu_threads`). None, XLA's default of one per core: on a GPU, or with no CPU reserved."""
+        if self.model_num_gpus > 0 or self.model_num_cpus == 0:
+            return None
+        return max(1, int(self.model_num_cpus))
 
     @model_validator(mode="before")
     @classmethod

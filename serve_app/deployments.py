@@ -11,6 +11,7 @@ text or HTTP; core errors become API errors here, through `serve_app.errors.STAT
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import ray
 from ray import serve
 
 from jaxlora.backend import LocalJaxLoRABackend
+from jaxlora.cpu_threads import compute_threads, limit_compute_threads
 from jaxlora.demo import ensure_demo_model
 from jaxlora.errors import JaxLoraError
 from jaxlora.requests import Finished, MessagePacer
@@ -28,6 +30,9 @@ from serve_app.limits import Decision, Limiter, Limits
 from serve_app.metrics import MODEL_METRICS, CounterExport, build
 from serve_app.usage import Row, UsageLedger
 from serve_app.wire import AdapterVersion, Done, Failed, Generate, Started, Tokens
+
+log = logging.getLogger(__name__)
+
 
 def check_deployment_options(deployment: str, args: AppArgs) -> None:
     """Refuses to start a replica whose Serve options differ from what `args` set (a `deployments:`
@@ -98,6 +103,8 @@ class LoRAModel:
     def __init__(self, args: dict):
         a = AppArgs(**args)
         check_deployment_options("LoRAModel", a)
+        if a.engine_compute_threads is not None:  # before anything starts JAX's backend: its pool is sized then
+            limit_compute_threads(a.engine_compute_threads)
         if a.model_num_gpus > 0:
             import jax
 
@@ -107,6 +114,8 @@ class LoRAModel:
         self.backend = LocalJaxLoRABackend(
             model_dir_of(a), a.fs_root, a.engine, a.registered_adapters, a.allowed_roots,
             a.poll_interval_s, model_id=base_model_id(a))
+        self.compute_threads = compute_threads()
+        log.info("engine compute threads on CPU: %s (model_num_cpus %s)", self.compute_threads, a.model_num_cpus)
         self.stream_interval = a.stream_interval
         self.pacer = None if a.stream_messages_per_s is None else MessagePacer(a.stream_messages_per_s)
         self._metrics = CounterExport(MODEL_METRICS, build(MODEL_METRICS))
@@ -157,8 +166,9 @@ class LoRAModel:
                     handle.cancel()
 
     def stats(self) -> dict:
-        """The engine's metrics snapshot (the numbers serve_app.metrics.MODEL_METRICS exports)."""
-        return self.backend.metrics()
+        """The engine's metrics snapshot (the numbers serve_app.metrics.MODEL_METRICS exports), and the
+        threads XLA computes on (`jaxlora.cpu_threads`)."""
+        return self.backend.metrics() | {"compute_threads": self.compute_threads}
 
     def check_health(self) -> None:
         if not self.backend.healthy:

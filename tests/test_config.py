@@ -295,6 +295,11 @@ def test_no_gpus_asked_matches_a_replica_that_reports_none():
     assert option_mismatches("LoRAModel", AppArgs(model_num_gpus=1), {"ray_actor_options.num_gpus": None}) != []
 
 
+@pytest.mark.parametrize("cpus,gpus,threads", [(1, 0, 1), (2, 0, 2), (1.5, 0, 1), (0.25, 0, 1), (0, 0, None), (4, 1, None)])
+def test_a_replica_on_cpu_computes_on_as_many_threads_as_cpus_it_reserves(cpus, gpus, threads):
+    assert AppArgs(model_num_cpus=cpus, model_num_gpus=gpus).engine_compute_threads == threads
+
+
 def test_auth_needs_an_existing_keys_file(tmp_path):
     with pytest.raises(ValidationError, match=r"auth=true needs api_keys_file \(create one with: python -m serve_app.keys"):
         AppArgs(auth=True)

@@ -19,6 +19,7 @@ from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from jaxlora.engine import EngineConfig  # noqa: E402
 from serve_app.config import AppArgs  # noqa: E402
+from tests.test_serve import _model_stats  # noqa: E402
 
 
 def _free_port() -> int:
@@ -104,6 +105,7 @@ def test_changed_args_of_the_shipped_config_reach_the_running_deployments(serve_
         {"Ingress": 1, "Tokenizer": 2, "LoRAModel": 2, "TenantState": 1, "JobController": 1}
     r = httpx.post(f"{url}/v1/completions", json={"model": demo_model_dir.name, "prompt": "x", "max_tokens": 2}, timeout=120)
     assert r.status_code == 200, r.text
+    assert _model_stats(app["name"])["compute_threads"] == 1  # a quarter CPU reserved: XLA computes on one thread
 
 
 def test_a_deployments_block_that_overrides_args_is_refused_naming_the_field(serve_instance, shipped, demo_model_dir,
