@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 
+import jax
+
 log = logging.getLogger(__name__)
 
 POOL_THREAD_NAME = "tf_XLAEigen"
@@ -44,16 +46,13 @@ def limit_compute_threads(n: int) -> int | None:
     started its pool is fixed, which is logged and left as it is."""
     if n < 1:
         raise ValueError(f"the compute threads must be >= 1, got {n}")
-    import jax
-    from jax._src import xla_bridge
-
+    if started := compute_threads():
+        log.warning("JAX's CPU backend started before its compute threads could be limited to %d: it keeps %d",
+                    n, started)
+        return started
     if not hasattr(os, "sched_setaffinity"):
         log.warning("this platform sets no CPU affinity: the XLA CPU backend keeps its default threads")
         jax.devices("cpu")
-        return compute_threads()
-    if xla_bridge.backends_are_initialized():
-        log.warning("JAX's backend started before its compute threads could be limited to %d: it keeps %s",
-                    n, compute_threads())
         return compute_threads()
     cpus = os.sched_getaffinity(0)
     os.sched_setaffinity(0, set(sorted(cpus)[:n]))
