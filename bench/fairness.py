@@ -314,10 +314,11 @@ def main(argv: list[str] | None = None) -> None:
         out["http"] = alternate(lambda policy: over_http(policy, args, work, keys_file, keys, port), args.rounds, "http")
         serve.shutdown()
         ray.shutdown()
+    threads = AppArgs(**shipped_args()).engine_compute_threads  # as the shipped model replica computes
     if "engine" in levels:
         from jaxlora.cpu_threads import limit_compute_threads
 
-        if (threads := AppArgs(**shipped_args()).engine_compute_threads) is not None:  # as the shipped replica computes
+        if threads is not None:
             limit_compute_threads(threads)
         out["engine"] = alternate(lambda policy: in_process(policy, args, work), args.rounds, "engine")
     summary = {}
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     emit({"benchmark": "tenant_fairness", "flood_streams": args.flood_streams, "flood_tokens": FLOOD_TOKENS,
           "light_tokens": LIGHT_TOKENS, "seconds": args.seconds, "rounds": args.rounds, **streaming_options(args),
           "serve_throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED"),
-          "engine_compute_threads": AppArgs(**shipped_args()).engine_compute_threads,
+          "engine_compute_threads": threads,
           "engine": engine_options("fair", args) | {"scheduling": "fair|fifo"}, **out,
           "summary": summary, "machine": machine()})
 
