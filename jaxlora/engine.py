@@ -58,10 +58,12 @@ class EngineConfig:
     attends to what its row's cache holds. Also the prefix cache's unit. max_seq_len (or more, which
     is taken as max_seq_len): one shot."""
     prefill_tokens_per_turn: int | None = 128
-    """While other rows decode, prefill calls per turn of the loop stop once their chunks (counted
-    at `prefill_batch` x `prefill_chunk` a call, padding included) reach this; at least one call
-    runs. None: one call per turn. With no row decoding, prefill runs unbounded. The trade: each
-    call a turn delays the decoding rows' next tokens by one chunk's time (docs/benchmarks.md)."""
+    """While the decoding rows are at least as many as the rows waiting for their prompts, prefill
+    calls per turn of the loop stop once their chunks (counted at `prefill_batch` x `prefill_chunk` a call, padding
+    included) reach this; at least one call runs. None: one call per turn. When the waiting rows
+    outnumber the decoding ones (nothing decoding included), every prompt is prefilled before the next
+    decode call (`Scheduler._prefill`, the idle-row rule). The trade: each call a turn delays the
+    decoding rows' next tokens by one chunk's time (docs/benchmarks.md)."""
     prefix_cache_bytes: int = 256 * 2**20
     """KV of complete prompt chunks kept for reuse (`prefix_cache.py`), LRU beyond this; 0: off."""
     decode_steps: int = 8

@@ -63,16 +63,19 @@ class EngineMetrics:
     decode_seconds: float = 0.0
     busy_row_steps: int = 0
     total_row_steps: int = 0
+    prompt_wait_row_steps: int = 0  # decode row-steps of rows held by a request whose prompt was still prefilling
     ttft_s: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=WINDOW))
     tpot_s: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=WINDOW))
     latency_s: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=WINDOW))
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
-    def record_decode(self, seconds: float, busy_rows: int, rows: int, steps: int, tokens: int) -> None:
+    def record_decode(self, seconds: float, busy_rows: int, prefilling_rows: int, rows: int, steps: int,
+                      tokens: int) -> None:
         with self.lock:
             self.decode_calls += 1
             self.decode_seconds += seconds
             self.busy_row_steps += busy_rows * steps
+            self.prompt_wait_row_steps += prefilling_rows * steps
             self.total_row_steps += rows * steps
             self.generated_tokens += tokens
 
@@ -100,7 +103,7 @@ class EngineMetrics:
             out = {k: getattr(self, k) for k in (
                 "requests_submitted", "requests_finished", "requests_cancelled", "requests_failed",
                 "requests_rejected_overload", "preemptions", "prompt_tokens", "generated_tokens", "decode_calls",
-                "prefill_calls", "prefill_tokens")}
+                "prefill_calls", "prefill_tokens", "prompt_wait_row_steps")}
             out["decode_tokens_per_s"] = self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0
             out["batch_occupancy"] = self.busy_row_steps / self.total_row_steps if self.total_row_steps else 0.0
             out["ttft_s"] = _percentiles(self.ttft_s)

@@ -10,14 +10,16 @@ Each turn of the loop, in order:
      tenant far behind (`_preempt`); the swapped request resumes later, in any row, bitwise where
      it was;
   3. prefill: the next chunk of rows still prefilling, oldest first, in calls of up to
-     `prefill_batch` rows that share an attention window, until `prefill_tokens_per_turn` is spent
-     (unbounded when no row decodes); a row whose prompt is done gets its first token and decodes
-     from now on. Complete chunks go into the prefix cache;
+     `prefill_batch` rows that share an attention window, until `prefill_tokens_per_turn` is spent;
+     when the rows waiting for their prompt outnumber the decoding rows (none decoding included),
+     until every prompt is done instead (`_prefill`: the idle-row rule); a row whose prompt is done
+     gets its first token and decodes from now on. Complete chunks go into the prefix cache;
   4. run `decode_steps` decode steps for all rows in one device call;
   5. hand each decoding request its new tokens, and retire those that hit EOS, a stop token or
      `max_tokens` (their rows are free for the next turn).
-So a long prompt is prefilled a chunk a turn between decode calls, and never stalls the rows
-decoding beside it for longer than one turn's prefill budget.
+So a long prompt arriving beside more decoding rows than there are prompts in flight is prefilled
+a budget a turn between decode calls, and never stalls those rows for longer than that; a burst of
+prompts that outnumbers the decoding rows is prefilled at once, and never leaves rows idle.
 One thread, no per-stage queues: the order of events is the order of this code. Requests talk to
 the loop through `submit`, and read their tokens from (or cancel them through) the `RequestHandle`
 it returns (`requests.py`). The device work goes through `EngineApi`.
@@ -304,14 +306,21 @@ class Scheduler:
 
     def _prefill(self) -> None:
         """Prefills the next chunk of rows still prefilling, oldest first: each call takes the oldest
-        one and up to `prefill_batch` - 1 more whose chunk has the same window. While rows decode,
-        calls stop once `prefill_tokens_per_turn` is spent (one call when it is None)."""
+        one and up to `prefill_batch` - 1 more whose chunk has the same window.
+
+        How much a turn prefills (the idle-row rule): when the rows waiting for their prompt
+        outnumber the rows decoding (nothing decoding included), every prompt is prefilled to its
+        end before the next decode call, so no row sits through decode calls idle; the few streams
+        decoding wait once, for all of it. Otherwise the decoding rows are the majority and the
+        turn's calls stop once `prefill_tokens_per_turn` is spent (one call when it is None), so a
+        long prompt delays them by at most that much a turn. Decided once a turn, before any call."""
         config = self.engine.config
         P, C = config.prefill_batch, config.prefill_chunk
         budget = config.prefill_tokens_per_turn or P * C
+        fill = len(self._prefilling) > len(self._decoding())
         spent = 0
         while self._prefilling:
-            if spent >= budget and self._decoding():
+            if spent >= budget and not fill:
                 return
             window = config.window(self._prefilling[0].prefilled)
             group = [r for r in self._prefilling if config.window(r.prefilled) == window][:P]
@@ -451,7 +460,8 @@ class Scheduler:
                 b = req.row
                 self._accept(req, int(out.token[s, b]), float(out.logprob[s, b]), out.top_ids[s, b], out.top_logprobs[s, b])
                 accepted += 1
-        self.metrics.record_decode(time.monotonic() - t0, len(busy), len(self._rows), steps, accepted)
+        self.metrics.record_decode(time.monotonic() - t0, len(busy), len(self._prefilling), len(self._rows), steps,
+                                   accepted)
 
     def _accept(self, req: _Live, token: int, logprob: float, top_ids: np.ndarray, top_lps: np.ndarray) -> None:
         req.generated += 1

@@ -74,6 +74,8 @@ MODEL_METRICS = (
     Metric("jaxlora_prefilling_rows", GAUGE, "decode rows whose prompt is still being prefilled, a chunk at a time",
            source="prefilling_rows"),
     Metric("jaxlora_prefill_calls", COUNTER, "prefill chunk calls", source="prefill_calls"),
+    Metric("jaxlora_prompt_wait_row_steps", COUNTER, "decode row-steps of rows idle while their request's prompt was "
+           "still being prefilled", source="prompt_wait_row_steps"),
     Metric("jaxlora_kv_cache_bytes", GAUGE, "memory of the decode rows' KV cache", source="kv_cache_bytes"),
     Metric("jaxlora_prefix_cache_bytes", GAUGE, "memory the prefix cache holds (at most engine.prefix_cache_bytes)",
            source="prefix_cache.bytes"),

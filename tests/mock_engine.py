@@ -8,7 +8,7 @@
 
 So a base-model request for [3, 4] yields 7, 8, 9, ... with logprobs 0, -1, -2, ... Every device
 call is recorded in `calls`, and `gate` (when set) makes each generate call wait for one release,
-so a test can hold the loop at a known point and look at it.
+so a test can hold the loop at a known point (`held` is set while it waits there) and look at it.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class MockEngine:
         self.config = config
         self.calls: list[tuple] = []  # ("prefill", prompts, rows) / ("put_chunk", row, start) / ("generate",) / ...
         self.gate: threading.Semaphore | None = None
+        self.held = threading.Event()  # set while a generate call waits at the gate
         self.fail_next_generate: BaseException | None = None
 
     def init_state(self) -> MockState:
@@ -74,7 +75,9 @@ class MockEngine:
     def generate(self, lora: LoraStack, state: MockState) -> tuple[MockState, StepTokens]:
         gate = self.gate
         if gate is not None:
+            self.held.set()
             gate.acquire()
+            self.held.clear()
         self.calls.append(("generate",))
         if self.fail_next_generate is not None:
             raise self.fail_next_generate

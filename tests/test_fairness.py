@@ -132,9 +132,10 @@ def test_a_lone_tenant_gets_every_row():
     second_generate = [i for i, c in enumerate(engine.calls) if c == ("generate",)][1]
     rows = [r for call in engine.calls[:second_generate] if call[0] == "prefill" for r in call[2]]
     # Every row is taken by the second decode: the other tenant's one request went into the first
-    # prefill beside solo's first (it finished there), and solo's next two took rows 2 and 1.
+    # prefill beside solo's first (it finished there), solo's second took row 2 and was prefilled
+    # in the same turn (no row decoded yet), and solo's third took row 1, freed by the other's.
     assert rows == [0, 1, 2, 1]
-    assert _prefilled(engine)[:2] == [[(0,), (9,)], [(1,), (2,)]]
+    assert _prefilled(engine)[:3] == [[(0,), (9,)], [(1,)], [(2,)]]
 
 
 def test_counters_bank_no_credit_for_idle_time():

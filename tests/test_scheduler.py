@@ -4,6 +4,7 @@ real engine adds (bits, parity, compiles) is tested in test_engine.py."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from pathlib import Path
@@ -88,12 +89,11 @@ def test_admission_is_oldest_first_and_chunks_share_a_call_by_window(loop):
         assert collect(h)[3].reason == "length"
     prefills = [c[1:] for c in engine.calls if c[0] == "prefill"]
     # The oldest (short1) with the next of its window (long1's first chunk): one call of two rows.
-    # short1 then decodes, so the turn's budget (one call) is spent and a decode call runs. It
-    # retires short1 and short3 takes row 0; the oldest still prefilling is long1, whose last chunk
-    # (window 16) goes alone; long1 decodes, so the budget holds again until the next decode call,
-    # and then short2 and short3 (window 8) share one.
-    assert prefills == [([(1,), (2,) * 9], [0, 1]), ([(2,) * 9], [1]), ([(3,), (4,)], [2, 0])]
-    assert [c[0] for c in engine.calls][:5] == ["prefill", "generate", "prefill", "generate", "prefill"]
+    # Three rows wait for their prompts and none decodes, so the turn prefills them all (the
+    # idle-row rule) although its budget is one call: long1's last chunk (window 16) goes alone,
+    # then short2. The decode call retires all three; short3 takes row 0 and is prefilled alone.
+    assert prefills == [([(1,), (2,) * 9], [0, 1]), ([(2,) * 9], [1]), ([(3,)], [2]), ([(4,)], [0])]
+    assert [c[0] for c in engine.calls] == ["prefill", "prefill", "prefill", "generate", "prefill", "generate"]
 
 
 def test_while_a_row_decodes_a_long_prompt_takes_its_budget_of_chunks_a_turn():
@@ -117,6 +117,99 @@ def test_while_a_row_decodes_a_long_prompt_takes_its_budget_of_chunks_a_turn():
     kinds = [c[0] if c[0] == "generate" else c[2] for c in engine.calls if c[0] in ("generate", "prefill")]
     first = kinds.index([1], 1)  # the long prompt's first chunk (row 1)
     assert kinds[first:first + 8] == [[1], [1], "generate", [1], [1], "generate", [1], "generate"]
+
+
+BURST = EngineConfig(max_batch_size=16, max_seq_len=4096, prefill_chunk=64, prefill_tokens_per_turn=128, decode_steps=8,
+                     prefill_batch=1, num_adapter_slots=2, max_lora_rank=1)
+
+
+@contextlib.contextmanager
+def _mock_scheduler(config: EngineConfig):
+    """(scheduler not started, mock engine) on base-model rows; stopped after the block."""
+    engine = MockEngine(config)
+    slots = SlotCache(tiny_stack(config.num_adapter_slots), lambda r: None)
+    sched = Scheduler(engine, slots)
+    try:
+        yield sched, engine
+    finally:
+        sched.stop()
+        slots.close()
+
+
+def _between_decodes(calls: list[tuple]) -> list[int]:
+    """Prefill calls before each generate call (after the previous one)."""
+    counts, n = [], 0
+    for c in calls:
+        if c[0] == "prefill":
+            n += 1
+        elif c[0] == "generate":
+            counts.append(n)
+            n = 0
+    return counts
+
+
+def test_a_burst_arriving_together_is_prefilled_before_the_first_decode_call():
+    """The idle-row rule, counted: 16 requests arriving together on 16 rows (prompts of 1 to 4
+    chunks, 40 chunks in all, against a budget of 2 a turn) all decode from the first decode call
+    on: no row-step waits for a prompt, and the decode calls are the fewest their tokens need."""
+    gen, k = 33, BURST.decode_steps
+    with _mock_scheduler(BURST) as (sched, engine):
+        burst = [sched.submit([1] * (64 * (1 + i % 4)), SamplingParams(max_tokens=gen, **GREEDY)) for i in range(16)]
+        sched.start()
+        assert all(collect(h)[3].completion_tokens == gen for h in burst)
+        snap = sched.snapshot()
+        # the first token comes from prefill, the other 32 from 4 calls of 8 steps
+        assert (snap["decode_calls"], snap["prompt_wait_row_steps"]) == (-(-(gen - 1) // k), 0)
+        assert _between_decodes(engine.calls) == [40, 0, 0, 0]
+
+
+def test_prompts_that_outnumber_the_decoding_rows_are_prefilled_in_one_turn():
+    """14 requests (27 chunks) arrive beside 2 decoding streams: they outnumber them, so they are
+    all prefilled before the next decode call, although the budget is 2 chunks a turn."""
+    gen = 33
+    with _mock_scheduler(BURST) as (sched, engine):
+        engine.gate = gate = threading.Semaphore(0)
+        streams = [sched.submit([2], SamplingParams(max_tokens=200, **GREEDY)) for _ in range(2)]
+        sched.start()
+        for h in streams:
+            next(iter(h))  # both decode; their first decode call is held
+        late = [sched.submit([3] * (64 * (1 + i % 3)), SamplingParams(max_tokens=gen, **GREEDY)) for i in range(14)]
+        engine.gate = None
+        gate.release()
+        assert all(collect(h)[3].completion_tokens == gen for h in late)
+        for h in streams:
+            h.cancel()
+            collect(h)
+        assert sched.snapshot()["prompt_wait_row_steps"] == 0
+        assert _between_decodes(engine.calls)[:3] == [2, 27, 0]  # the streams' prompts, then all 14
+
+
+def test_long_prompts_beside_more_decoding_streams_take_the_budget_a_turn():
+    """The other side of the rule, counted: two 2048-token prompts (32 chunks each) arrive beside 4
+    decoding streams, which outnumber them. Between two decode calls at most the budget (2 chunks)
+    runs, so a stream's gap grows by at most 2 chunks; each long prompt's row waits exactly the
+    decode calls its chunks need at 2 a turn, oldest first (15 calls for the first, 31 for the second)."""
+    config = dataclasses.replace(BURST, max_batch_size=6)
+    k = config.decode_steps
+    with _mock_scheduler(config) as (sched, engine):
+        streams = [sched.submit([2], SamplingParams(max_tokens=3000, **GREEDY)) for _ in range(4)]
+        sched.start()
+        for h in streams:
+            next(iter(h))  # all four decode
+        engine.gate = gate = threading.Semaphore(0)
+        assert engine.held.wait(timeout=30)  # the loop waits inside a decode call
+        long = [sched.submit([5] * 2048, SamplingParams(max_tokens=1, **GREEDY)) for _ in range(2)]
+        waited = sched.snapshot()["prompt_wait_row_steps"]
+        engine.calls.clear()
+        engine.gate = None
+        gate.release()
+        assert [collect(h)[0] for h in long] == [[2048 * 5 % 1000]] * 2
+        for h in streams:
+            h.cancel()
+            collect(h)
+        prefills = _between_decodes(engine.calls)
+        assert max(prefills) == 2 and sum(prefills) == 64
+        assert sched.snapshot()["prompt_wait_row_steps"] - waited == (15 + 31) * k
 
 
 def test_a_request_done_at_prefill_never_holds_a_row(loop):
@@ -156,8 +249,8 @@ def test_while_the_loop_is_held_requests_wait_and_the_queue_is_bounded(loop):
     engine.gate = gate = threading.Semaphore(0)  # every generate call waits for a release
     running = [sched.submit([i], SamplingParams(max_tokens=5, **GREEDY)) for i in range(3)]
     sched.start()
-    # the first two were prefilled in one call; the third waits for the held decode call (one
-    # prefill call a turn while rows decode), holding its row
+    # all three are prefilled before the held decode call (none decodes yet: the idle-row rule),
+    # the first two in one call
     assert [next(iter(h)).token_id for h in running[:2]] == [0, 1]
     waiting = [sched.submit([7], SamplingParams(max_tokens=1, **GREEDY)) for _ in range(CONFIG.max_queue)]
     with pytest.raises(Overloaded, match="4 requests waiting"):
