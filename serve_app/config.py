@@ -4,7 +4,8 @@ deployments as plain values.
 
 One place per setting. Engine options are `jaxlora.engine.EngineConfig` itself (its fields, bounds
 and defaults; nothing is restated here). The Serve options that depend on the engine or on the
-hardware (replicas, queue sizes, GPUs) are `args` fields too, turned into deployment options by
+hardware (replicas, queue sizes, GPUs), and the model's request router (`model_router`: which replica
+a request goes to, `serve_app.routing`), are `args` fields too, turned into deployment options by
 `deployment_options` for `build_app`; `OWNED_OPTIONS` lists them with the field that sets each. A
 `deployments:` block in the config file would silently replace them, so every replica compares
 what it runs with against this table at start and refuses a mismatch, naming the field to use.
@@ -14,7 +15,7 @@ Serve options not in the table (health checks, graceful shutdown, logging) belon
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -31,7 +32,14 @@ OWNED_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("LoRAModel", "ray_actor_options.num_cpus", "args.model_num_cpus"),
     ("LoRAModel", "ray_actor_options.num_gpus", "args.model_num_gpus"),
     ("LoRAModel", "ray_actor_options.runtime_env.env_vars", "args.model_runtime_env.env_vars"),
+    ("LoRAModel", "request_router_config.request_router_class", "args.model_router"),
 )
+
+# args.model_router -> the request router class of the LoRAModel handles (Serve imports it by this path).
+ROUTERS = {
+    "adapter_home": "serve_app.routing:AdapterHomeRouter",
+    "power_of_two": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",  # Serve's default
+}
 
 # Former or mistaken names, with where the setting lives instead.
 _MOVED = {
@@ -107,6 +115,11 @@ class AppArgs(BaseModel):
     model_max_queued_requests: int = Field(64, ge=-1, description="handle-level queue per model deployment; -1 = unbounded")
     model_runtime_env: dict[str, Any] = Field(
         default_factory=dict, description="Ray runtime_env of the model replicas (env_vars such as XLA_FLAGS, a worker_process_setup_hook)")
+    model_router: Literal["adapter_home", "power_of_two"] = Field(
+        "adapter_home", description="which model replica a request goes to. adapter_home: each adapter's requests "
+        "to its home replica, leaving it only past 1.25 x the average load (serve_app.placement); the base model "
+        "to the least loaded. power_of_two: Serve's default (two random replicas, the less loaded), which keeps "
+        "no adapter on a replica; for comparison (python -m bench.routing)")
 
     @property
     def engine_compute_threads(self) -> int | None:
@@ -151,6 +164,7 @@ def deployment_options(a: AppArgs) -> dict[str, dict[str, Any]]:
             "max_queued_requests": a.model_max_queued_requests,
             "ray_actor_options": {"num_cpus": a.model_num_cpus, "num_gpus": a.model_num_gpus,
                                   "runtime_env": a.model_runtime_env},
+            "request_router_config": {"request_router_class": ROUTERS[a.model_router]},
         },
     }
 

@@ -42,7 +42,8 @@ def check_deployment_options(deployment: str, args: AppArgs) -> None:
     running = {"num_replicas": config.num_replicas, "max_ongoing_requests": config.max_ongoing_requests,
                "max_queued_requests": config.max_queued_requests, "ray_actor_options.num_cpus": resources.get("CPU", 0),
                "ray_actor_options.num_gpus": resources.get("GPU", 0),
-               "ray_actor_options.runtime_env.env_vars": dict(ray.get_runtime_context().runtime_env.get("env_vars") or {})}
+               "ray_actor_options.runtime_env.env_vars": dict(ray.get_runtime_context().runtime_env.get("env_vars") or {}),
+               "request_router_config.request_router_class": config.request_router_config.request_router_class}
     problems = option_mismatches(deployment, args, running)
     if problems:
         raise ValueError("; ".join(problems))
@@ -114,6 +115,7 @@ class LoRAModel:
         self.backend = LocalJaxLoRABackend(
             model_dir_of(a), a.fs_root, a.engine, a.registered_adapters, a.allowed_roots,
             a.poll_interval_s, model_id=base_model_id(a))
+        self.replica = serve.get_replica_context().replica_id.unique_id  # the id serve_app.routing places by
         self.compute_threads = compute_threads()
         log.info("engine compute threads on CPU: %s (model_num_cpus %s)", self.compute_threads, a.model_num_cpus)
         self.stream_interval = a.stream_interval
@@ -126,15 +128,7 @@ class LoRAModel:
         while not self._stop.wait(1.0):
             self._metrics.export(self.backend.metrics())
 
-    @serve.multiplexed(max_num_models_per_replica=64)
-    async def _adapter_affinity(self, model_id: str) -> str:
-        """Registers `tenant/adapter` with Serve's router so later requests for it prefer this
-        replica (its slots and host cache already hold it). The adapter itself travels in the payload."""
-        return model_id
-
     async def generate(self, request: Generate):
-        if serve.get_multiplexed_model_id():
-            await self._adapter_affinity(serve.get_multiplexed_model_id())
         try:
             handle = self.backend.submit(list(request.prompt_ids), request.sampling, request.adapter, request.user,
                                          request.weight, request.max_rows, request.max_queued)
@@ -142,7 +136,7 @@ class LoRAModel:
             yield Failed.of(api_error_for(e))
             return
         adapter = handle.adapter
-        yield Started(serve.get_replica_context().replica_id.unique_id,
+        yield Started(self.replica,
                       None if adapter is None else AdapterVersion(adapter.adapter_id, adapter.version))
         finished, first = False, True
         # aclosing: a caller that goes away ends the batches at once, which gives back its share of the pacer
@@ -166,9 +160,10 @@ class LoRAModel:
                     handle.cancel()
 
     def stats(self) -> dict:
-        """The engine's metrics snapshot (the numbers serve_app.metrics.MODEL_METRICS exports), and the
-        threads XLA computes on (`jaxlora.cpu_threads`)."""
-        return self.backend.metrics() | {"compute_threads": self.compute_threads}
+        """The engine's metrics snapshot (the numbers serve_app.metrics.MODEL_METRICS exports), the
+        threads XLA computes on (`jaxlora.cpu_threads`), and which replica this is (the id `Started`
+        names and the router places by)."""
+        return self.backend.metrics() | {"compute_threads": self.compute_threads, "replica": self.replica}
 
     def check_health(self) -> None:
         if not self.backend.healthy:

@@ -3,8 +3,8 @@
 Per request: authenticate (API key -> tenant and tier), validate the body (a 400 naming the field),
 encode through the Tokenizer deployment, check the tenant's rate limits with the TenantState deployment
 (`serve_app.limits`: a 429 with OpenAI's x-ratelimit-* headers and Retry-After when over one; every
-answer of a limited tenant carries the headers), stream token ids from a LoRAModel replica (routed by the
-multiplexed id `tenant/adapter` for cache affinity; the adapter itself is in the payload), and turn
+answer of a limited tenant carries the headers), stream token ids from a LoRAModel replica (the adapter's
+home replica, placed by the handle's request router `serve_app.routing` from the payload), and turn
 them into text on the way out: incremental detokenization, stop strings, logprobs, SSE. The replica's
 messages are `serve_app.wire`'s; the response objects come from the endpoint's formatter
 (`serve_app.openai_api`); sampling defaults and limits are the engine's, checked there. Each replica
@@ -279,14 +279,14 @@ class Ingress:
         once past them)."""
         decision = await self._admit(user, tier, body, len(prompt_ids))
         adapter = None if body.model == self.base_model else body.model
-        affinity = f"{user}/{adapter.split('@')[0]}" if adapter else ""
         try:
             if adapter is not None:  # here too, so a deleted adapter is 404 at once (replicas notice within a poll)
                 try:
                     self.store.resolve(user, adapter)
                 except JaxLoraError as e:
                     raise api_error_for(e) from None
-            replies = _replies(self.model_handle.options(stream=True, multiplexed_model_id=affinity).generate.remote(
+            # The handle's router (serve_app.routing) reads the tenant and adapter from the Generate.
+            replies = _replies(self.model_handle.options(stream=True).generate.remote(
                 Generate(tuple(prompt_ids), body.sampling_params(), adapter, user, tier.weight, tier.max_rows,
                          tier.max_queued)))
             (start,) = await anext(replies)
@@ -442,7 +442,7 @@ class Ingress:
                        replies: AsyncIterator[Tokens | Done], prompt_tokens: int, received: float):
         logprobs = body.top_logprob_count() is not None
         events = self._events(replies, body.stop_strings(), logprobs)
-        headers = {"x-jaxlora-replica": start.replica}  # which model replica served it (affinity, debugging)
+        headers = {"x-jaxlora-replica": start.replica}  # which model replica served it (its home, debugging)
         headers |= {} if decision is None else decision.headers()
         usage_tags = self._usage_tags(user, start)
         if body.stream:

@@ -1,6 +1,8 @@
 """The messages between the ingress and a LoRAModel replica: frozen dataclasses both sides import.
 
-The ingress sends one `Generate`; the replica answers with a stream (a Ray streaming call):
+The ingress sends one `Generate` (whose `user` and `adapter` the model handle's request router also
+reads, to choose the replica: `serve_app.routing`); the replica answers with a stream (a Ray streaming
+call):
     Started | Failed                    first: accepted, or refused
     Tokens ...                          as the engine produces them, one message per batch of tokens
     Done | Failed                       last

@@ -259,13 +259,15 @@ def test_every_owned_option_is_set_by_an_existing_field():
 # A hand-made case: every owned value differs from its default and from the others.
 HAND_MADE = dict(ingress_replicas=2, tokenizer_replicas=3, model_replicas=4, model_num_cpus=1.5, model_num_gpus=1,
                  model_max_queued_requests=9, model_runtime_env={"env_vars": {"XLA_FLAGS": "--x"}},
-                 engine={"max_batch_size": 5, "max_queue": 7})
+                 model_router="power_of_two", engine={"max_batch_size": 5, "max_queue": 7})
+SERVE_DEFAULT_ROUTER = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
 RUNNING = {  # what the replicas of HAND_MADE see, by OWNED_OPTIONS path
     "Ingress": {"num_replicas": 2},
     "Tokenizer": {"num_replicas": 3},
     "LoRAModel": {"num_replicas": 4, "max_ongoing_requests": 12, "max_queued_requests": 9,
                   "ray_actor_options.num_cpus": 1.5, "ray_actor_options.num_gpus": 1,
-                  "ray_actor_options.runtime_env.env_vars": {"XLA_FLAGS": "--x"}},
+                  "ray_actor_options.runtime_env.env_vars": {"XLA_FLAGS": "--x"},
+                  "request_router_config.request_router_class": SERVE_DEFAULT_ROUTER},
 }
 
 
@@ -274,7 +276,8 @@ def test_deployment_options_of_a_hand_made_case():
         "Ingress": {"num_replicas": 2},
         "Tokenizer": {"num_replicas": 3},
         "LoRAModel": {"num_replicas": 4, "max_ongoing_requests": 5 + 7, "max_queued_requests": 9,
-                      "ray_actor_options": {"num_cpus": 1.5, "num_gpus": 1, "runtime_env": {"env_vars": {"XLA_FLAGS": "--x"}}}},
+                      "ray_actor_options": {"num_cpus": 1.5, "num_gpus": 1, "runtime_env": {"env_vars": {"XLA_FLAGS": "--x"}}},
+                      "request_router_config": {"request_router_class": SERVE_DEFAULT_ROUTER}},
     }
     assert {(d, o) for d, options in RUNNING.items() for o in options} == {(d, o) for d, o, _ in OWNED_OPTIONS}
 
@@ -284,7 +287,8 @@ def test_each_owned_option_changed_alone_is_the_one_mismatch(deployment, option,
     a = AppArgs(**HAND_MADE)
     assert option_mismatches(deployment, a, RUNNING[deployment]) == []
     have = RUNNING[deployment][option]
-    changed = {"XLA_FLAGS": "--y"} if isinstance(have, dict) else have + 1
+    changed = {"XLA_FLAGS": "--y"} if isinstance(have, dict) else "serve_app.routing:AdapterHomeRouter" \
+        if isinstance(have, str) else have + 1
     problems = option_mismatches(deployment, a, {**RUNNING[deployment], option: changed})
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{deployment}.{option} is {changed!r} but args ask for ") and where in problems[0]

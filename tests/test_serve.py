@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import json
 import re
 import socket
@@ -27,6 +28,7 @@ from jaxlora.hf_checkpoint import model_fingerprint  # noqa: E402
 from jaxlora.config import ModelConfig  # noqa: E402
 from serve_app.app import build_app  # noqa: E402
 from serve_app.keys import add_key, remove_keys  # noqa: E402
+from serve_app.placement import adapter_key, rendezvous_order  # noqa: E402
 
 ENGINE = {"max_batch_size": 8, "max_seq_len": 512, "prefill_chunk": 16, "decode_steps": 4, "max_queue": 64,
           "num_adapter_slots": 4, "max_lora_rank": 8}
@@ -82,15 +84,13 @@ def server(ray_local, demo_model_dir, tmp_path_factory):
         srv.publish("alice", f"a{i}", seed=i)
     srv.publish("bob", "secret", seed=10)
     srv.publish(None, "common", seed=11)
-    for i in range(4):
-        srv.publish("local", f"p{i}", seed=30 + i)  # for the apps without auth (everyone is "local")
     # Replicas reserve no CPU here: several apps share the 2 CPUs of the test's Ray.
     common = {"model_dir": str(demo_model_dir), "fs_root": str(root / "fs"), "poll_interval_s": 0.25, "model_num_cpus": 0}
     srv.common = common  # for tests that start an app of their own
     # rate_limit_timeout_s: on this shared 2-CPU box a check may be slow; failing open has its own test.
     limited = {"auth": True, "api_keys_file": str(keys_file), "rate_limit_timeout_s": 10}
     serve.run(build_app({**common, **limited, "engine": ENGINE, "max_request_bytes": 65536}), name="main", route_prefix="/")
-    # Two model replicas, to see requests for one adapter stay on the replica that holds it.
+    # Two model replicas, to see each adapter's requests go to its home replica.
     # It streams 6 tokens at a time after the first (stream_interval).
     serve.run(build_app({**common, "engine": {**ENGINE, "max_batch_size": 2}, "model_replicas": 2, "stream_interval": 6}),
               name="pair", route_prefix="/pair")
@@ -622,15 +622,52 @@ def test_back_pressure_answers_503_quickly(server):
     assert slowest_503 < fastest_200  # refused at once, not after waiting
 
 
-def test_requests_for_an_adapter_stay_on_one_replica(server):
-    replicas_of = collections.defaultdict(list)
-    for i in range(24):
-        model = f"p{i % 4}"
-        r = httpx.post(f"{server.url}/pair/v1/completions", timeout=60, json={"model": model, "prompt": "x", "max_tokens": 2})
-        assert r.status_code == 200, r.text
-        replicas_of[model].append(r.headers["x-jaxlora-replica"])
-    # After an adapter's first request, Serve routes it to the replica that has it (multiplexed id).
-    assert all(len(set(seen[1:])) == 1 for seen in replicas_of.values()), dict(replicas_of)
+def test_every_request_for_an_adapter_is_served_by_its_home_replica(server):
+    """The model handle's request router (serve_app.routing) sends every request for an adapter to the
+    adapter's home: the first replica of its rendezvous order over the replicas' ids
+    (serve_app.placement), the first request of an adapter no replica has served included. Requests one
+    at a time never reach the load bound, so none leaves home. A pinned version is a key of its own."""
+    replicas = _model_replica_ids("pair", 2)
+
+    def home(model: str) -> str:  # the app has no auth: every request is the tenant "local"'s
+        return rendezvous_order(adapter_key("local", model), replicas)[0]
+
+    # Adapters published here, so no replica has served them; enough of them that both replicas are a home.
+    homes, names = {}, (f"home{j}" for j in itertools.count())
+    while len(homes) < 4 or set(homes.values()) != set(replicas):
+        name = next(names)
+        if len(homes) < 4 or home(name) not in homes.values():
+            server.publish("local", name, seed=60 + len(homes))
+            homes[name] = home(name)
+    pinned = next(iter(homes)) + "@v0001"
+    homes[pinned] = home(pinned)
+    served = collections.defaultdict(list)
+    for _ in range(3):
+        for model in homes:
+            r = httpx.post(f"{server.url}/pair/v1/completions", timeout=60, json={"model": model, "prompt": "x", "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            served[model].append(r.headers["x-jaxlora-replica"])
+    assert served == {model: [replica] * 3 for model, replica in homes.items()}, (replicas, dict(served))
+
+
+def _model_replica_ids(app: str, n: int) -> list[str]:
+    """The ids of the app's n model replicas, as each names itself (`stats`, called on every replica)."""
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    handle = serve.get_deployment_handle("LoRAModel", app_name=app)
+    if not handle.is_initialized:  # the driver has no event loop: route on Serve's own thread in either mode
+        handle._init(_run_router_in_separate_loop=True)
+    deadline = time.monotonic() + 60
+    while True:  # until this handle has heard of every replica
+        try:
+            ids = sorted(stats["replica"] for stats in handle.broadcast("stats").results(timeout_s=60))
+        except DeploymentUnavailableError:  # of none yet
+            ids = []
+        if len(ids) == n or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(ids) == n, ids
+    return ids
 
 
 def _model_stats(app: str) -> dict:
