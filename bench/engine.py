@@ -1,6 +1,6 @@
 """Decode throughput: our engine vs transformers + PEFT, same weights, prompts and token counts.
 
-    python -m bench.engine [--requests 16] [--adapters 8] [--prompt-len 64] [--gen-len 64]
+    python -m bench.engine [--requests 16] [--adapters 8] [--prompt-len 64] [--gen-len 64] [--prefill-batch N]
 
 16 concurrent requests over 8 distinct rank-16 adapters (all seven projections) on an 8-layer,
 512-wide Llama, 64 prompt + 64 generated tokens each. The peer is PEFT's mixed-adapter batch,
@@ -19,17 +19,20 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import bench_model, emit, machine, peft_peer
+from jaxlora.engine import EngineConfig
 
 
-def run_ours(model_dir: Path, peft_dirs: list[Path], prompts: list[list[int]], gen_len: int, repeats: int) -> dict:
+def run_ours(model_dir: Path, peft_dirs: list[Path], prompts: list[list[int]], gen_len: int, repeats: int,
+             prefill_batch: int) -> dict:
     from jaxlora.adapter_store import AdapterStore, ResolvedAdapter
-    from jaxlora.engine import EngineConfig, compile_count
+    from jaxlora.engine import compile_count
     from jaxlora.replica import build_replica
     from jaxlora.sampling import SamplingParams
 
     n = len(prompts)
     config = EngineConfig(max_batch_size=n, max_seq_len=len(prompts[0]) + gen_len, prefill_chunk=len(prompts[0]),
-                          decode_steps=16, num_adapter_slots=len(peft_dirs) + 1, max_lora_rank=16)
+                          decode_steps=16, num_adapter_slots=len(peft_dirs) + 1, max_lora_rank=16,
+                          prefill_batch=prefill_batch)
     # The adapters are read straight from their PEFT folders (no store manifest to check).
     replica = build_replica(model_dir, AdapterStore(tempfile.mkdtemp()), config, warm_up=False)
     adapters = [ResolvedAdapter("bench", d.name, "v0001", d) for d in peft_dirs]
@@ -86,18 +89,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prefill-batch", type=int, default=EngineConfig.prefill_batch)
     ap.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "jaxlora-bench"))
     args = ap.parse_args(argv)
     model_dir, peft_dirs = bench_model(args.work_dir, args.adapters)
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, 8192, size=(args.requests, args.prompt_len)).tolist()
-    ours = run_ours(model_dir, peft_dirs, prompts, args.gen_len, args.repeats)
+    ours = run_ours(model_dir, peft_dirs, prompts, args.gen_len, args.repeats, args.prefill_batch)
     print(f"ours: {ours}", flush=True)
     peer = run_peer(model_dir, peft_dirs, prompts, args.gen_len, args.repeats)
     print(f"peer (transformers + peft generate, adapter_names): {peer:.1f} tok/s", flush=True)
     emit({
         "benchmark": "engine_decode_mixed_adapters",
         "requests": args.requests, "adapters": args.adapters, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+        "prefill_batch": args.prefill_batch,
         "ours_tok_s": round(ours["mixed_tok_s"], 1), "ours_single_adapter_tok_s": round(ours["single_tok_s"], 1),
         "peer_tok_s": round(peer, 1), "ratio": round(ours["mixed_tok_s"] / peer, 2),
         "mixed_over_single": round(ours["mixed_tok_s"] / ours["single_tok_s"], 3),
