@@ -70,8 +70,10 @@ class EngineConfig:
     """Tokens per row per generate call: more is faster, fewer streams sooner."""
     prefill_batch: int = 1
     """Rows whose next chunks share an attention window, prefilled together in one call (unused
-    places are padding, computed all the same). On CPU a chunk of 64 is already an efficient
-    matmul, so 1 (no padding) is the fastest; a GPU may want more."""
+    places are padding, computed all the same). 1 never pads, so a lone prompt's chunks cost least
+    (the latency choice). A call also has a fixed cost (the weights read once per call), so a
+    burst of prompts costs less a prompt with more (4: ~40% less on CPU, docs/benchmarks.md) while
+    a lone prompt pays for the padding in every chunk; a GPU may want more."""
     max_queue: int = 256
     """Requests waiting for a row beyond this are refused at once (overload)."""
     num_adapter_slots: int = 8
