@@ -66,6 +66,25 @@ def peft_peer(model_dir: Path, peft_dirs: list[Path]):
     return model.eval()
 
 
+def start_local_serve() -> int:
+    """A local Ray and one Serve instance on a free loopback port (returned), in Serve's
+    high-throughput mode as ./dev and the README's cluster walk run it (read when Ray starts). Each
+    benchmark's apps then run in turn on it; the caller shuts Serve and Ray down."""
+    import socket
+
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")  # no load balancer to drain for
+    ray.init(include_dashboard=False, log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
 def machine() -> dict:
     return {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine()}
 

@@ -28,7 +28,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -38,7 +37,7 @@ from typing import Protocol
 
 import httpx
 
-from bench.common import emit, machine
+from bench.common import emit, machine, start_local_serve
 from serve_app.config import AppArgs
 
 LIGHT_TOKENS, FLOOD_TOKENS = 8, 128
@@ -301,16 +300,9 @@ def main(argv: list[str] | None = None) -> None:
 
         keys_file = work / "keys.json"
         keys = {tenant: add_key(keys_file, tenant) for tenant in ("flood", "light")}
-        # Serve's high-throughput mode, as ./dev and the README's cluster walk run it (read when Ray starts)
-        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")  # no load balancer to drain for
-        ray.init(include_dashboard=False, log_to_driver=False)
         from ray import serve
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        serve.start(http_options={"host": "127.0.0.1", "port": port})  # one Serve; each policy's app in turn
+        port = start_local_serve()  # one Serve; each policy's app in turn
         out["http"] = alternate(lambda policy: over_http(policy, args, work, keys_file, keys, port), args.rounds, "http")
         serve.shutdown()
         ray.shutdown()

@@ -25,14 +25,13 @@ import asyncio
 import collections
 import os
 import random
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from bench.common import emit, machine
+from bench.common import emit, machine, start_local_serve
 from bench.fairness import shipped_args
 
 APP = "routing"
@@ -181,14 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="jaxlora-routing-"))
     names = publish_adapters(work / "fs", ensure_demo_model(), args.adapters)
     sequence = zipf_sequence(args.adapters, args.zipf, args.requests, args.seed)
-    # Serve's high-throughput mode, as ./dev and the README's cluster walk run it (read when Ray starts)
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")  # no load balancer to drain for
-    ray.init(include_dashboard=False, log_to_driver=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})  # one Serve; each router's app in turn
+    port = start_local_serve()  # one Serve; each router's app in turn
     runs: dict[str, list[dict]] = {router: [] for router in routers}
     for i in range(args.rounds):
         for router in routers:
