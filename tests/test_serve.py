@@ -654,9 +654,7 @@ def _model_replica_ids(app: str, n: int) -> list[str]:
     """The ids of the app's n model replicas, as each names itself (`stats`, called on every replica)."""
     from ray.serve.exceptions import DeploymentUnavailableError
 
-    handle = serve.get_deployment_handle("LoRAModel", app_name=app)
-    if not handle.is_initialized:  # the driver has no event loop: route on Serve's own thread in either mode
-        handle._init(_run_router_in_separate_loop=True)
+    handle = _model_handle(app)
     deadline = time.monotonic() + 60
     while True:  # until this handle has heard of every replica
         try:
@@ -670,11 +668,15 @@ def _model_replica_ids(app: str, n: int) -> list[str]:
     return ids
 
 
-def _model_stats(app: str) -> dict:
+def _model_handle(app: str):
     handle = serve.get_deployment_handle("LoRAModel", app_name=app)
     if not handle.is_initialized:  # the driver has no event loop: route on Serve's own thread in either mode
         handle._init(_run_router_in_separate_loop=True)
-    return handle.stats.remote().result()
+    return handle
+
+
+def _model_stats(app: str) -> dict:
+    return _model_handle(app).stats.remote().result()
 
 
 def test_client_disconnect_frees_the_engine_row(server):
