@@ -59,11 +59,12 @@ class EngineConfig:
     is taken as max_seq_len): one shot."""
     prefill_tokens_per_turn: int | None = 128
     """While the decoding rows are at least as many as the rows waiting for their prompts, prefill
-    calls per turn of the loop stop once their chunks (counted at `prefill_batch` x `prefill_chunk` a call, padding
-    included) reach this; at least one call runs. None: one call per turn. When the waiting rows
-    outnumber the decoding ones (nothing decoding included), every prompt is prefilled before the next
-    decode call (`Scheduler._prefill`, the idle-row rule). The trade: each call a turn delays the
-    decoding rows' next tokens by one chunk's time (docs/benchmarks.md)."""
+    calls per turn of the loop stop once their chunks (counted at `prefill_batch` x
+    `prefill_chunk` a call, padding included) reach this; at least one call runs. None: one call
+    per turn. When the waiting rows outnumber the decoding ones (nothing decoding included), every
+    prompt is prefilled before the next decode call (`Scheduler._prefill`, the idle-row rule). The
+    trade: each call a turn delays the decoding rows' next tokens by one chunk's time
+    (docs/benchmarks.md)."""
     prefix_cache_bytes: int = 256 * 2**20
     """KV of complete prompt chunks kept for reuse (`prefix_cache.py`), LRU beyond this; 0: off."""
     decode_steps: int = 8
