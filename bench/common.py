@@ -66,6 +66,22 @@ def peft_peer(model_dir: Path, peft_dirs: list[Path]):
     return model.eval()
 
 
+def publish_random_adapters(fs: str | Path, model_dir: Path, names: list[str], seed: int) -> None:
+    """Random rank-8 PEFT adapters of `model_dir` published as the tenant `local`'s `names`
+    (adapter i from seed + i), into the store at `fs`."""
+    from jaxlora.adapter_format import write_peft
+    from jaxlora.adapter_store import AdapterStore
+    from jaxlora.config import ModelConfig
+    from jaxlora.demo import random_adapter
+    from jaxlora.hf_checkpoint import model_fingerprint
+
+    cfg, store = ModelConfig.from_dir(model_dir), AdapterStore(fs)
+    base = {"name": model_dir.name, "fingerprint": model_fingerprint(model_dir)}
+    for i, name in enumerate(names):
+        adapter = random_adapter(cfg, r=8, alpha=16, seed=seed + i, std=0.5)
+        store.publish("local", name, lambda d, a=adapter: write_peft(a, d), base_model=base)
+
+
 def start_local_serve() -> int:
     """A local Ray and one Serve instance on a free loopback port (returned), in Serve's
     high-throughput mode as ./dev and the README's cluster walk run it (read when Ray starts). Each
@@ -83,6 +99,17 @@ def start_local_serve() -> int:
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return port
+
+
+def model_handle(app: str):
+    """A driver-side handle to the app's LoRAModel deployment. The driver has no event loop, so the
+    handle routes on Serve's own thread (private in Ray 2.60), in either of Serve's modes."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LoRAModel", app_name=app)
+    if not handle.is_initialized:
+        handle._init(_run_router_in_separate_loop=True)
+    return handle
 
 
 def machine() -> dict:

@@ -24,7 +24,7 @@ import time
 
 import httpx
 
-from bench.common import emit, machine
+from bench.common import emit, machine, model_handle, publish_random_adapters
 
 
 def start_app(port: int, max_batch_size: int = 16, max_queue: int = 64, max_queued: int = 64):
@@ -37,17 +37,7 @@ def start_app(port: int, max_batch_size: int = 16, max_queue: int = 64, max_queu
     fs = tempfile.mkdtemp(prefix="jaxlora-load-")
     model_dir = ensure_demo_model()
     publish_demo_adapters(fs, model_dir)
-    from jaxlora.adapter_format import write_peft
-    from jaxlora.demo import random_adapter
-    from jaxlora.adapter_store import AdapterStore
-    from jaxlora.hf_checkpoint import model_fingerprint
-    from jaxlora.config import ModelConfig
-
-    cfg, store = ModelConfig.from_dir(model_dir), AdapterStore(fs)
-    base = {"name": model_dir.name, "fingerprint": model_fingerprint(model_dir)}
-    for i in range(2):
-        ad = random_adapter(cfg, 8, 16, seed=50 + i, std=0.5)
-        store.publish("local", f"load{i}", lambda d, ad=ad: write_peft(ad, d), base_model=base)
+    publish_random_adapters(fs, model_dir, ["load0", "load1"], seed=50)
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"fs_root": fs, "model_max_queued_requests": max_queued,
@@ -58,12 +48,7 @@ def start_app(port: int, max_batch_size: int = 16, max_queue: int = 64, max_queu
 
 
 def model_stats() -> dict:
-    from ray import serve
-
-    handle = serve.get_deployment_handle("LoRAModel", app_name="load")
-    if not handle.is_initialized:  # no event loop here: route on Serve's own thread in either mode
-        handle._init(_run_router_in_separate_loop=True)
-    return handle.stats.remote().result()
+    return model_handle("load").stats.remote().result()
 
 
 async def client_loop(url: str, base: str, adapters: list[str], until: float, rng: random.Random, tally: dict,

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import emit, machine, start_local_serve
+from bench.common import emit, machine, model_handle, publish_random_adapters, start_local_serve
 from bench.fairness import shipped_args
 
 APP = "routing"
@@ -42,30 +42,11 @@ def zipf_sequence(adapters: int, exponent: float, n: int, seed: int) -> list[int
     return random.Random(seed).choices(range(adapters), [1 / (k + 1) ** exponent for k in range(adapters)], k=n)
 
 
-def publish_adapters(fs: Path, model_dir: Path, n: int) -> list[str]:
-    from jaxlora.adapter_format import write_peft
-    from jaxlora.adapter_store import AdapterStore
-    from jaxlora.config import ModelConfig
-    from jaxlora.demo import random_adapter
-    from jaxlora.hf_checkpoint import model_fingerprint
-
-    cfg, store = ModelConfig.from_dir(model_dir), AdapterStore(fs)
-    base = {"name": model_dir.name, "fingerprint": model_fingerprint(model_dir)}
-    names = [f"zipf{k:03d}" for k in range(n)]
-    for k, name in enumerate(names):
-        adapter = random_adapter(cfg, r=8, alpha=16, seed=1000 + k, std=0.5)
-        store.publish("local", name, lambda d, a=adapter: write_peft(a, d), base_model=base)
-    return names
-
-
 def replica_stats(replicas: int) -> dict[str, dict]:
     """Every model replica's `stats`, by replica id."""
-    from ray import serve
     from ray.serve.exceptions import DeploymentUnavailableError
 
-    handle = serve.get_deployment_handle("LoRAModel", app_name=APP)
-    if not handle.is_initialized:  # no event loop here: route on Serve's own thread in either mode
-        handle._init(_run_router_in_separate_loop=True)
+    handle = model_handle(APP)
     deadline = time.monotonic() + 60
     while True:  # until this handle has heard of every replica
         try:
@@ -178,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     from jaxlora.demo import ensure_demo_model
 
     work = Path(tempfile.mkdtemp(prefix="jaxlora-routing-"))
-    names = publish_adapters(work / "fs", ensure_demo_model(), args.adapters)
+    names = [f"zipf{k:03d}" for k in range(args.adapters)]
+    publish_random_adapters(work / "fs", ensure_demo_model(), names, seed=1000)
     sequence = zipf_sequence(args.adapters, args.zipf, args.requests, args.seed)
     port = start_local_serve()  # one Serve; each router's app in turn
     runs: dict[str, list[dict]] = {router: [] for router in routers}
