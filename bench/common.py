@@ -45,11 +45,28 @@ def build_adapters(model_dir: Path, out: Path, n: int, r: int = 16) -> list[Path
     return dirs
 
 
-def bench_model(work_dir: str | Path, adapters: int) -> tuple[Path, list[Path]]:
-    """The benchmark model and `adapters` PEFT adapters for it, built under `work_dir` unless there."""
+MODELS = ("bench", "smollm2")
+"""`--model` of the benchmarks: the 8-layer, 512-wide random Llama above, or the real default model
+(SmolLM2-135M-Instruct: 30 layers of width 576, vocab 49152), exported from its GGUF to a Hugging
+Face folder so that both sides load the very same float32 weights."""
+
+
+def bench_model(work_dir: str | Path, adapters: int, model: str = "bench") -> tuple[Path, list[Path]]:
+    """The benchmark model `model` (one of MODELS) and `adapters` PEFT adapters for it, built under
+    `work_dir` unless there."""
     work = Path(work_dir)
-    model_dir = build_model(work / "llama8x512")
-    return model_dir, build_adapters(model_dir, work / "adapters", adapters)
+    if model == "bench":
+        model_dir = build_model(work / "llama8x512")
+    elif model == "smollm2":
+        from jaxlora.demo import default_model
+        from jaxlora.gguf_export import export_hf
+
+        model_dir = work / "smollm2-hf"
+        if not model_dir.is_dir():
+            export_hf(default_model(), model_dir)
+    else:
+        raise ValueError(f"unknown benchmark model {model!r}; one of {', '.join(MODELS)}")
+    return model_dir, build_adapters(model_dir, work / f"{model}-adapters", adapters)
 
 
 def peft_peer(model_dir: Path, peft_dirs: list[Path]):
@@ -72,7 +89,7 @@ def publish_random_adapters(fs: str | Path, model_dir: Path, names: list[str], s
     from jaxlora.adapter_format import write_peft
     from jaxlora.adapter_store import AdapterStore
     from jaxlora.config import ModelConfig
-    from jaxlora.demo import random_adapter
+    from jaxlora.tiny_model import random_adapter
     from jaxlora.hf_checkpoint import model_fingerprint
 
     cfg, store = ModelConfig.from_dir(model_dir), AdapterStore(fs)

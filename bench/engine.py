@@ -1,9 +1,11 @@
 """Decode throughput: our engine vs transformers + PEFT, same weights, prompts and token counts.
 
-    python -m bench.engine [--requests 16] [--adapters 8] [--prompt-len 64] [--gen-len 64] [--prefill-batch N]
+    python -m bench.engine [--model bench|smollm2] [--requests 16] [--adapters 8] [--prompt-len 64] [--gen-len 64]
+                           [--prefill-batch N]
 
 16 concurrent requests over 8 distinct rank-16 adapters (all seven projections) on an 8-layer,
-512-wide Llama, 64 prompt + 64 generated tokens each. The peer is PEFT's mixed-adapter batch,
+512-wide Llama (`--model smollm2`: the real default model, `bench.common.MODELS`), 64 prompt + 64
+generated tokens each. The peer is PEFT's mixed-adapter batch,
 `generate(adapter_names=...)`, on the same files. Both sides are warmed up once; the wall time
 from submitting the requests to the last token is measured, best of `--repeats`. Also measures
 our throughput with one adapter for every request (`mixed_over_single`). Prints one JSON line.
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import bench_model, emit, machine, peft_peer
+from bench.common import MODELS, bench_model, emit, machine, peft_peer
 from jaxlora.engine import EngineConfig
 
 
@@ -90,9 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prefill-batch", type=int, default=EngineConfig.prefill_batch)
+    ap.add_argument("--model", choices=MODELS, default="bench")
     ap.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "jaxlora-bench"))
     args = ap.parse_args(argv)
-    model_dir, peft_dirs = bench_model(args.work_dir, args.adapters)
+    model_dir, peft_dirs = bench_model(args.work_dir, args.adapters, args.model)
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, 8192, size=(args.requests, args.prompt_len)).tolist()
     ours = run_ours(model_dir, peft_dirs, prompts, args.gen_len, args.repeats, args.prefill_batch)
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     peer = run_peer(model_dir, peft_dirs, prompts, args.gen_len, args.repeats)
     print(f"peer (transformers + peft generate, adapter_names): {peer:.1f} tok/s", flush=True)
     emit({
-        "benchmark": "engine_decode_mixed_adapters",
+        "benchmark": "engine_decode_mixed_adapters", "model": args.model,
         "requests": args.requests, "adapters": args.adapters, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
         "prefill_batch": args.prefill_batch,
         "ours_tok_s": round(ours["mixed_tok_s"], 1), "ours_single_adapter_tok_s": round(ours["single_tok_s"], 1),

@@ -50,10 +50,10 @@ def start_app(engine: dict, keys_file: Path, fs: str, streaming: dict) -> str:
     """The app for one policy, on the Serve instance `main` started (`over_http` deletes it after)."""
     from ray import serve
 
-    from jaxlora.demo import ensure_demo_model
+    from jaxlora.tiny_model import ensure_tiny_model
     from serve_app.app import build_app
 
-    model_dir = ensure_demo_model()
+    model_dir = ensure_tiny_model()
     serve.run(build_app({"fs_root": fs, "auth": True, "api_keys_file": str(keys_file),
                          "engine": engine, **streaming}),
               name="fairness", route_prefix="/")

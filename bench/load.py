@@ -25,22 +25,25 @@ import time
 import httpx
 
 from bench.common import emit, machine, model_handle, publish_random_adapters
+from jaxlora.fetch import SMOLLM2
+from jaxlora.hf_checkpoint import model_name
 
 
 def start_app(port: int, max_batch_size: int = 16, max_queue: int = 64, max_queued: int = 64):
     import ray
     from ray import serve
 
-    from jaxlora.demo import ensure_demo_model, publish_demo_adapters
+    from jaxlora.demo import publish_demo_adapters
+    from jaxlora.tiny_model import ensure_tiny_model
     from serve_app.app import build_app
 
     fs = tempfile.mkdtemp(prefix="jaxlora-load-")
-    model_dir = ensure_demo_model()
+    model_dir = ensure_tiny_model()
     publish_demo_adapters(fs, model_dir)
     publish_random_adapters(fs, model_dir, ["load0", "load1"], seed=50)
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"fs_root": fs, "model_max_queued_requests": max_queued,
+    serve.run(build_app({"model_dir": str(model_dir), "fs_root": fs, "model_max_queued_requests": max_queued,
                          "engine": {"max_batch_size": max_batch_size, "max_seq_len": 128, "prefill_chunk": 16,
                                     "max_queue": max_queue}}),
               name="load", route_prefix="/")
@@ -114,12 +117,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--url", help="an app already running (its model stats are then not read)")
+    ap.add_argument("--base", default=model_name(SMOLLM2.filename), help="with --url: the base model id it serves")
     ap.add_argument("--max-batch-size", type=int, default=16, help="engine rows of the app this starts")
     ap.add_argument("--max-queue", type=int, default=64, help="engine queue of the app this starts")
     ap.add_argument("--max-queued", type=int, default=64, help="handle queue (max_queued_requests) of the app")
     args = ap.parse_args(argv)
     if args.url:
-        url, base, adapters, own = args.url, "demo-llama-v2", ["demo-concise", "demo-verbose"], False
+        url, base, adapters, own = args.url, args.base, ["demo-concise", "demo-verbose"], False
     else:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

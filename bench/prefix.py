@@ -1,7 +1,8 @@
 """Shared prefixes and long prompts on the 8-layer benchmark model, max_seq_len 4096, 4 adapters.
 
-    python -m bench.prefix [--requests 24] [--seconds 8] [--rounds 2]
+    python -m bench.prefix [--model bench|smollm2] [--requests 24] [--seconds 8] [--rounds 2]
 
+`--model smollm2` runs the same on the real default model (`bench.common.MODELS`).
 (a) TTFT of requests that share a 384-token system prompt and differ in a 32-token user turn, one
     at a time over the 4 adapters: with the prefix cache, with it off (the same replica), and
     transformers + PEFT (`generate`, one new token) on the same prompts.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import bench_model, emit, machine, peft_peer
+from bench.common import MODELS, bench_model, emit, machine, peft_peer
 from jaxlora.engine import EngineConfig
 
 SYSTEM, TURN, LONG, STREAMS, SEQ = 384, 32, 2048, 16, 4096
@@ -173,11 +174,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=8.0, help="each phase of (b)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--parts", default="a,b")
+    ap.add_argument("--model", choices=MODELS, default="bench")
     ap.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "jaxlora-bench"))
     args = ap.parse_args(argv)
-    model_dir, peft_dirs = bench_model(args.work_dir, args.adapters)
+    model_dir, peft_dirs = bench_model(args.work_dir, args.adapters, args.model)
     rng = np.random.default_rng(0)
-    result = {"benchmark": "prefix_cache_and_chunked_prefill", "max_seq_len": SEQ, "adapters": args.adapters,
+    result = {"benchmark": "prefix_cache_and_chunked_prefill", "model": args.model, "max_seq_len": SEQ, "adapters": args.adapters,
               "machine": machine()}
     parts = args.parts.split(",")
     if "a" in parts:

@@ -156,11 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
 
-    from jaxlora.demo import ensure_demo_model
+    from jaxlora.tiny_model import ensure_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="jaxlora-routing-"))
     names = [f"zipf{k:03d}" for k in range(args.adapters)]
-    publish_random_adapters(work / "fs", ensure_demo_model(), names, seed=1000)
+    publish_random_adapters(work / "fs", ensure_tiny_model(), names, seed=1000)
     sequence = zipf_sequence(args.adapters, args.zipf, args.requests, args.seed)
     port = start_local_serve()  # one Serve; each router's app in turn
     runs: dict[str, list[dict]] = {router: [] for router in routers}

@@ -1,6 +1,6 @@
 """`LocalJaxLoRABackend`: one model replica as a plain Python object.
 
-Built from a model directory (default: the demo model) and an adapter store root, it owns a
+Built from a model (a Hugging Face folder or a GGUF file; default: `demo.default_model`) and an adapter store root, it owns a
 `replica.Replica` (engine, scheduler loop, adapter slots, hot-reload watcher) and the tokenizer.
 The Ray model deployment wraps exactly this; scripts, notebooks and tests use it directly:
 
@@ -19,9 +19,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from jaxlora.adapter_store import DEFAULT_FS_ROOT, AdapterStore, ResolvedAdapter
-from jaxlora.demo import ensure_demo_model
+from jaxlora.demo import default_model
 from jaxlora.engine import EngineConfig, compile_count
 from jaxlora.errors import InvalidRequest
+from jaxlora.hf_checkpoint import model_name
 from jaxlora.metrics import peak_memory_bytes
 from jaxlora.replica import build_replica
 from jaxlora.requests import Finished, RequestHandle, TokenEvent
@@ -80,8 +81,8 @@ class LocalJaxLoRABackend:
         warm_up: bool = True,
         model_id: str | None = None,
     ):
-        model_dir = Path(model_dir) if model_dir else ensure_demo_model()
-        self.model_id = model_id or model_dir.name
+        model_dir = Path(model_dir) if model_dir else default_model()
+        self.model_id = model_id or model_name(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         tokenizer_eos = () if self.tokenizer.eos_token_id is None else (self.tokenizer.eos_token_id,)
         self.replica = build_replica(model_dir, AdapterStore(fs_root, registered_adapters, tuple(allowed_roots)),

@@ -1,7 +1,8 @@
 """Model configuration: the subset of a Hugging Face `config.json` the JAX forward needs.
 
 `ModelConfig` is frozen and hashable so it can be a static argument of `jax.jit`. It is read from a
-checkpoint's `config.json` by `ModelConfig.from_hf_dict`, which refuses what the forward cannot run
+checkpoint's `config.json` (or a GGUF's metadata, turned into the same keys by `gguf_checkpoint.py`)
+by `ModelConfig.from_hf_dict`, which refuses what the forward cannot run
 (an unknown architecture, an unsupported RoPE scaling type) with a message naming what is supported.
 One field is not read from the checkpoint: `decode_kernels`, the engine's choice of decode kernels,
 carried here so that the forward sees it as static configuration. It deliberately knows nothing
@@ -121,9 +122,18 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        """From a Hugging Face folder's config.json, or from a GGUF's metadata (a `.gguf` file, or a
+        folder holding one and no config.json)."""
+        # Imported here: gguf_checkpoint reads the model's name table, whose module imports this one.
+        from jaxlora import gguf_checkpoint
+
+        gguf = gguf_checkpoint.gguf_file(model_dir)
+        if gguf is not None:
+            return cls.from_hf_dict(gguf_checkpoint.hf_config(gguf_checkpoint.open_gguf(gguf), gguf))
         path = Path(model_dir) / "config.json"
         if not path.is_file():
-            raise ModelLoadError(f"missing file {path}: a model directory needs a Hugging Face config.json")
+            raise ModelLoadError(f"missing file {path}: a model directory needs a Hugging Face config.json "
+                                 f"(or a .gguf file)")
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:

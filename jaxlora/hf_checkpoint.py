@@ -1,11 +1,14 @@
-"""Loads a Hugging Face causal-LM checkpoint from a local directory into a `Params` pytree.
+"""Loads a causal-LM checkpoint, a Hugging Face folder or a GGUF file, into a `Params` pytree.
 
-Reads `config.json` and either `model.safetensors` or a sharded `model.safetensors.index.json`,
-maps every tensor through one explicit name table (`hf_tensor_names`, derived from the model's
-`PROJECTIONS` plus the norms), checks every shape against the config and transposes projections to
-`[in, out]`. It never reaches a hub and never unpickles: a directory holding only
-`pytorch_model.bin` is refused with a note on converting it. (Training checkpoints, the LoRA
-weights and optimizer state of a run, are `training/trainer.py`'s.)
+A Hugging Face folder: `config.json` and either `model.safetensors` or a sharded
+`model.safetensors.index.json`. A GGUF: a `.gguf` file, or a folder holding one and no
+`config.json`; `gguf_checkpoint.py` turns its metadata into a config dict and dequantizes its
+tensors to float32 under Hugging Face's names. Both go through one explicit name table
+(`checkpoint_tensors`: every tensor's Hugging Face and GGUF name and its shape, derived from the
+model's `PROJECTIONS` plus the norms, embedding and head), every shape is checked against the
+config and projections are transposed to `[in, out]`. It never reaches a hub and never unpickles:
+a directory holding only `pytorch_model.bin` is refused with a note on converting it. (Training
+checkpoints, the LoRA weights and optimizer state of a run, are `training/trainer.py`'s.)
 """
 
 from __future__ import annotations
@@ -14,42 +17,73 @@ import contextlib
 import hashlib
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from jaxlora import gguf_checkpoint
 from jaxlora.config import ModelConfig
 from jaxlora.errors import ModelLoadError
 from jaxlora.model import PROJECTIONS, LayerParams, Params
 
-# LayerParams field -> Hugging Face name under `model.layers.{i}.`, for the tensors that are not projections.
-_NORMS = {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight"}
+# The tensors outside the layers: Params field -> (Hugging Face name, GGUF name).
+_OUTER = {
+    "embed": ("model.embed_tokens.weight", "token_embd.weight"),
+    "final_norm": ("model.norm.weight", "output_norm.weight"),
+    "lm_head": ("lm_head.weight", "output.weight"),
+}
+# LayerParams field -> (Hugging Face name under `model.layers.{i}.`, GGUF name under `blk.{i}.`), for
+# the tensors of a layer that are not projections (those are in `PROJECTIONS`).
+_NORMS = {
+    "attn_norm": ("input_layernorm.weight", "attn_norm.weight"),
+    "mlp_norm": ("post_attention_layernorm.weight", "ffn_norm.weight"),
+}
 
 
-def layer_tensors(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """LayerParams field -> (Hugging Face name under `model.layers.{i}.`, its shape there) of every
-    tensor one layer of `cfg` has; Hugging Face stores projection weights [out, in]."""
-    tensors = {field: (name, (cfg.hidden_size,)) for field, name in _NORMS.items()}
+class CheckpointTensor(NamedTuple):
+    """One tensor of a checkpoint under its name in each format, with its shape as Hugging Face
+    stores it (projection weights [out, in])."""
+
+    hf: str
+    gguf: str
+    shape: tuple[int, ...]
+
+
+def outer_tensors(cfg: ModelConfig) -> dict[str, CheckpointTensor]:
+    """Params field -> its tensor, for the tensors outside the layers (no `lm_head` when tied)."""
+    shapes = {"embed": (cfg.vocab_size, cfg.hidden_size), "final_norm": (cfg.hidden_size,),
+              "lm_head": (cfg.vocab_size, cfg.hidden_size)}
+    return {field: CheckpointTensor(hf, gguf, shapes[field]) for field, (hf, gguf) in _OUTER.items()
+            if not (field == "lm_head" and cfg.tie_word_embeddings)}
+
+
+def layer_tensors(cfg: ModelConfig, i: int) -> dict[str, CheckpointTensor]:
+    """LayerParams field -> its tensor in layer `i`, for every tensor a layer of `cfg` has."""
+
+    def tensor(hf: str, gguf: str, shape: tuple[int, ...]) -> CheckpointTensor:
+        return CheckpointTensor(f"model.layers.{i}.{hf}", f"blk.{i}.{gguf}", shape)
+
+    tensors = {field: tensor(hf, gguf, (cfg.hidden_size,)) for field, (hf, gguf) in _NORMS.items()}
     for p in PROJECTIONS.values():
         d_in, d_out = p.shape(cfg)
-        tensors[p.weight] = (f"{p.hf_path}.weight", (d_out, d_in))
+        tensors[p.weight] = tensor(f"{p.hf_path}.weight", f"{p.gguf}.weight", (d_out, d_in))
         if p.has_bias(cfg):
-            tensors[p.bias] = (f"{p.hf_path}.bias", (d_out,))
+            tensors[p.bias] = tensor(f"{p.hf_path}.bias", f"{p.gguf}.bias", (d_out,))
     return tensors
 
 
+def checkpoint_tensors(cfg: ModelConfig) -> list[CheckpointTensor]:
+    """Every tensor a checkpoint of `cfg` holds."""
+    layers = (t for i in range(cfg.num_layers) for t in layer_tensors(cfg, i).values())
+    return [*outer_tensors(cfg).values(), *layers]
+
+
 def hf_tensor_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name the checkpoint must hold, with its expected shape."""
-    names = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), "model.norm.weight": (cfg.hidden_size,)}
-    if not cfg.tie_word_embeddings:
-        names["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
-    layer = layer_tensors(cfg).values()
-    for i in range(cfg.num_layers):
-        for name, shape in layer:
-            names[f"model.layers.{i}.{name}"] = shape
-    return names
+    """Every tensor name a Hugging Face checkpoint must hold, with its expected shape."""
+    return {t.hf: t.shape for t in checkpoint_tensors(cfg)}
 
 
 @contextlib.contextmanager
@@ -117,7 +151,11 @@ def read_tensors(model_dir: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
 def model_fingerprint(model_dir: str | Path) -> str:
     """A short identity of a checkpoint that adapters record and are checked against: its config
     plus the first 4 MiB of every weights file (header and leading tensor bytes), cheap to compute
-    even for a large model and different for two random checkpoints of the same shape."""
+    even for a large model and different for two random checkpoints of the same shape. A GGUF's is
+    `gguf_checkpoint.fingerprint`: its header (the metadata) and first 4 MiB of tensor data."""
+    gguf = gguf_checkpoint.gguf_file(model_dir)
+    if gguf is not None:
+        return gguf_checkpoint.fingerprint(gguf_checkpoint.open_gguf(gguf))
     model_dir = Path(model_dir)
     h = hashlib.sha256(json.dumps(json.loads((model_dir / "config.json").read_text()), sort_keys=True).encode())
     for path in sorted(model_dir.glob("*.safetensors")):
@@ -126,29 +164,45 @@ def model_fingerprint(model_dir: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load_params(model_dir: str | Path, dtype=jnp.float32) -> tuple[Params, ModelConfig]:
-    """Loads a checkpoint directory; weights are cast to `dtype` (float32 or bfloat16)."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ModelLoadError(f"model directory {model_dir} does not exist")
-    cfg = ModelConfig.from_dir(model_dir)
-    tensors = read_tensors(model_dir, cfg)
+def model_name(model_dir: str | Path) -> str:
+    """The id a model is served and recorded under: a folder's name, or a GGUF file's without `.gguf`."""
+    path = Path(model_dir)
+    return path.stem if path.suffix == ".gguf" else path.name
 
-    def put(a: np.ndarray, transpose: bool = False) -> jax.Array:
+
+def load_params(model_dir: str | Path, dtype=jnp.float32) -> tuple[Params, ModelConfig]:
+    """Loads a checkpoint (a Hugging Face folder or a GGUF); weights are cast to `dtype` (float32 or
+    bfloat16). Each host array is dropped as soon as it is on the device, so a model's weights are
+    held about once, not twice: a 135M-parameter GGUF is 540 MB in float32."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise ModelLoadError(f"model path {model_dir} does not exist (expected a Hugging Face model "
+                             f"directory or a .gguf file)")
+    gguf = gguf_checkpoint.gguf_file(model_dir)
+    if gguf is None:
+        cfg = ModelConfig.from_dir(model_dir)
+        tensors = read_tensors(model_dir, cfg)
+    else:
+        reader = gguf_checkpoint.open_gguf(gguf)  # opened once: parsing the header is the slow part
+        cfg = ModelConfig.from_hf_dict(gguf_checkpoint.hf_config(reader, gguf))
+        tensors = gguf_checkpoint.read_tensors(reader, gguf, cfg, checkpoint_tensors(cfg))
+        del reader
+
+    def put(t: CheckpointTensor, transpose: bool = False) -> jax.Array:
+        a = tensors.pop(t.hf)
         a = a.T if transpose else a
         return jnp.asarray(np.ascontiguousarray(a), dtype=dtype)
 
-    layer = layer_tensors(cfg)
     weights = {p.weight for p in PROJECTIONS.values()}  # transposed to [in, out]
     layers = tuple(
-        LayerParams(**{field: put(tensors[f"model.layers.{i}.{name}"], transpose=field in weights)
-                       for field, (name, _) in layer.items()})
+        LayerParams(**{field: put(t, transpose=field in weights) for field, t in layer_tensors(cfg, i).items()})
         for i in range(cfg.num_layers)
     )
+    outer = outer_tensors(cfg)
     params = Params(
-        embed=put(tensors["model.embed_tokens.weight"]),
+        embed=put(outer["embed"]),
         layers=layers,
-        final_norm=put(tensors["model.norm.weight"]),
-        lm_head=None if cfg.tie_word_embeddings else put(tensors["lm_head.weight"], transpose=True),
+        final_norm=put(outer["final_norm"]),
+        lm_head=put(outer["lm_head"], transpose=True) if "lm_head" in outer else None,
     )
     return params, cfg

@@ -11,8 +11,8 @@ length is masked now and overwritten by that row's later decode steps.
 
 Weights are stored `[in, out]` so every projection reads `y = x @ W`; the checkpoint loader
 (`hf_checkpoint.py`) transposes Hugging Face's `[out, in]` once. `PROJECTIONS` is the one table of
-the seven LoRA-able projections: their PEFT and Hugging Face names, their `LayerParams` fields and
-their shapes; the loader, the adapter formats, training and the benchmarks read it.
+the seven LoRA-able projections: their PEFT, Hugging Face and GGUF names, their `LayerParams` fields
+and their shapes; the loaders, the adapter formats, training and the benchmarks read it.
 
 A decode step's config may carry `decode_kernels`, decided once by the engine: attention and LoRA
 then run through the CPU kernels (`kernels/`) instead of XLA's forms, with the same semantics.
@@ -64,6 +64,7 @@ class Projection:
 
     name: str  # PEFT's module name, also the last part of its Hugging Face name
     block: str  # the submodule it lives in, "self_attn" or "mlp" (in Hugging Face and PEFT names)
+    gguf: str  # its name under `blk.{i}.` in a GGUF file (llama.cpp's names)
     weight: str  # LayerParams field of its weight [in, out]
     bias: str  # LayerParams field of its bias [out], which exists when the config's `bias_flag` is set
     bias_flag: str  # the ModelConfig flag that gives it a bias
@@ -84,14 +85,14 @@ class Projection:
 
 
 PROJECTIONS: dict[str, Projection] = {p.name: p for p in (
-    #          name         block        weight    bias      bias_flag         d_in                 d_out
-    Projection("q_proj",    "self_attn", "wq",     "bq",     "attention_bias", "hidden_size",       "q_size"),
-    Projection("k_proj",    "self_attn", "wk",     "bk",     "attention_bias", "hidden_size",       "kv_size"),
-    Projection("v_proj",    "self_attn", "wv",     "bv",     "attention_bias", "hidden_size",       "kv_size"),
-    Projection("o_proj",    "self_attn", "wo",     "bo",     "o_bias",         "q_size",            "hidden_size"),
-    Projection("gate_proj", "mlp",       "w_gate", "b_gate", "mlp_bias",       "hidden_size",       "intermediate_size"),
-    Projection("up_proj",   "mlp",       "w_up",   "b_up",   "mlp_bias",       "hidden_size",       "intermediate_size"),
-    Projection("down_proj", "mlp",       "w_down", "b_down", "mlp_bias",       "intermediate_size", "hidden_size"),
+    #          name         block        gguf           weight    bias      bias_flag         d_in                 d_out
+    Projection("q_proj",    "self_attn", "attn_q",      "wq",     "bq",     "attention_bias", "hidden_size",       "q_size"),
+    Projection("k_proj",    "self_attn", "attn_k",      "wk",     "bk",     "attention_bias", "hidden_size",       "kv_size"),
+    Projection("v_proj",    "self_attn", "attn_v",      "wv",     "bv",     "attention_bias", "hidden_size",       "kv_size"),
+    Projection("o_proj",    "self_attn", "attn_output", "wo",     "bo",     "o_bias",         "q_size",            "hidden_size"),
+    Projection("gate_proj", "mlp",       "ffn_gate",    "w_gate", "b_gate", "mlp_bias",       "hidden_size",       "intermediate_size"),
+    Projection("up_proj",   "mlp",       "ffn_up",      "w_up",   "b_up",   "mlp_bias",       "hidden_size",       "intermediate_size"),
+    Projection("down_proj", "mlp",       "ffn_down",    "w_down", "b_down", "mlp_bias",       "intermediate_size", "hidden_size"),
 )}
 
 

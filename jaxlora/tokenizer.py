@@ -1,6 +1,10 @@
 """Tokenizer loading, chat rendering and incremental detokenization.
 
-The tokenizer is `transformers.AutoTokenizer` read from the model directory with local files only.
+The tokenizer is `transformers.AutoTokenizer` read from the model directory with local files only,
+or, when the model path names a GGUF (a `.gguf` file, or a folder holding one `.gguf` and no
+tokenizer.json / config.json), the one its metadata describes (`gguf_tokenizer.py`: built with
+`tokenizers`, following llama.cpp where transformers' own GGUF loader does not). Both are
+`PreTrainedTokenizerFast`s with the chat template set, so nothing below tells them apart.
 Chat messages go through the tokenizer's own chat template when it has one, else through plain
 `role: content` lines. `IncrementalDetokenizer` turns a stream of token ids into text deltas that
 never end inside a UTF-8 character (a byte-level BPE token can hold half of one).
@@ -14,16 +18,21 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from jaxlora.errors import ModelLoadError
+from jaxlora.gguf_checkpoint import gguf_file
+from jaxlora.gguf_tokenizer import load_gguf_tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     model_dir = Path(model_dir)
+    gguf = gguf_file(model_dir)
+    if gguf is not None:
+        return load_gguf_tokenizer(gguf)
     if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ModelLoadError(
             f"missing file {model_dir / 'tokenizer.json'}: the model directory needs a Hugging Face tokenizer "
-            "(tokenizer.json / tokenizer_config.json)"
+            "(tokenizer.json / tokenizer_config.json), or the model path a .gguf file"
         )
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)

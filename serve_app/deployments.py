@@ -20,8 +20,9 @@ from ray import serve
 
 from jaxlora.backend import LocalJaxLoRABackend
 from jaxlora.cpu_threads import compute_threads, limit_compute_threads
-from jaxlora.demo import ensure_demo_model
+from jaxlora.demo import default_model
 from jaxlora.errors import JaxLoraError
+from jaxlora.hf_checkpoint import model_name
 from jaxlora.requests import Finished, MessagePacer
 from jaxlora.tokenizer import load_tokenizer, render_chat
 from serve_app.config import AppArgs, option_mismatches
@@ -50,12 +51,12 @@ def check_deployment_options(deployment: str, args: AppArgs) -> None:
 
 
 def model_dir_of(args: AppArgs) -> Path:
-    """The checkpoint to serve; the demo model (built on first use, identical on every node) by default."""
-    return Path(args.model_dir) if args.model_dir else ensure_demo_model()
+    """The checkpoint to serve; the default model (fetched on first use into each node's cache) by default."""
+    return Path(args.model_dir) if args.model_dir else default_model()
 
 
 def base_model_id(args: AppArgs) -> str:
-    return args.model_id or model_dir_of(args).name
+    return args.model_id or model_name(model_dir_of(args))
 
 
 @serve.deployment(name="Tokenizer", ray_actor_options={"num_cpus": 0})

@@ -37,7 +37,7 @@ from jaxlora.adapter_format import PEFT_CONFIG, PEFT_WEIGHTS, publish_upload
 from jaxlora.adapter_store import AdapterStore, parse_ref
 from jaxlora.config import ModelConfig
 from jaxlora.errors import InvalidRequest, JaxLoraError, NotPermitted
-from jaxlora.hf_checkpoint import model_fingerprint
+from jaxlora.hf_checkpoint import model_fingerprint, model_name
 from jaxlora.tokenizer import load_tokenizer
 from serve_app.config import AppArgs
 from serve_app.deployments import base_model_id, model_dir_of
@@ -158,7 +158,7 @@ class FineTuningRoutes:
         self.settings = job_settings(a)
         model_dir = model_dir_of(a)
         self.model_config, self.max_rank = ModelConfig.from_dir(model_dir), a.engine.max_lora_rank
-        self.base = {"name": model_dir.name, "fingerprint": model_fingerprint(model_dir)}
+        self.base = {"name": model_name(model_dir), "fingerprint": model_fingerprint(model_dir)}
 
     def routes(self) -> list[tuple[str, object, list[str]]]:
         return [("/v1/files", self.create_file, ["POST"]), ("/v1/files", self.list_files, ["GET"]),

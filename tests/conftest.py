@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random-weight Hugging Face checkpoints written with `save_pretrained`."""
+"""Shared fixtures: tiny random-weight Hugging Face checkpoints written with `save_pretrained`, and the
+one real model (a GGUF, fetched once)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,33 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, "os.PathLike"]:
 
 
 @pytest.fixture(scope="session")
-def demo_model_dir(tmp_path_factory):
-    from jaxlora.demo import build_demo_model
+def smollm2_gguf() -> "os.PathLike":
+    """The real SmolLM2-135M-Instruct GGUF (Q4_1), fetched once into the cache by `jaxlora.fetch`."""
+    from jaxlora.fetch import fetch
 
-    return build_demo_model(tmp_path_factory.mktemp("demo") / "model")
+    return fetch()
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_gguf):
+    """transformers' own loading of that GGUF (float32, eager attention) and its tokenizer: the
+    numeric reference, loaded once (~20 s). A test that wraps it (PEFT) must unwrap it again."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(smollm2_gguf)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory):
+    from jaxlora.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("demo") / "model")
 
 
 @pytest.fixture(scope="session")

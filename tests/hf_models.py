@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
@@ -39,8 +40,12 @@ TINY_CONFIGS = {
 
 
 def make_tiny(name: str, seed: int = 0) -> torch.nn.Module:
+    return make_random(TINY_CONFIGS[name](), seed)
+
+
+def make_random(cfg, seed: int = 0) -> torch.nn.Module:
+    """A float32 model of `cfg` with the spread-out random weights described above."""
     torch.manual_seed(seed)
-    cfg = TINY_CONFIGS[name]()
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -58,3 +63,15 @@ def save_tiny(name: str, out: Path, **save_kwargs) -> Path:
 
 def load_reference(model_dir: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def random_prompts(vocab: int, lens, seed: int = 1) -> list[list[int]]:
+    """Token ids drawn past the special ones (0, 1, 2), one prompt per length."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=n).tolist() for n in lens]
+
+
+def hf_logits(model: torch.nn.Module, prompt: list[int]) -> np.ndarray:
+    """transformers' float32 logits [T, V] for one prompt."""
+    with torch.no_grad():
+        return model(torch.tensor([prompt])).logits[0].numpy()

@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from jaxlora.adapter_format import read_adapter, write_peft
-from jaxlora.demo import random_adapter
+from jaxlora.tiny_model import random_adapter
 from jaxlora.config import ModelConfig
 from jaxlora.errors import AdapterFormatError
 from tests.hf_models import TINY_CONFIGS

@@ -8,7 +8,7 @@ import pytest
 
 from jaxlora import kernels
 from jaxlora.adapter_format import write_peft
-from jaxlora.demo import random_adapter
+from jaxlora.tiny_model import random_adapter
 from jaxlora.sampling import SamplingParams
 from jaxlora.backend import LocalJaxLoRABackend
 from jaxlora.engine import EngineConfig

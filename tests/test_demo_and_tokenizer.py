@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jaxlora.hf_checkpoint import load_params
-from jaxlora.demo import build_demo_model
+from jaxlora.tiny_model import build_tiny_model
 from jaxlora.errors import ModelLoadError
 from jaxlora.model import forward
 from jaxlora.tokenizer import IncrementalDetokenizer, load_tokenizer, render_chat
@@ -20,7 +20,7 @@ MULTILINGUAL = "Le café ж 😀 serves 한국어 and Ω ≠ ✓ résumés."
 
 
 def test_two_demo_builds_are_byte_identical(tmp_path, demo_model_dir):
-    again = build_demo_model(tmp_path / "again")
+    again = build_tiny_model(tmp_path / "again")
     names = sorted(p.name for p in demo_model_dir.iterdir())
     assert names == sorted(p.name for p in again.iterdir())
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(names)

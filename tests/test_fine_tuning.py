@@ -20,7 +20,7 @@ from ray import serve  # noqa: E402
 from serve_app.app import build_app  # noqa: E402
 from serve_app.keys import add_key  # noqa: E402
 
-FAQ = Path("configs/train/demo_faq.jsonl")
+FAQ = Path("tests/data/toy_faq.jsonl")  # 32 short answers: the tiny model learns them in seconds
 ENGINE = {"max_batch_size": 8, "max_seq_len": 128, "prefill_chunk": 16, "decode_steps": 4, "max_queue": 64,
           "num_adapter_slots": 4, "max_lora_rank": 16}
 
@@ -269,7 +269,7 @@ def test_upload_size_limit_and_unknown_fields(app):
 def _peft_files(app: App, tmp_path: Path, seed: int, r: int = 8, poison: bool = False) -> dict:
     from jaxlora.adapter_format import write_peft
     from jaxlora.config import ModelConfig
-    from jaxlora.demo import random_adapter
+    from jaxlora.tiny_model import random_adapter
 
     adapter = random_adapter(ModelConfig.from_dir(app.model_dir), r=r, alpha=2 * r, seed=seed, std=0.5)
     if poison:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jaxlora.adapter_store import ResolvedAdapter
 from jaxlora.adapter_format import LoraAdapter, read_adapter, write_peft
-from jaxlora.demo import random_adapter
+from jaxlora.tiny_model import random_adapter
 from jaxlora.hf_checkpoint import load_params
 from jaxlora.lora import LoraModule, LoraStack, lora_delta, zeros_stack
 from jaxlora.model import PROJECTIONS, Params, forward, lora_shapes

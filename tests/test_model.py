@@ -13,15 +13,10 @@ import jax.numpy as jnp
 from jaxlora.hf_checkpoint import load_params
 from jaxlora.generate import greedy_generate
 from jaxlora.model import KVCache, forward
-from tests.hf_models import LOGIT_TOL, TINY_CONFIGS, load_reference, save_tiny
+from tests.hf_models import LOGIT_TOL, TINY_CONFIGS, hf_logits, load_reference, random_prompts, save_tiny
 
 ARCHS = list(TINY_CONFIGS)
 PROMPT_LENS = [13, 7, 2]
-
-
-def _prompts(vocab: int, lens=PROMPT_LENS, seed: int = 1) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, vocab, size=n).tolist() for n in lens]
 
 
 def _right_padded(prompts):
@@ -32,22 +27,17 @@ def _right_padded(prompts):
     return tokens, np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
 
 
-def _hf_logits(model, prompt) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([prompt])).logits[0].numpy()
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_match_transformers_on_padded_batch(tiny_checkpoints, arch):
     params, cfg = load_params(tiny_checkpoints[arch])
     ref = load_reference(tiny_checkpoints[arch])
-    prompts = _prompts(cfg.vocab_size)
+    prompts = random_prompts(cfg.vocab_size, PROMPT_LENS)
     tokens, positions = _right_padded(prompts)
     no_cache, _ = forward(params, tokens, positions, cfg)
     cache = KVCache.zeros(cfg, len(prompts), 32)
     with_cache, _ = forward(params, tokens, positions, cfg, cache)
     for b, p in enumerate(prompts):
-        expected = _hf_logits(ref, p)
+        expected = hf_logits(ref, p)
         assert np.abs(np.asarray(no_cache[b, : len(p)]) - expected).max() <= LOGIT_TOL  # measured <= 6.9e-6
         assert np.abs(np.asarray(with_cache[b, : len(p)]) - expected).max() <= LOGIT_TOL
 
@@ -57,7 +47,7 @@ def test_logits_match_transformers_on_padded_batch(tiny_checkpoints, arch):
 def test_prefill_then_decode_equals_one_forward(tiny_checkpoints, arch, decode_kernels):
     params, cfg = load_params(tiny_checkpoints[arch])
     n, k = [9, 5, 1], 6
-    full = _prompts(cfg.vocab_size, lens=[m + k for m in n], seed=2)
+    full = random_prompts(cfg.vocab_size, [m + k for m in n], seed=2)
     prefill_tokens, prefill_pos = _right_padded([f[:m] for f, m in zip(full, n)])
     cache = KVCache.zeros(cfg, len(full), 24)
     _, cache = forward(params, prefill_tokens, prefill_pos, cfg, cache)
@@ -84,7 +74,7 @@ def test_greedy_32_tokens_equal_transformers_generate(tiny_checkpoints, arch, de
     params, cfg = load_params(tiny_checkpoints[arch])
     ref = load_reference(tiny_checkpoints[arch])
     ref.generation_config.eos_token_id = None  # generate all 32 tokens, as greedy_generate does
-    prompts = _prompts(cfg.vocab_size, seed=3)
+    prompts = random_prompts(cfg.vocab_size, PROMPT_LENS, seed=3)
     ours = greedy_generate(params, dataclasses.replace(cfg, decode_kernels=decode_kernels), prompts, max_new_tokens=32)
     # Exact tokens are honest here: the smallest top-1 minus top-2 logit gap on these trajectories
     # (2.6e-4, mistral) is over twice LOGIT_TOL, and the logits differ by <= 1e-5.
@@ -99,7 +89,7 @@ def test_a_decode_steps_config_refuses_other_calls(tiny_checkpoints):
     """The kernels' config is for decode steps alone: prefill (many tokens) and training (no cache) refuse it."""
     params, cfg = load_params(tiny_checkpoints["llama_gqa"])
     decode_cfg = dataclasses.replace(cfg, decode_kernels=True)
-    tokens, positions = _right_padded(_prompts(cfg.vocab_size))
+    tokens, positions = _right_padded(random_prompts(cfg.vocab_size, PROMPT_LENS))
     for tok, pos, cache in [(tokens, positions, KVCache.zeros(cfg, 3, 16)), (tokens[:, :1], positions[:, :1], None)]:
         with pytest.raises(ValueError, match="the decode kernels take one token per row and a KV cache"):
             forward(params, tok, pos, decode_cfg, cache)
@@ -116,7 +106,7 @@ def test_bfloat16_stays_close_to_float32(tiny_checkpoints, arch):
     p32, cfg = load_params(tiny_checkpoints[arch])
     p16, _ = load_params(tiny_checkpoints[arch], dtype=jnp.bfloat16)
     assert p16.embed.dtype == jnp.bfloat16
-    tokens, positions = _right_padded(_prompts(cfg.vocab_size))
+    tokens, positions = _right_padded(random_prompts(cfg.vocab_size, PROMPT_LENS))
     l32, _ = forward(p32, tokens, positions, cfg, KVCache.zeros(cfg, 3, 16))
     l16, _ = forward(p16, tokens, positions, cfg, KVCache.zeros(cfg, 3, 16, dtype=jnp.bfloat16))
     assert l16.dtype == jnp.float32
@@ -133,7 +123,7 @@ def test_sharded_checkpoint_loads_the_same(tmp_path, tiny_checkpoints):
     assert len(list(sharded.glob("model-*.safetensors"))) > 1
     a, cfg = load_params(sharded)
     b, _ = load_params(tiny_checkpoints["llama_gqa"])
-    tokens, positions = _right_padded(_prompts(cfg.vocab_size))
+    tokens, positions = _right_padded(random_prompts(cfg.vocab_size, PROMPT_LENS))
     la, _ = forward(a, tokens, positions, cfg)
     lb, _ = forward(b, tokens, positions, cfg)
     np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))

@@ -22,7 +22,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from jaxlora.adapter_format import write_peft  # noqa: E402
-from jaxlora.demo import random_adapter  # noqa: E402
+from jaxlora.tiny_model import random_adapter  # noqa: E402
 from jaxlora.adapter_store import AdapterStore  # noqa: E402
 from jaxlora.hf_checkpoint import model_fingerprint  # noqa: E402
 from jaxlora.config import ModelConfig  # noqa: E402

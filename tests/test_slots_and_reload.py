@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxlora.adapter_format import read_published, write_peft
-from jaxlora.demo import random_adapter
+from jaxlora.tiny_model import random_adapter
 from jaxlora.adapter_store import AdapterStore
 from jaxlora.hf_checkpoint import load_params, model_fingerprint
 from jaxlora.errors import AdapterFormatError, AdapterNotFoundError

@@ -17,7 +17,7 @@ from jaxlora.backend import LocalJaxLoRABackend
 from jaxlora.hf_checkpoint import load_params, model_fingerprint
 from jaxlora.engine import EngineConfig
 from jaxlora.lora import LoraModule, LoraStack, lora_scale
-from jaxlora.model import forward
+from jaxlora.model import PROJECTIONS, forward
 from jaxlora.tokenizer import load_tokenizer
 from tests.hf_models import LOGIT_TOL, load_reference
 from jaxlora.errors import DataError
@@ -26,7 +26,10 @@ from training.losses import dpo_loss, sequence_logprobs
 from training.spec import TrainSpec
 from training.trainer import _train, loss_fn, train
 
-FAQ_SPEC = "configs/train/demo_faq.yaml"
+# The demo FAQ's spec as it was for the tiny model (configs/train/demo_faq.yaml is for the real one).
+TOY_FAQ = dict(user_id="local", adapter_id="demo-faq", data="tests/data/toy_faq.jsonl", objective="sft",
+               lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": list(PROJECTIONS)}, learning_rate=0.003,
+               warmup_steps=10, steps=120, batch_size=8, max_length=64, checkpoint_every=50, log_every=25, seed=0)
 
 
 def _spec(**kw) -> TrainSpec:
@@ -105,10 +108,21 @@ def test_dpo_loss_equals_its_formula(tiny_checkpoints):
     assert abs(float(dpo_loss(sequence_logprobs(pol, batch["targets"], mask), sequence_logprobs(ref, batch["targets"], mask), 0.3)[0]) - expected) <= 1e-5
 
 
+def test_the_shipped_demo_spec_fits_the_default_model(smollm2_gguf):
+    """configs/train/demo_faq.yaml (what `./dev train` runs on the default model): it parses, every row
+    renders under the model's chat template within max_length, and only the answers are trained."""
+    spec = TrainSpec.from_yaml("configs/train/demo_faq.yaml")
+    assert spec.model_dir is None  # the default model, as `./dev serve` serves it
+    data = load_dataset(spec.data, load_tokenizer(smollm2_gguf), spec.objective, spec.max_length)
+    assert len(data.examples) == 24
+    for ex in data.examples:
+        assert 0 < sum(ex.loss_mask) < len(ex.ids) - 20  # the question and the system prompt are context
+
+
 @pytest.fixture(scope="module")
 def faq_run(demo_model_dir, tmp_path_factory):
     fs = tmp_path_factory.mktemp("faq-fs")
-    spec = TrainSpec.from_yaml(FAQ_SPEC).model_copy(update={"fs_root": str(fs), "model_dir": str(demo_model_dir)})
+    spec = TrainSpec(**TOY_FAQ, fs_root=str(fs), model_dir=str(demo_model_dir))
     result = train(spec)
     return spec, result
 

@@ -131,7 +131,7 @@ class JobSettings:
     max_queued_per_tenant: int = 4
     num_cpus: float = 1  # per job's Ray task
     num_gpus: float = 0
-    model_dir: str | None = None  # the base checkpoint (None: the demo model)
+    model_dir: str | None = None  # the base checkpoint (None: the default model)
     base_model: str = ""  # its name in the API
 
 

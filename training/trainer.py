@@ -37,8 +37,8 @@ from safetensors.numpy import load_file, save_file
 from jaxlora.adapter_format import LoraAdapter, read_published, write_peft
 from jaxlora.adapter_store import AdapterStore
 from jaxlora.config import ModelConfig
-from jaxlora.demo import ensure_demo_model
-from jaxlora.hf_checkpoint import load_params, model_fingerprint
+from jaxlora.demo import default_model
+from jaxlora.hf_checkpoint import load_params, model_fingerprint, model_name
 from jaxlora.lora import LoraModule, LoraStack, lora_scale
 from jaxlora.model import PROJECTIONS, Params, forward
 from jaxlora.tokenizer import load_tokenizer
@@ -194,7 +194,7 @@ def _train(spec: TrainSpec, stop_after_steps: int | None = None, hooks: TrainHoo
     """`train`, with a seam for tests: `stop_after_steps` ends the run right after a checkpoint,
     as a killed task would, and returns None."""
     # 1. everything that can fail on bad input, before any compute
-    model_dir = Path(spec.model_dir) if spec.model_dir else ensure_demo_model()
+    model_dir = Path(spec.model_dir) if spec.model_dir else default_model()
     tokenizer = load_tokenizer(model_dir)
     params, cfg = load_params(model_dir, jnp.bfloat16 if spec.precision == "bf16" else jnp.float32)
     data = load_dataset(spec.data, tokenizer, spec.objective, spec.max_length)
@@ -261,7 +261,7 @@ def _train(spec: TrainSpec, stop_after_steps: int | None = None, hooks: TrainHoo
     # 4. publish
     adapter = to_adapter(trainable, spec)
     store = AdapterStore(spec.fs_root)
-    base = {"name": model_dir.name, "fingerprint": model_fingerprint(model_dir)}
+    base = {"name": model_name(model_dir), "fingerprint": model_fingerprint(model_dir)}
 
     def write(folder: Path) -> None:
         write_peft(adapter, folder, base_model=base["name"])

@@ -1,0 +1,113 @@
+"""The real default model (SmolLM2-135M-Instruct, its Q4_1 GGUF) served by the app on real Ray Serve
+and asked over HTTP with the official `openai` client, against transformers' own GGUF loading and
+`generate` (+ PEFT for an adapter) on the same weights: the same greedy chat answers."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from jaxlora.adapter_format import write_peft  # noqa: E402
+from jaxlora.adapter_store import AdapterStore  # noqa: E402
+from jaxlora.config import ModelConfig  # noqa: E402
+from jaxlora.hf_checkpoint import model_fingerprint, model_name  # noqa: E402
+from jaxlora.tiny_model import random_adapter  # noqa: E402
+from serve_app.app import build_app  # noqa: E402
+
+QUESTIONS = [  # each with a margin >= 8e-3 at every greedy step, base and adapter (MIN_MARGIN)
+    "What is the capital of France?",
+    "What is the largest planet in our solar system?",
+    "Who wrote Romeo and Juliet?",
+    "Name three primary colors.",
+    "What is photosynthesis?",
+    "How many days are there in a week?",
+    "Give me a synonym for happy.",
+    "What is the boiling point of water in Celsius?",
+    "What does a compiler do?",
+    "What is the chemical symbol for gold?",
+    "Who painted the Mona Lisa?",
+    "Which ocean is the largest?",
+]
+MAX_TOKENS = 16
+# Greedy answers are promised equal only where no step is a near tie: our float32 logits and
+# transformers' differ by up to 1e-3 on this model (tests/test_gguf.py REAL_LOGIT_TOL), so every
+# step's margin between the first and second token, in transformers' logits, must exceed twice that.
+MIN_MARGIN = 2e-3
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, smollm2_gguf, tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+    store = AdapterStore(root / "fs")
+    cfg = ModelConfig.from_dir(smollm2_gguf)
+    base = {"name": model_name(smollm2_gguf), "fingerprint": model_fingerprint(smollm2_gguf)}
+    adapter = random_adapter(cfg, r=8, alpha=16, seed=3, std=0.03)
+    published = store.publish("local", "style", lambda d: write_peft(adapter, d, base_model=base["name"]), base_model=base)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    engine = {"max_batch_size": 4, "max_seq_len": 128, "prefill_chunk": 128, "decode_steps": 4, "num_adapter_slots": 2,
+              "max_lora_rank": 8}  # one prefill shape: the replica starts sooner
+    serve.run(build_app({"model_dir": str(smollm2_gguf), "fs_root": str(root / "fs"), "model_num_cpus": 0,
+                         "engine": engine}), name="real", route_prefix="/")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
+    yield client, base["name"], published.path
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def expected(app, smollm2_reference):
+    """transformers' own GGUF loading of the same file and its tokenizer, + PEFT for the adapter:
+    question -> greedy answer, for the base model and for the adapter."""
+    from peft import PeftModel
+
+    model, tokenizer = smollm2_reference
+    model = PeftModel.from_pretrained(model, app[2]).eval()
+    try:
+        with model.disable_adapter():
+            base = {q: greedy(model, tokenizer, q) for q in QUESTIONS}
+        return {False: base, True: {q: greedy(model, tokenizer, q) for q in QUESTIONS}}
+    finally:
+        model.unload()  # the session's reference model, as it was
+
+
+def greedy(model, tokenizer, question: str) -> tuple[str, float]:
+    """transformers' greedy chat answer (up to MAX_TOKENS, to the end-of-turn token) and the smallest
+    margin between the first and second logit over its steps."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_TOKENS,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=tokenizer.eos_token_id)
+    top2 = [torch.topk(step[0], 2).values for step in out.logits]
+    margin = min(float(v[0] - v[1]) for v in top2)
+    return tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True), margin
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["base", "adapter"])
+def test_greedy_chat_answers_equal_transformers_on_the_real_model(app, expected, adapter):
+    client, base, _ = app
+
+    def ask(question: str) -> str:
+        return client.chat.completions.create(model="style" if adapter else base, max_tokens=MAX_TOKENS, temperature=0,
+                                              messages=[{"role": "user", "content": question}]).choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # batched together, as a server sees them
+        replies = dict(zip(QUESTIONS, pool.map(ask, QUESTIONS)))
+    for question in QUESTIONS:
+        answer, margin = expected[adapter][question]
+        assert margin > MIN_MARGIN, f"{question!r}: a near tie ({margin:.1e}) makes equality no promise; pick another"
+        assert replies[question] == answer, question
+    if adapter:  # the adapter really is applied, on both sides
+        assert sum(expected[True][q][0] != expected[False][q][0] for q in QUESTIONS) >= 3
+    else:
+        assert "Paris" in expected[False][QUESTIONS[0]][0]
