@@ -18,10 +18,11 @@ from pathlib import Path
 
 from jaxlora.fetch import SMOLLM2, fetch
 
-DEMO_ADAPTERS = {"demo-concise": 1, "demo-verbose": 2}  # shared adapter id -> seed
-DEMO_ADAPTER_STD = 0.05
-"""Standard deviation of the demo adapters' A and B: enough to change a greedy answer of the
-default model, small enough to keep it fluent."""
+DEMO_ADAPTERS = {"demo-concise": 1, "demo-verbose": 3}  # shared adapter id -> seed
+DEMO_ADAPTER_STD = 0.03
+"""Standard deviation of the demo adapters' A and B: enough to change some greedy answers of the
+default model, small enough to keep them answers. (Seed 2 at 0.02 already turns "What is the
+capital of France?" into French verse: which seed matters more than the scale.)"""
 
 
 def default_model() -> Path:
