@@ -49,8 +49,6 @@ from transformers import PreTrainedTokenizerFast
 from jaxlora.errors import ModelLoadError
 from jaxlora.gguf_checkpoint import open_gguf
 
-"""A folder holding either of these is a Hugging Face checkpoint, whatever else it holds."""
-
 # The original regexes of the models' tokenizer.json files; llama.cpp runs equivalent spellings
 # (its regex engine has no `(?i:...)`, so it writes `'[sS]` for `(?i:'s)`).
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
