@@ -1,8 +1,8 @@
 """Tokenizer loading, chat rendering and incremental detokenization.
 
 The tokenizer is `transformers.AutoTokenizer` read from the model directory with local files only,
-or, when the model path names a GGUF (a `.gguf` file, or a folder holding one `.gguf` and no
-tokenizer.json / config.json), the one its metadata describes (`gguf_tokenizer.py`: built with
+or, when the model path names a GGUF (`gguf_checkpoint.gguf_file`: a `.gguf` file, or a folder
+holding one `.gguf` and no config.json), the one its metadata describes (`gguf_tokenizer.py`: built with
 `tokenizers`, following llama.cpp where transformers' own GGUF loader does not). Both are
 `PreTrainedTokenizerFast`s with the chat template set, so nothing below tells them apart.
 Chat messages go through the tokenizer's own chat template when it has one, else through plain
