@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> None:
         import tempfile
 
         from jaxlora.backend import LocalJaxLoRABackend
+        from jaxlora.compile_cache import use_compilation_cache
         from jaxlora.engine import EngineConfig
+
+        use_compilation_cache()
 
         backend = LocalJaxLoRABackend(model, fs_root=args.adapters or tempfile.mkdtemp(), warm_up=False,
                                       engine_config=EngineConfig(max_batch_size=1, max_seq_len=1024))

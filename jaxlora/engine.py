@@ -292,7 +292,8 @@ class PrefillItem:
 
 
 class _CompileCounter:
-    """Counts XLA backend compilations process-wide through jax.monitoring (counted, not assumed)."""
+    """Counts the programs this process builds, compiled or loaded from the persistent compilation
+    cache (`jaxlora.compile_cache`), through jax.monitoring (counted, not assumed)."""
 
     _lock = threading.Lock()
     _count = 0
@@ -307,7 +308,7 @@ class _CompileCounter:
 
     @classmethod
     def _on_event(cls, event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
+        if event == "/jax/core/compile/backend_compile_duration":  # timed around compile-or-load
             with cls._lock:
                 cls._count += 1
 

@@ -1,7 +1,9 @@
 """Tokenizer loading, chat rendering and incremental detokenization.
 
-The tokenizer is `transformers.AutoTokenizer` read from the model directory with local files only,
-or, when the model path names a GGUF (`gguf_checkpoint.gguf_file`: a `.gguf` file, or a folder
+The tokenizer is `transformers.AutoTokenizer` read from the model directory with local files only
+(the generic `PreTrainedTokenizerFast` directly when tokenizer_config.json names it: the class
+AutoTokenizer would pick, without the import of torch its model registry makes where torch is
+installed, seconds in every process that serves), or, when the model path names a GGUF (`gguf_checkpoint.gguf_file`: a `.gguf` file, or a folder
 holding one `.gguf` and no config.json), the one its metadata describes (`gguf_tokenizer.py`: built with
 `tokenizers`, following llama.cpp where transformers' own GGUF loader does not). Both are
 `PreTrainedTokenizerFast`s with the chat template set, so nothing below tells them apart.
@@ -12,16 +14,19 @@ never end inside a UTF-8 character (a byte-level BPE token can hold half of one)
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from jaxlora.errors import ModelLoadError
 from jaxlora.gguf_checkpoint import gguf_file
 from jaxlora.gguf_tokenizer import load_gguf_tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
+# tokenizer_config.json's tokenizer_class values that mean the generic fast tokenizer (v5's name, v4's).
+_GENERIC_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
@@ -35,9 +40,20 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
             "(tokenizer.json / tokenizer_config.json), or the model path a .gguf file"
         )
     try:
+        if _tokenizer_class(model_dir) in _GENERIC_CLASSES and (model_dir / "tokenizer.json").is_file():
+            return PreTrainedTokenizerFast.from_pretrained(str(model_dir), local_files_only=True)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the tokenizer in {model_dir}: {e}") from e
+
+
+def _tokenizer_class(model_dir: Path) -> str | None:
+    try:
+        return json.loads((model_dir / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):  # AutoTokenizer reports what is wrong with the file
+        return None
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> str:

@@ -19,6 +19,7 @@ import ray
 from ray import serve
 
 from jaxlora.backend import LocalJaxLoRABackend
+from jaxlora.compile_cache import use_compilation_cache
 from jaxlora.cpu_threads import compute_threads, limit_compute_threads
 from jaxlora.demo import default_model
 from jaxlora.errors import JaxLoraError
@@ -107,6 +108,7 @@ class LoRAModel:
         check_deployment_options("LoRAModel", a)
         if a.engine_compute_threads is not None:  # before anything starts JAX's backend: its pool is sized then
             limit_compute_threads(a.engine_compute_threads)
+        use_compilation_cache()  # a restarted or added replica loads its warm-up's programs
         if a.model_num_gpus > 0:
             import jax
 

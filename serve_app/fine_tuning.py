@@ -64,8 +64,10 @@ def file_store(a: AppArgs) -> FileStore:
 
 @ray.remote(max_retries=0)
 def training_task(fs_root: str, tenant: str, job_id: str, settings: dict) -> str:
+    from jaxlora.compile_cache import use_compilation_cache
     from training.jobs import run_job
 
+    use_compilation_cache()
     return run_job(fs_root, tenant, job_id, JobSettings(**settings))
 
 

@@ -12,7 +12,12 @@ os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
 import pytest  # noqa: E402
 
+from jaxlora.compile_cache import use_compilation_cache  # noqa: E402
 from tests import hf_models  # noqa: E402
+
+# The programs every engine of the suite compiles, kept for the next process that builds the same
+# (Serve replicas, restarted replicas, training tasks, the next run): as a user's replicas do.
+use_compilation_cache()
 
 
 @pytest.fixture(scope="session")

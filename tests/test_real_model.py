@@ -74,23 +74,34 @@ def expected(app, smollm2_reference):
     model = PeftModel.from_pretrained(model, app[2]).eval()
     try:
         with model.disable_adapter():
-            base = {q: greedy(model, tokenizer, q) for q in QUESTIONS}
-        return {False: base, True: {q: greedy(model, tokenizer, q) for q in QUESTIONS}}
+            base = greedy(model, tokenizer, QUESTIONS)
+        return {False: base, True: greedy(model, tokenizer, QUESTIONS)}
     finally:
         model.unload()  # the session's reference model, as it was
 
 
-def greedy(model, tokenizer, question: str) -> tuple[str, float]:
-    """transformers' greedy chat answer (up to MAX_TOKENS, to the end-of-turn token) and the smallest
-    margin between the first and second logit over its steps."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
+def greedy(model, tokenizer, questions: list[str]) -> dict[str, tuple[str, float]]:
+    """transformers' greedy chat answers (up to MAX_TOKENS, to the end-of-turn token), all questions in
+    one left-padded batch, and for each the smallest margin between its first and second logit over
+    its own steps (to its end of turn)."""
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             return_dict=True)["input_ids"] for q in questions]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tokenizer.eos_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_TOKENS,
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_TOKENS,
                              output_logits=True, return_dict_in_generate=True, pad_token_id=tokenizer.eos_token_id)
-    top2 = [torch.topk(step[0], 2).values for step in out.logits]
-    margin = min(float(v[0] - v[1]) for v in top2)
-    return tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True), margin
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    answers = {}
+    for i, question in enumerate(questions):
+        tokens = out.sequences[i, width:].tolist()
+        steps = next((k + 1 for k, t in enumerate(tokens) if t in eos), len(tokens))
+        top2 = [torch.topk(out.logits[k][i], 2).values for k in range(steps)]
+        answers[question] = (tokenizer.decode(tokens[:steps], skip_special_tokens=True),
+                             min(float(v[0] - v[1]) for v in top2))
+    return answers
 
 
 @pytest.mark.parametrize("adapter", [False, True], ids=["base", "adapter"])

@@ -90,9 +90,9 @@ def server(ray_local, demo_model_dir, tmp_path_factory):
     # rate_limit_timeout_s: on this shared 2-CPU box a check may be slow; failing open has its own test.
     limited = {"auth": True, "api_keys_file": str(keys_file), "rate_limit_timeout_s": 10}
     serve.run(build_app({**common, **limited, "engine": ENGINE, "max_request_bytes": 65536}), name="main", route_prefix="/")
-    # Two model replicas, to see each adapter's requests go to its home replica.
-    # It streams 6 tokens at a time after the first (stream_interval).
-    serve.run(build_app({**common, "engine": {**ENGINE, "max_batch_size": 2}, "model_replicas": 2, "stream_interval": 6}),
+    # Two model replicas, to see each adapter's requests go to its home replica. Main's engine: they load
+    # the programs main compiled (jaxlora.compile_cache). It streams 6 tokens at a time after the first.
+    serve.run(build_app({**common, "engine": ENGINE, "model_replicas": 2, "stream_interval": 6}),
               name="pair", route_prefix="/pair")
     # A deliberately tiny deployment for back-pressure: one row, no engine queue, two queued at the handle.
     # Its streams are paced to one message in 1000 s (stream_messages_per_s): after the first token only
@@ -1061,104 +1061,112 @@ def test_readme_and_dashboard_name_only_exported_metrics():
     assert set(re.findall(r"`(ray_jaxlora_\w+)`", readme)) == documented  # each listed once under its Prometheus name
 
 
-def test_engine_step_failure_fails_its_requests_and_the_replica_is_replaced(server, tmp_path):
-    """Fault (e) end to end: a decode step raises inside a running replica (injected by
-    tests/fault_site/sitecustomize.py). Every request on it gets an error, the health check fails, Serve replaces
-    the replica, and requests succeed again."""
-    trigger = tmp_path / "fault"
+@pytest.fixture(scope="module")
+def fault_app(server, tmp_path_factory):
+    """An app of its own for the tests that break its model replica, which Serve then replaces: the
+    replica reads a fault trigger (tests/fault_site/sitecustomize.py) and is asked what it holds."""
+    trigger = tmp_path_factory.mktemp("fault") / "fault"
     hook_env = {"env_vars": {"JAXLORA_TEST_FAULT_FILE": str(trigger), "PYTHONPATH": str(Path(__file__).parent / "fault_site")}}
     serve.run(build_app({**server.common, "engine": {**ENGINE, "max_seq_len": 512}, "model_runtime_env": hook_env}), name="fault",
               route_prefix="/fault")
+    yield trigger
+    serve.delete("fault")
+
+
+def test_engine_step_failure_fails_its_requests_and_the_replica_is_replaced(server, fault_app):
+    """Fault (e) end to end: a decode step raises inside a running replica (injected by
+    tests/fault_site/sitecustomize.py). Every request on it gets an error, the health check fails, Serve replaces
+    the replica, and requests succeed again."""
+    trigger = fault_app
     url = f"{server.url}/fault/v1/completions"
     body = {"model": server.base, "prompt": "x", "max_tokens": 500, "ignore_eos": True, "temperature": 0}
-    try:
+    r = httpx.post(url, json={**body, "max_tokens": 3}, timeout=120)
+    assert r.status_code == 200, r.text
+    old_replica = r.headers["x-jaxlora-replica"]
+    results, streaming = {}, threading.Event()
+
+    def plain(i):
+        r = httpx.post(url, json=body, timeout=120)
+        results[i] = (r.status_code, r.json())
+
+    def stream():
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as r:
+            events = []
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    events.append(json.loads(line[6:]))
+                    streaming.set()
+            results["stream"] = (r.status_code, events)
+
+    threads = [threading.Thread(target=plain, args=(i,)) for i in range(2)] + [threading.Thread(target=stream)]
+    for t in threads:
+        t.start()
+    assert streaming.wait(60)
+    trigger.touch()  # the next decode step fails
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a request hung after the engine failed"
+    assert not trigger.exists(), "the injected fault did not fire"
+    for i in range(2):
+        status, out = results[i]
+        assert status == 500 and out["error"]["type"] == "internal_error", out
+    status, events = results["stream"]
+    assert status == 200 and "choices" in events[0] and "error" in events[-1], events[-1]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # refused clearly (503) until Serve has replaced the replica
         r = httpx.post(url, json={**body, "max_tokens": 3}, timeout=120)
-        assert r.status_code == 200, r.text
-        old_replica = r.headers["x-jaxlora-replica"]
-        results, streaming = {}, threading.Event()
-
-        def plain(i):
-            r = httpx.post(url, json=body, timeout=120)
-            results[i] = (r.status_code, r.json())
-
-        def stream():
-            with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as r:
-                events = []
-                for line in r.iter_lines():
-                    if line.startswith("data: {"):
-                        events.append(json.loads(line[6:]))
-                        streaming.set()
-                results["stream"] = (r.status_code, events)
-
-        threads = [threading.Thread(target=plain, args=(i,)) for i in range(2)] + [threading.Thread(target=stream)]
-        for t in threads:
-            t.start()
-        assert streaming.wait(60)
-        trigger.touch()  # the next decode step fails
-        for t in threads:
-            t.join(timeout=60)
-        assert not any(t.is_alive() for t in threads), "a request hung after the engine failed"
-        assert not trigger.exists(), "the injected fault did not fire"
-        for i in range(2):
-            status, out = results[i]
-            assert status == 500 and out["error"]["type"] == "internal_error", out
-        status, events = results["stream"]
-        assert status == 200 and "choices" in events[0] and "error" in events[-1], events[-1]
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # refused clearly (503) until Serve has replaced the replica
-            r = httpx.post(url, json={**body, "max_tokens": 3}, timeout=120)
-            if r.status_code == 200:
-                break
-            assert r.status_code == 503 and r.json()["error"]["type"] == "overloaded_error", r.text
-            time.sleep(0.5)
-        assert r.status_code == 200 and r.headers["x-jaxlora-replica"] != old_replica, (r.status_code, r.headers)
-    finally:
-        serve.delete("fault")
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503 and r.json()["error"]["type"] == "overloaded_error", r.text
+        time.sleep(0.5)
+    assert r.status_code == 200 and r.headers["x-jaxlora-replica"] != old_replica, (r.status_code, r.headers)
 
 
-def test_killed_model_replica_fails_in_flight_requests_clearly_and_recovers(server):
+def test_killed_model_replica_fails_in_flight_requests_clearly_and_recovers(server, fault_app):
     """A model replica is killed while its engine holds a request: the request fails at once with a 503 the
-    client may retry, /health says so, the other apps are unaffected, and Serve replaces the replica. On an
-    app of its own, so the test can ask the replica's engine when the request is on it."""
+    client may retry, /health says so, the other apps are unaffected, and Serve replaces the replica. On the
+    fault tests' app, so the test can ask the replica's engine when the request is on it."""
     from ray.util import list_named_actors
 
-    serve.run(build_app({**server.common, "engine": {**ENGINE, "max_seq_len": 512}}), name="kill", route_prefix="/kill")
+    def replicas():
+        return [a for a in list_named_actors(all_namespaces=True) if "fault#LoRAModel" in a["name"]]
+
+    deadline = time.monotonic() + 60
+    while len(replicas()) != 1:  # a replica an earlier test broke may still be stopping
+        assert time.monotonic() < deadline, replicas()
+        time.sleep(0.2)
     body = {"model": server.base, "prompt": "x", "max_tokens": 500, "ignore_eos": True, "temperature": 0}
     result = {}
 
     def call():
-        r = httpx.post(f"{server.url}/kill/v1/completions", json=body, timeout=120)
+        r = httpx.post(f"{server.url}/fault/v1/completions", json=body, timeout=120)
         result.update(status=r.status_code, body=r.json())
 
-    try:
-        t = threading.Thread(target=call)
-        t.start()
-        deadline = time.monotonic() + 60
-        while _model_stats("kill")["active_rows"] == 0:  # until the request holds an engine row
-            assert t.is_alive() and time.monotonic() < deadline, ("the request never reached the engine", result)
-            time.sleep(0.05)
-        replicas = [a for a in list_named_actors(all_namespaces=True) if "kill#LoRAModel" in a["name"]]
-        assert len(replicas) == 1, replicas
-        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
-        t.join(timeout=60)
-        assert not t.is_alive(), "the in-flight request hung"
-        assert result["status"] == 503 and result["body"]["error"]["code"] == "replica_failed", result
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # Serve notices the death (health checks every 2 s) well before a new
-            health = httpx.get(f"{server.url}/kill/health", timeout=30)  # replica has loaded and compiled the model
-            if health.status_code != 200:
-                break
-            time.sleep(0.2)
-        assert health.status_code == 503 and "LoRAModel has no running replica" in health.json()["error"]["message"], health.text
-        assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200  # the other apps are unaffected
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # Serve starts a new replica; requests succeed again
-            r = httpx.post(f"{server.url}/kill/v1/completions", json={**body, "max_tokens": 3}, timeout=120)
-            if r.status_code == 200:
-                break
-            time.sleep(1)
-        assert r.status_code == 200
-        running = httpx.get(f"{server.url}/kill/health", timeout=30).json()["running_replicas"]
-        assert running == {"Tokenizer": 1, "LoRAModel": 1, "TenantState": 1}
-    finally:
-        serve.delete("kill")
+    t = threading.Thread(target=call)
+    t.start()
+    deadline = time.monotonic() + 60
+    while _model_stats("fault")["active_rows"] == 0:  # until the request holds an engine row
+        assert t.is_alive() and time.monotonic() < deadline, ("the request never reached the engine", result)
+        time.sleep(0.05)
+    (replica,) = replicas()
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    t.join(timeout=60)
+    assert not t.is_alive(), "the in-flight request hung"
+    assert result["status"] == 503 and result["body"]["error"]["code"] == "replica_failed", result
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # Serve notices the death (health checks every 2 s) well before a new
+        health = httpx.get(f"{server.url}/fault/health", timeout=30)  # replica has loaded and compiled the model
+        if health.status_code != 200:
+            break
+        time.sleep(0.2)
+    assert health.status_code == 503 and "LoRAModel has no running replica" in health.json()["error"]["message"], health.text
+    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200  # the other apps are unaffected
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # Serve starts a new replica; requests succeed again
+        r = httpx.post(f"{server.url}/fault/v1/completions", json={**body, "max_tokens": 3}, timeout=120)
+        if r.status_code == 200:
+            break
+        time.sleep(1)
+    assert r.status_code == 200
+    running = httpx.get(f"{server.url}/fault/health", timeout=30).json()["running_replicas"]
+    assert running == {"Tokenizer": 1, "LoRAModel": 1, "TenantState": 1}

@@ -25,12 +25,14 @@ from pathlib import Path
 
 import ray
 
+from jaxlora.compile_cache import use_compilation_cache
 from training.spec import TrainSpec
 from training.trainer import train
 
 
 @ray.remote(max_retries=3, retry_exceptions=False)
 def train_task(spec_dict: dict) -> dict:
+    use_compilation_cache()
     result = train(TrainSpec(**spec_dict))
     return dataclasses.asdict(result)
 
