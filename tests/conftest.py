@@ -61,6 +61,8 @@ def demo_model_dir(tmp_path_factory):
 def ray_local():
     """One local Ray for every test that needs it (started on first use)."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Metrics reach Prometheus every 2 s rather than every 10 s: the metrics tests wait for them.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _system_config={"metrics_report_interval_ms": 2000})
     yield ray
     ray.shutdown()

@@ -96,8 +96,9 @@ def server(ray_local, demo_model_dir, tmp_path_factory):
               name="pair", route_prefix="/pair")
     # A deliberately tiny deployment for back-pressure: one row, no engine queue, two queued at the handle.
     # Its streams are paced to one message in 1000 s (stream_messages_per_s): after the first token only
-    # the end of a request is sent.
-    serve.run(build_app({**common, "engine": {**ENGINE, "max_batch_size": 1, "max_queue": 0, "max_seq_len": 512},
+    # the end of a request is sent. One prefill bucket keeps its start (compilation) short.
+    serve.run(build_app({**common, "engine": {**ENGINE, "max_batch_size": 1, "max_queue": 0, "max_seq_len": 128,
+                                              "prefill_chunk": 128},
                          "model_max_queued_requests": 2, "stream_messages_per_s": 0.001}), name="bp", route_prefix="/bp")
     # Two ingress replicas, to see they share one rate limit (TenantState). An app of its own: the metrics
     # test of "main" counts on its one ingress replica having exported everything before its marker. One

@@ -114,16 +114,17 @@ def test_a_deployments_block_that_overrides_args_is_refused_naming_the_field(ser
     config = copy.deepcopy(shipped)
     config["http_options"] = {"host": "127.0.0.1", "port": int(url.rsplit(":", 1)[1])}
     app = config["applications"][0]
-    app["args"].update({"model_dir": str(demo_model_dir), "fs_root": str(tmp_path / "fs"), "model_num_cpus": 0})
-    app["deployments"] = [  # what the shipped file used to hold; one constructor retry keeps the test short
-        {"name": "LoRAModel", "num_replicas": 2, "max_ongoing_requests": 1, "max_constructor_retry_count": 1},
-        {"name": "Tokenizer", "num_replicas": 2, "max_constructor_retry_count": 1},
+    app["args"].update({"model_dir": str(demo_model_dir), "fs_root": str(tmp_path / "fs"), "model_num_cpus": 0,
+                        "model_replicas": 2, "tokenizer_replicas": 2})
+    app["deployments"] = [  # what the shipped file used to hold; one replica and one constructor retry keep it short
+        {"name": "LoRAModel", "num_replicas": 1, "max_ongoing_requests": 1, "max_constructor_retry_count": 1},
+        {"name": "Tokenizer", "num_replicas": 1, "max_constructor_retry_count": 1},
     ]
     status = _deploy(client, config, app["name"])
     assert status.status == "DEPLOY_FAILED", status
-    expected = {"LoRAModel": ["LoRAModel.num_replicas is 2", "args.model_replicas",
+    expected = {"LoRAModel": ["LoRAModel.num_replicas is 1 but args ask for 2", "args.model_replicas",
                               "LoRAModel.max_ongoing_requests is 1", "args.engine.max_batch_size + args.engine.max_queue"],
-                "Tokenizer": ["Tokenizer.num_replicas is 2", "args.tokenizer_replicas"]}
+                "Tokenizer": ["Tokenizer.num_replicas is 1 but args ask for 2", "args.tokenizer_replicas"]}
     for name, words in expected.items():
         message = status.deployments[name].message
         assert all(w in message for w in words) and "deployments:" in message, (name, message)
