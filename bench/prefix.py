@@ -34,8 +34,11 @@ from jaxlora.engine import EngineConfig
 SYSTEM, TURN, LONG, STREAMS, SEQ = 384, 32, 2048, 16, 4096
 
 
-def _pct(xs: list[float]) -> dict[str, float]:
+def _pct(xs: list[float]) -> dict[str, float | None]:
+    """p50 and p99 in ms; None for no samples (in (b): no two decode calls in a phase, a stall as long as it)."""
     xs = sorted(xs)
+    if not xs:
+        return {"p50": None, "p99": None, "n": 0}
     return {"p50": round(1000 * statistics.median(xs), 2), "p99": round(1000 * xs[min(len(xs) - 1, int(0.99 * len(xs)))], 2),
             "n": len(xs)}
 
@@ -160,7 +163,8 @@ def long_prompts_itl(model_dir: Path, peft_dirs: list[Path], chunk: int, prefill
     quiet, busy = _pct(phases["quiet"]), _pct(phases["arriving"])
     return {"chunk": chunk, "prefill_batch": prefill_batch, "prefill_tokens_per_turn": budget,
             "quiet_itl_ms": quiet, "arriving_itl_ms": busy,
-            "p99_ratio": round(busy["p99"] / quiet["p99"], 2), "long_prompts": len(long_ttft),
+            "p99_ratio": round(busy["p99"] / quiet["p99"], 2) if busy["n"] and quiet["n"] else None,
+            "long_prompts": len(long_ttft),
             "long_ttft_ms": _pct(long_ttft) if long_ttft else None}
 
 

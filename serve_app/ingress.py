@@ -21,10 +21,11 @@ restart into an outage for every tenant.
 
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -158,6 +159,47 @@ class IngressHeader:
         await self.asgi(scope, receive, named_send)
 
 
+@dataclasses.dataclass
+class Call:
+    """One request through the ingress, from its route to its last count: who asked, what, where it
+    runs, and its usage so far (what `_observe` counts, settles and records once it is final)."""
+    route: str  # the metrics label: "completions" or "chat"
+    body: CompletionRequest | ChatCompletionRequest
+    received: float = dataclasses.field(default_factory=time.monotonic)
+    tenant: str = ""
+    tier: Tier = dataclasses.field(default_factory=Tier)
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)
+    decision: Decision | None = None  # the rate limits' share taken (None: no limits, or unchecked)
+    start: Started | None = None  # the model replica's answer to the submit
+    completion_tokens: int = 0
+    cached_tokens: int | None = None
+    first_token_at: float | None = None
+    status: int = 200
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    def usage_tags(self, base_model: str) -> dict[str, str]:
+        """What its usage is counted under: the tenant, and the adapter (id and version) or the base model."""
+        adapter = self.start.adapter if self.start is not None else None
+        return {"tenant": self.tenant, "model": base_model if adapter is None else adapter.id,
+                "adapter_version": "" if adapter is None else adapter.version}
+
+    def headers(self) -> dict[str, str]:
+        """Which model replica served it (its home, for debugging) and the tenant's rate limits."""
+        headers = {} if self.start is None else {"x-jaxlora-replica": self.start.replica}
+        return headers | ({} if self.decision is None else self.decision.headers())
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """What one streaming item of the replica becomes on the way out (one SSE chunk when streamed)."""
+    text: str
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None  # on the last piece only
+
+
 async def _replies(gen: DeploymentResponseGenerator) -> AsyncIterator[tuple[Started | Tokens | Done, ...]]:
     """A model replica's messages for one request, one tuple per streaming item as the replica sent
     them (a request's last Tokens and its Done come as one, and go on to the client as one chunk). The
@@ -238,94 +280,90 @@ class Ingress:
         tenant nor model: a model name a client made up must not become a series (serve_app.metrics)."""
         self.metrics["jaxlora_requests"].inc(tags={"tenant": tenant, "model": model, "route": route, "status": str(status)})
 
-    def _usage_tags(self, user: str, start: Started) -> dict[str, str]:
-        adapter = start.adapter
-        return {"tenant": user, "model": self.base_model if adapter is None else adapter.id,
-                "adapter_version": "" if adapter is None else adapter.version}
-
-    async def _admit(self, user: str, tier: Tier, body: CompletionRequest | ChatCompletionRequest,
-                     prompt_tokens: int) -> Decision | None:
+    async def _admit(self, call: Call) -> Decision | None:
         """Takes the request's share of the tenant's rate limits, or raises their 429. None: the tenant
         has no limits, or TenantState did not answer in time and the request goes unchecked (fail open,
         see the module docstring)."""
-        limits = self.limits.override(tier.requests_per_minute, tier.tokens_per_minute)
+        limits = self.limits.override(call.tier.requests_per_minute, call.tier.tokens_per_minute)
         if not limits:
             return None
         # Without max_tokens the engine may fill the rest of the context: reserve that.
-        max_tokens = body.token_limit()
+        max_tokens = call.body.token_limit()
         if max_tokens is None:
-            max_tokens = self.args.engine.default_max_tokens(prompt_tokens)
-        call = self.tenants.admit.remote(user, limits, prompt_tokens, max_tokens)
+            max_tokens = self.args.engine.default_max_tokens(call.prompt_tokens)
+        pending = self.tenants.admit.remote(call.tenant, limits, call.prompt_tokens, max_tokens)
         try:
-            decision = await asyncio.wait_for(call, self.args.rate_limit_timeout_s)
+            decision = await asyncio.wait_for(pending, self.args.rate_limit_timeout_s)
         except Exception as e:  # slow or unreachable: serve unchecked rather than refuse everyone
-            call.cancel()
-            log.warning("rate limits of %r not checked, TenantState did not answer: %r", user, e)
-            self.metrics["jaxlora_rate_limit_unchecked"].inc(tags={"tenant": user})
+            pending.cancel()
+            log.warning("rate limits of %r not checked, TenantState did not answer: %r", call.tenant, e)
+            self.metrics["jaxlora_rate_limit_unchecked"].inc(tags={"tenant": call.tenant})
             return None
         if not decision.admitted:
             raise decision.error()
         return decision
 
-    def _settle(self, user: str, decision: Decision | None, used: int) -> None:
+    def _settle(self, call: Call, used: int) -> None:
         """Gives back what the request reserved of its tenant's tokens but did not use."""
-        if decision is not None and decision.reserved:
-            self.tenants.settle.remote(user, decision.reserved, used)  # not awaited: accounting never holds up an answer
+        if call.decision is not None and call.decision.reserved:  # not awaited: accounting never holds up an answer
+            self.tenants.settle.remote(call.tenant, call.decision.reserved, used)
 
-    async def _submit(self, user: str, tier: Tier, body: CompletionRequest | ChatCompletionRequest,
-                      prompt_ids: list[int]) -> tuple[Decision | None, Started, AsyncIterator[tuple[Tokens | Done, ...]]]:
-        """Checks the rate limits, then submits to a model replica; returns the limits' decision, the
-        replica's `Started` and its messages to come. An ApiError if refused (with the limits' headers
-        once past them)."""
-        decision = await self._admit(user, tier, body, len(prompt_ids))
+    async def _submit(self, call: Call) -> AsyncIterator[tuple[Tokens | Done, ...]]:
+        """Checks the rate limits, then submits to a model replica: sets the call's `decision` and
+        `start`, and returns the replica's messages to come. An ApiError if refused (with the limits'
+        headers once past them)."""
+        call.decision = await self._admit(call)
+        body = call.body
         adapter = None if body.model == self.base_model else body.model
         try:
             if adapter is not None:  # here too, so a deleted adapter is 404 at once (replicas notice within a poll)
                 try:
-                    self.store.resolve(user, adapter)
+                    self.store.resolve(call.tenant, adapter)
                 except JaxLoraError as e:
                     raise api_error_for(e) from None
             # The handle's router (serve_app.routing) reads the tenant and adapter from the Generate.
             replies = _replies(self.model_handle.options(stream=True).generate.remote(
-                Generate(tuple(prompt_ids), body.sampling_params(), adapter, user, tier.weight, tier.max_rows,
-                         tier.max_queued)))
-            (start,) = await anext(replies)
-            return decision, start, replies
+                Generate(tuple(call.prompt_ids), body.sampling_params(), adapter, call.tenant, call.tier.weight,
+                         call.tier.max_rows, call.tier.max_queued)))
+            (call.start,) = await anext(replies)
+            return replies
         except BaseException as e:  # refused, or the client left, before it ran: nothing used
-            self._settle(user, decision, 0)
-            if isinstance(e, ApiError) and decision is not None:
-                raise e.with_headers(decision.headers()) from None
+            self._settle(call, 0)
+            if isinstance(e, ApiError) and call.decision is not None:
+                raise e.with_headers(call.decision.headers()) from None
             raise
 
-    async def _events(self, replies: AsyncIterator[tuple[Tokens | Done, ...]], stop: list[str], logprobs: bool):
-        """(text delta, its tokens' logprobs if asked for, tokens so far, finish reason, cached prompt
-        tokens) per streaming item of the replica (the reason on the last, the cached tokens from the
-        first token on): the tokens of one item leave as one piece (one SSE chunk), the last ones with
-        the finish reason, which keeps per-chunk costs in the ingress, the proxy and the client off the
-        per-token path."""
-        text = TextStream(self.tokenizer, stop)
-        emitted, produced, cached = 0, 0, None
+    async def _pieces(self, call: Call, replies: AsyncIterator[tuple[Tokens | Done, ...]]) -> AsyncIterator[Piece]:
+        """The answer's pieces, one per streaming item of the replica (the finish reason on the last),
+        keeping the call's usage current: the tokens of one item leave as one piece (one SSE chunk), the
+        last ones with the finish reason, which keeps per-chunk costs in the ingress, the proxy and the
+        client off the per-token path."""
+        text = TextStream(self.tokenizer, call.body.stop_strings())
+        logprobs = call.body.top_logprob_count() is not None
+        emitted = 0
         try:
             async for item in replies:
+                call.first_token_at = call.first_token_at or time.monotonic()
                 deltas, tokens, reason = [], [], None
                 for msg in item:
                     if isinstance(msg, Done):
                         deltas.append(text.finish())
-                        produced, reason = msg.completion_tokens, msg.reason
+                        call.completion_tokens, reason = msg.completion_tokens, msg.reason
                         break
-                    cached = cached if msg.cached_tokens is None else msg.cached_tokens
+                    if msg.cached_tokens is not None:
+                        call.cached_tokens = msg.cached_tokens
                     for token_id, lp, top in zip(msg.ids, msg.logprobs, msg.top_logprobs):
-                        produced += 1
+                        call.completion_tokens += 1
                         delta = text.add(token_id)
                         if logprobs:
                             tokens.append(self._token_logprob(token_id, lp, top, emitted))
                         emitted += len(delta)
                         deltas.append(delta)
                         if text.stopped:  # ended here: the replica's count never comes
-                            yield "".join(deltas), tokens, produced, "stop", cached
+                            yield Piece("".join(deltas), tokens, "stop")
                             return
                 if reason is not None or any(deltas) or tokens:
-                    yield "".join(deltas), tokens, produced, reason, cached
+                    yield Piece("".join(deltas), tokens, reason)
                 if reason is not None:
                     return
         finally:
@@ -409,115 +447,104 @@ class Ingress:
         return self._adapter_card(info)
 
     async def completions(self, body: CompletionRequest, request: Request):
-        route, received = "completions", time.monotonic()
-        try:
-            user, tier = self._tenant(request)
-            if isinstance(body.prompt, str) or (isinstance(body.prompt, list) and isinstance(body.prompt[0], str)):
-                prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-                prompt_ids = await self.tokenizer_handle.encode_prompt.remote(prompt)
-            else:
-                prompt_ids = list(body.prompt)
-            decision, start, replies = await self._submit(user, tier, body, prompt_ids)
-        except ApiError as e:
-            self._count(route, e.status)
-            raise
-        return await self._respond(route, CompletionFormat(body.model, start.adapter, self.base_model), user, body,
-                                   decision, start, replies, len(prompt_ids), received)
+        return await self._serve(Call("completions", body), request, CompletionFormat, self._encode_prompt)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        route, received = "chat", time.monotonic()
-        try:
-            user, tier = self._tenant(request)
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            prompt_ids = await self.tokenizer_handle.encode_chat.remote(messages)
-            decision, start, replies = await self._submit(user, tier, body, prompt_ids)
-        except ApiError as e:
-            self._count(route, e.status)
-            raise
-        return await self._respond(route, ChatFormat(body.model, start.adapter, self.base_model), user, body,
-                                   decision, start, replies, len(prompt_ids), received)
+        return await self._serve(Call("chat", body), request, ChatFormat, self._encode_chat)
 
-    async def _respond(self, route: str, fmt: CompletionFormat | ChatFormat, user: str,
-                       body: CompletionRequest | ChatCompletionRequest, decision: Decision | None, start: Started,
-                       replies: AsyncIterator[Tokens | Done], prompt_tokens: int, received: float):
-        logprobs = body.top_logprob_count() is not None
-        events = self._events(replies, body.stop_strings(), logprobs)
-        headers = {"x-jaxlora-replica": start.replica}  # which model replica served it (its home, debugging)
-        headers |= {} if decision is None else decision.headers()
-        usage_tags = self._usage_tags(user, start)
-        if body.stream:
-            options = body.stream_options or StreamOptions()
-            return StreamingResponse(self._stream(route, fmt, usage_tags, decision, events, prompt_tokens, received,
-                                                  options), media_type="text/event-stream", headers=headers)
-        parts, tokens, completion_tokens, finish, cached, first_at, status = [], [], 0, None, None, None, 200
+    async def _encode_prompt(self, body: CompletionRequest) -> list[int]:
+        if isinstance(body.prompt, str) or (isinstance(body.prompt, list) and isinstance(body.prompt[0], str)):
+            prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+            return await self.tokenizer_handle.encode_prompt.remote(prompt)
+        return list(body.prompt)
+
+    async def _encode_chat(self, body: ChatCompletionRequest) -> list[int]:
+        return await self.tokenizer_handle.encode_chat.remote([{"role": m.role, "content": m.text()} for m in body.messages])
+
+    async def _serve(self, call: Call, request: Request, format_class: type[CompletionFormat] | type[ChatFormat],
+                     encode: Callable[..., Awaitable[list[int]]]):
+        """The one path of completions and chat, which differ in how the prompt is encoded and in the
+        format of the answer: authenticate, encode, admit and submit, then answer whole or streamed."""
         try:
-            async for delta, token_logprobs, produced, reason, cached in events:
-                first_at = first_at or time.monotonic()
-                parts.append(delta)
-                tokens.extend(token_logprobs)
-                completion_tokens, finish = produced, reason or finish
+            call.tenant, call.tier = self._tenant(request)
+            call.prompt_ids = await encode(call.body)
+            replies = await self._submit(call)
         except ApiError as e:
-            status = e.status
-            raise e.with_headers(headers) from None
+            self._count(call.route, e.status)
+            raise
+        fmt = format_class(call.body.model, call.start.adapter, self.base_model)
+        pieces = self._pieces(call, replies)
+        if call.body.stream:
+            return StreamingResponse(self._stream(call, fmt, pieces), media_type="text/event-stream",
+                                     headers=call.headers())
+        parts, tokens, finish = [], [], None
+        try:
+            async for piece in pieces:
+                parts.append(piece.text)
+                tokens.extend(piece.logprobs)
+                finish = piece.finish_reason or finish
+        except ApiError as e:
+            call.status = e.status
+            raise e.with_headers(call.headers()) from None
         except asyncio.CancelledError:  # the client went away
-            status = 499
+            call.status = 499
             raise
         finally:
-            self._observe(route, usage_tags, decision, received, first_at, prompt_tokens, completion_tokens, status)
-        out = fmt.final("".join(parts), tokens if logprobs else None, finish, usage_dict(prompt_tokens, completion_tokens, cached))
-        return JSONResponse(out, headers=headers)
+            self._observe(call)
+        logprobs = tokens if call.body.top_logprob_count() is not None else None
+        usage = usage_dict(call.prompt_tokens, call.completion_tokens, call.cached_tokens)
+        return JSONResponse(fmt.final("".join(parts), logprobs, finish, usage), headers=call.headers())
 
-    async def _stream(self, route, fmt: CompletionFormat | ChatFormat, usage_tags, decision: Decision | None, events,
-                      prompt_tokens, received, options: StreamOptions) -> AsyncIterator[str]:
+    async def _stream(self, call: Call, fmt: CompletionFormat | ChatFormat, pieces: AsyncIterator[Piece]) -> AsyncIterator[str]:
         """The SSE events of a streamed answer. The last chunk (the finish reason), the usage chunk and
         `[DONE]` leave in one write: one message through the proxy instead of three."""
-        completion_tokens, cached, first_at, status, tail = 0, None, None, 200, ""
+        options = call.body.stream_options or StreamOptions()
+        tail = ""
         try:
             if (first := fmt.first_chunk()) is not None:
                 yield _sse(first)
-            async for delta, token_logprobs, produced, reason, cached in events:
-                first_at = first_at or time.monotonic()
-                completion_tokens = produced
-                if delta or token_logprobs or reason:  # vLLM's continuous_usage_stats: the usage so far on every chunk
-                    usage = usage_dict(prompt_tokens, produced) if options.continuous_usage_stats else None
-                    chunk = _sse(fmt.chunk(delta, token_logprobs or None, reason, usage))
-                    if reason is None:
+            async for piece in pieces:
+                if piece.text or piece.logprobs or piece.finish_reason:
+                    # vLLM's continuous_usage_stats: the usage so far on every chunk
+                    usage = usage_dict(call.prompt_tokens, call.completion_tokens) if options.continuous_usage_stats else None
+                    chunk = _sse(fmt.chunk(piece.text, piece.logprobs or None, piece.finish_reason, usage))
+                    if piece.finish_reason is None:
                         yield chunk
                     else:
                         tail = chunk
             if options.include_usage:
-                tail += _sse(fmt.usage_chunk(usage_dict(prompt_tokens, completion_tokens, cached)))
+                tail += _sse(fmt.usage_chunk(usage_dict(call.prompt_tokens, call.completion_tokens, call.cached_tokens)))
         except ApiError as e:
-            status = e.status
+            call.status = e.status
             tail += _sse(e.body())
         except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
-            status = 499
+            call.status = 499
             raise
         finally:
-            self._observe(route, usage_tags, decision, received, first_at, prompt_tokens, completion_tokens, status)
+            self._observe(call)
         yield tail + _sse("[DONE]")
 
-    def _observe(self, route, usage_tags, decision: Decision | None, received, first_at, prompt_tokens, completion_tokens,
-                 status) -> None:
+    def _observe(self, call: Call) -> None:
         """Counts a request a replica accepted, once its usage is final (what the response reported, or what a
         client that left was sent), settles its token reservation to that usage, and, for complete answers,
         records its latencies."""
-        self._count(route, status, usage_tags["tenant"], usage_tags["model"])
+        tags = call.usage_tags(self.base_model)
+        self._count(call.route, call.status, call.tenant, tags["model"])
         # Sent on within SEND_INTERVAL_S, with the other requests ending meanwhile: accounting costs
         # one Ray call per interval, not one per request, and never holds up an answer.
-        self.unsent_usage.record(usage_tags["tenant"], usage_tags["model"], prompt_tokens, completion_tokens)
+        self.unsent_usage.record(call.tenant, tags["model"], call.prompt_tokens, call.completion_tokens)
         if self._usage_timer is None:
             self._usage_timer = asyncio.get_running_loop().call_later(SEND_INTERVAL_S, self._send_usage)
-        self._settle(usage_tags["tenant"], decision, prompt_tokens + completion_tokens)
-        for name, n in (("jaxlora_prompt_tokens", prompt_tokens), ("jaxlora_completion_tokens", completion_tokens)):
+        self._settle(call, call.prompt_tokens + call.completion_tokens)
+        for name, n in (("jaxlora_prompt_tokens", call.prompt_tokens), ("jaxlora_completion_tokens", call.completion_tokens)):
             if n > 0:  # Ray's counters refuse increments of 0
-                self.metrics[name].inc(n, tags=usage_tags)
-        if status != 200 or first_at is None:
+                self.metrics[name].inc(n, tags=tags)
+        if call.status != 200 or call.first_token_at is None:
             return
-        latency_tags = {"route": route, "model": usage_tags["model"]}
-        ttft, e2e = first_at - received, time.monotonic() - received
+        latency_tags = {"route": call.route, "model": tags["model"]}
+        ttft, e2e = call.first_token_at - call.received, time.monotonic() - call.received
         self.metrics["jaxlora_time_to_first_token_seconds"].observe(ttft, tags=latency_tags)
         self.metrics["jaxlora_e2e_request_latency_seconds"].observe(e2e, tags=latency_tags)
-        if completion_tokens > 1:
-            self.metrics["jaxlora_time_per_output_token_seconds"].observe((e2e - ttft) / (completion_tokens - 1),
-                                                                           tags=latency_tags)
+        if call.completion_tokens > 1:
+            self.metrics["jaxlora_time_per_output_token_seconds"].observe(
+                (e2e - ttft) / (call.completion_tokens - 1), tags=latency_tags)

@@ -808,13 +808,14 @@ def _admit(tenants, tier, body, prompt_tokens, **args):
     import types
 
     from serve_app.config import AppArgs
-    from serve_app.ingress import Ingress
+    from serve_app.ingress import Call, Ingress
     from serve_app.limits import Limits
 
     a = AppArgs(**args)
     ingress = types.SimpleNamespace(args=a, limits=Limits(a.requests_per_minute, a.tokens_per_minute), tenants=tenants,
                                     metrics={"jaxlora_rate_limit_unchecked": _Recorder()})
-    decision = asyncio.run(Ingress.func_or_class._admit(ingress, "alice", tier, body, prompt_tokens))
+    call = Call("completions", body, tenant="alice", tier=tier, prompt_ids=[0] * prompt_tokens)
+    decision = asyncio.run(Ingress.func_or_class._admit(ingress, call))
     return decision, ingress.metrics["jaxlora_rate_limit_unchecked"].calls
 
 
