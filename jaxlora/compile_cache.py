@@ -1,7 +1,7 @@
 """XLA's compiled programs kept on disk, so a process that compiles what another already compiled on
 this host loads it instead: a replica that restarts (a crash, a redeploy, a scale-up) is serving in
-seconds rather than after its whole warm-up compilation (the tiny test model: 26 s of build and
-warm-up to 6 s; the real model's is longer).
+seconds rather than after its whole warm-up compilation (the tiny test model: 16 s of build and
+warm-up to 6 s; the real model, SmolLM2-135M: 18.8 s to 10.8 s).
 
 JAX's own persistent cache does the work; this module only chooses where it lives and turns it on.
 Its key covers the program, jaxlib and the XLA flags, not the host's instruction set, and a cache

@@ -2,10 +2,11 @@
 
 The tokenizer is `transformers.AutoTokenizer` read from the model directory with local files only
 (the generic `PreTrainedTokenizerFast` directly when tokenizer_config.json names it: the class
-AutoTokenizer would pick, without the import of torch its model registry makes where torch is
-installed, seconds in every process that serves), or, when the model path names a GGUF (`gguf_checkpoint.gguf_file`: a `.gguf` file, or a folder
-holding one `.gguf` and no config.json), the one its metadata describes (`gguf_tokenizer.py`: built with
-`tokenizers`, following llama.cpp where transformers' own GGUF loader does not). Both are
+AutoTokenizer would pick, without the import of torch that AutoTokenizer's model registry makes
+where torch is installed, seconds in every process that serves), or, when the model path names a
+GGUF (`gguf_checkpoint.gguf_file`: a `.gguf` file, or a folder holding one `.gguf` and no
+config.json), the one its metadata describes (`gguf_tokenizer.py`: built with `tokenizers`,
+following llama.cpp where transformers' own GGUF loader does not). Both are
 `PreTrainedTokenizerFast`s with the chat template set, so nothing below tells them apart.
 Chat messages go through the tokenizer's own chat template when it has one, else through plain
 `role: content` lines. `IncrementalDetokenizer` turns a stream of token ids into text deltas that

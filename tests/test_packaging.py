@@ -103,3 +103,13 @@ def test_the_kernel_sources_are_found_and_installed_with_the_package():
     assert all(p.parent == Path(kernels.__file__).parent for p in sources)
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][kernels.__name__]
     assert all(any(fnmatch(p.name, g) for g in globs) for p in sources)
+
+
+def test_serving_processes_do_not_import_torch(demo_model_dir):
+    """Where torch is installed (the tests' venv), the app's processes still do not import it: its
+    import costs seconds in every replica (the tokenizer of a Hugging Face folder loads without
+    AutoTokenizer's model registry, which pulls torch in)."""
+    program = ("import sys; import serve_app.app; from jaxlora.tokenizer import load_tokenizer; "
+               f"load_tokenizer({str(demo_model_dir)!r}); print(sorted(m for m in ('torch', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", program], cwd=ROOT, check=True, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
