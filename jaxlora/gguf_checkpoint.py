@@ -32,7 +32,8 @@ from jaxlora.config import ModelConfig
 from jaxlora.errors import ModelLoadError
 from jaxlora.model import PROJECTIONS
 
-# GGUF `general.architecture` -> the Hugging Face architecture its config becomes.
+# GGUF `general.architecture` -> the Hugging Face architecture its config becomes. The GGUF name is
+# also the config's `model_type` (what transformers' AutoConfig dispatches on) for each of these.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 # Tensor types dequantized at load; any other is refused by name.
@@ -54,8 +55,9 @@ _HPARAMS = {
 _REQUIRED = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
 # The key llama.cpp wrote linear RoPE scaling under before `rope.scaling.type` existed.
 _OLD_SCALE_LINEAR = "{arch}.rope.scale_linear"
-# The output head, absent when it is tied to the embedding (names from gguf's own table).
-_OUTPUT = f"{TENSOR_NAMES[MODEL_TENSOR.OUTPUT]}.weight"
+# The output head, absent when it is tied to the embedding (names from gguf's own table); also the
+# GGUF name of `lm_head` in hf_checkpoint's name table.
+OUTPUT_TENSOR = f"{TENSOR_NAMES[MODEL_TENSOR.OUTPUT]}.weight"
 # llama.cpp stores Llama 3's RoPE scaling as this tensor of per-frequency factors, not as metadata.
 _ROPE_FREQS = f"{TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS]}.weight"
 # The hash of a GGUF covers its header (metadata and tensor table) and this much of its tensor data.
@@ -120,7 +122,7 @@ def hf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
     def key(template: str) -> str:
         return template.format(arch=arch)
 
-    d: dict[str, Any] = {"architectures": [ARCHITECTURES[arch]]}
+    d: dict[str, Any] = {"architectures": [ARCHITECTURES[arch]], "model_type": arch}
     for hf_key, gguf_key in _HPARAMS.items():
         value = _meta(reader, key(gguf_key))
         if value is not None:
@@ -135,7 +137,7 @@ def hf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
             raise ModelLoadError(f"{path} has neither {key(Keys.LLM.VOCAB_SIZE)} nor {Keys.Tokenizer.LIST}: "
                                  f"its vocabulary size is unknown")
         d["vocab_size"] = len(tokens.data)
-    d["tie_word_embeddings"] = _OUTPUT not in tensor_names
+    d["tie_word_embeddings"] = OUTPUT_TENSOR not in tensor_names
     d.update(_rope_scaling(reader, key, path))
     d["bos_token_id"] = _meta(reader, Keys.Tokenizer.BOS_ID)
     eos = (_meta(reader, Keys.Tokenizer.EOS_ID), _meta(reader, Keys.Tokenizer.EOT_ID))  # end of text, of turn

@@ -24,9 +24,6 @@ from jaxlora.gguf_checkpoint import gguf_file, hf_config, open_gguf, read_tensor
 from jaxlora.gguf_tokenizer import load_gguf_tokenizer
 from jaxlora.hf_checkpoint import checkpoint_tensors
 
-MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-"""config.json's `model_type` (what transformers' AutoConfig dispatches on) per architecture."""
-
 
 def export_hf(model: str | Path, out: str | Path) -> Path:
     """Writes the Hugging Face folder of the GGUF that `model` names into `out`; returns `out`."""
@@ -39,7 +36,6 @@ def export_hf(model: str | Path, out: str | Path) -> Path:
         raise ModelLoadError(f"{out} exists: give a new folder to export into")
     reader = open_gguf(path)
     config = hf_config(reader, path)
-    config["model_type"] = MODEL_TYPES[config["architectures"][0]]
     cfg = ModelConfig.from_hf_dict(config)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

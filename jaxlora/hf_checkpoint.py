@@ -33,7 +33,7 @@ from jaxlora.model import PROJECTIONS, LayerParams, Params
 _OUTER = {
     "embed": ("model.embed_tokens.weight", "token_embd.weight"),
     "final_norm": ("model.norm.weight", "output_norm.weight"),
-    "lm_head": ("lm_head.weight", "output.weight"),
+    "lm_head": ("lm_head.weight", gguf_checkpoint.OUTPUT_TENSOR),
 }
 # LayerParams field -> (Hugging Face name under `model.layers.{i}.`, GGUF name under `blk.{i}.`), for
 # the tensors of a layer that are not projections (those are in `PROJECTIONS`).
