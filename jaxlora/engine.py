@@ -33,13 +33,15 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from jaxlora import kernels
 from jaxlora.config import ModelConfig
 from jaxlora.fairness import POLICIES
+from jaxlora.grammar import BatchMasks, Matcher
 from jaxlora.lora import LoraStack, gather_rows
 from jaxlora.model import KVCache, Params, forward, hidden_states, lm_head
-from jaxlora.sampling import RowSampling, SamplingParams, TokenHistory, count_dtype, sample
+from jaxlora.sampling import RowSampling, SamplingParams, TokenHistory, allowed_only, count_dtype, sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,13 +195,14 @@ def _write_rows(cache_BxKxSxH: jax.Array, rows_P: jax.Array, positions_PxC: jax.
 
 
 def _prefill_chunk(params: Params, lora: LoraStack, state: DecodeState, prompt_PxT, start_P, true_len_P, rows_P, slot_P,
-                   sampling: RowSampling, cfg: ModelConfig, counts, chunk: int, window: int):
+                   sampling: RowSampling, mask_PxW, constrained_P, cfg: ModelConfig, counts, chunk: int, window: int):
     """One chunk of each of P rows' prompts: tokens [start, start + chunk) of prompt_PxT[p] go
     through the model against row rows_P[p]'s cache (the first `window` entries: what the prompt
     put there so far), and their keys and values into it. A row whose prompt ends in this chunk gets
     its first token sampled and its decode fields set; a row with more chunks to go is parked at
     position max_seq_len, where the decode steps that run between its chunks write nothing. A
-    negative row is padding and changes nothing."""
+    negative row is padding and changes nothing. A constrained place's first token is drawn from the
+    tokens its grammar's bitmask (mask_PxW) allows."""
     P, C, W = rows_P.shape[0], chunk, window
     B, S = state.tokens.shape[0], state.cache.max_len
     valid_P = rows_P >= 0
@@ -216,6 +219,7 @@ def _prefill_chunk(params: Params, lora: LoraStack, state: DecodeState, prompt_P
 
     last_P = jnp.clip(true_len_P - 1 - start_P, 0, C - 1)
     last_PxV = lm_head(params, jnp.take_along_axis(x_PxCxD, last_P[:, None, None], axis=1))[:, 0]  # only what is sampled
+    last_PxV = allowed_only(last_PxV, mask_PxW, constrained_P)
     history = TokenHistory.of_prompts(prompt_PxT, true_len_P, cfg.vocab_size, counts)
     first = StepTokens(*sample(last_PxV, sampling, history, jnp.zeros((P,), jnp.int32)))
     final_P = valid_P & (start_P + C >= true_len_P)
@@ -259,7 +263,14 @@ def _put_row(saved: DecodeState, state: DecodeState, row, slot) -> DecodeState:
     return dataclasses.replace(state, slots=state.slots.at[row].set(slot))
 
 
-def _generate(params: Params, lora: LoraStack, state: DecodeState, cfg: ModelConfig, steps: int):
+def _generate(params: Params, lora: LoraStack, state: DecodeState, constrained_B, cfg: ModelConfig, steps: int, host_masks):
+    """`steps` decode steps for every row (`lax.scan`). A constrained row (constrained_B) samples among
+    the tokens its grammar allows: each step calls `host_masks(fed tokens [B]) -> [B, words]` on the
+    host (the row's matcher consumes the token the row feeds, then gives the mask of the token it
+    samples, `grammar.BatchMasks.step`) and applies it to the logits; without a constrained row the
+    call and the mask are skipped (`lax.cond`), so the other rows' arithmetic is the same either way."""
+    B = state.tokens.shape[0]
+    words = (cfg.vocab_size + 31) // 32
     if cfg.decode_kernels:  # the CPU LoRA kernel reads each row's slot in place
         if lora.dtype != jnp.float32:
             raise ValueError(f"the adapter stack is {lora.dtype}, but this engine's decode kernels take float32: "
@@ -271,7 +282,12 @@ def _generate(params: Params, lora: LoraStack, state: DecodeState, cfg: ModelCon
     def step(state: DecodeState, _):
         logits_Bx1xV, cache = forward(params, state.tokens[:, None], state.positions[:, None], cfg, state.cache, rows_lora,
                                       rows_slots)
-        out = StepTokens(*sample(logits_Bx1xV[:, 0], state.sampling, state.history, state.index))
+        mask_BxW = jax.lax.cond(
+            jnp.any(constrained_B),
+            lambda: io_callback(host_masks, jax.ShapeDtypeStruct((B, words), jnp.int32), state.tokens, ordered=False),
+            lambda: jnp.full((B, words), -1, jnp.int32))
+        logits_BxV = allowed_only(logits_Bx1xV[:, 0], mask_BxW, constrained_B)
+        out = StepTokens(*sample(logits_BxV, state.sampling, state.history, state.index))
         state = dataclasses.replace(state, cache=cache, tokens=out.token, positions=state.positions + 1, index=state.index + 1,
                                     history=state.history.add(out.token))
         return state, out
@@ -289,6 +305,7 @@ class PrefillItem:
     slot: int
     params: SamplingParams
     seed: int
+    grammar: Matcher | None = None  # its first token is drawn from what this grammar allows
 
 
 class _CompileCounter:
@@ -340,10 +357,22 @@ class Engine:
                                                         chunk=config.prefill_chunk),
                                       static_argnames=("window",), donate_argnums=(2,))
         self._put_chunk = jax.jit(_put_chunk, donate_argnums=(0,))
-        self._generate = jax.jit(functools.partial(_generate, cfg=decode_cfg, steps=config.decode_steps),
+        self._masks = BatchMasks(cfg.vocab_size)
+        self._grammars: list[Matcher | None] = [None] * config.max_batch_size  # the rows' matchers during a call
+        self._generate = jax.jit(functools.partial(_generate, cfg=decode_cfg, steps=config.decode_steps,
+                                                   host_masks=self._step_masks),
                                  donate_argnums=(2,))
         self._row_of = jax.jit(_row_of)
         self._put_row = jax.jit(_put_row, donate_argnums=(1,))
+
+    def _step_masks(self, fed_B: np.ndarray) -> np.ndarray:
+        """The decode call's host callback: the constrained rows' masks for this step."""
+        return self._masks.step(self._grammars, np.asarray(fed_B))
+
+    @property
+    def mask_stats(self) -> tuple[int, float]:
+        """(masks computed, host seconds spent on them) since the engine was built."""
+        return self._masks.masks, self._masks.seconds
 
     def init_state(self) -> DecodeState:
         B, V = self.config.max_batch_size, self.vocab_size
@@ -388,18 +417,25 @@ class Engine:
         def column(field):
             return jnp.array([getattr(item, field) for item in items], jnp.int32)
 
+        grammars = [i.grammar for i in items]
         return self._prefill_chunk(self.params, lora, state, prompts, column("start"),
                                    jnp.array([len(i.prompt) for i in items], jnp.int32), column("row"), column("slot"),
-                                   RowSampling.of([(i.params, i.seed) for i in items]), window=windows.pop())
+                                   RowSampling.of([(i.params, i.seed) for i in items]), self._masks.initial(grammars),
+                                   jnp.array([g is not None for g in grammars]), window=windows.pop())
 
     def put_chunk(self, state: DecodeState, kv: ChunkKV, row: int, start: int) -> DecodeState:
         """Writes one chunk's keys and values (per layer [C, K, H], e.g. from the prefix cache) into
         row `row` at [start, start + prefill_chunk): bitwise what prefilling that chunk there writes."""
         return self._put_chunk(state, kv, jnp.int32(row), jnp.int32(start))
 
-    def generate(self, lora: LoraStack, state: DecodeState) -> tuple[DecodeState, StepTokens]:
-        """Runs `decode_steps` steps for every row; the StepTokens fields are [steps, B, ...]."""
-        return self._generate(self.params, lora, state)
+    def generate(self, lora: LoraStack, state: DecodeState, grammars: list[Matcher | None] | None = None
+                 ) -> tuple[DecodeState, StepTokens]:
+        """Runs `decode_steps` steps for every row; the StepTokens fields are [steps, B, ...].
+        `grammars[b]`: row b's matcher (None: unconstrained), advanced by the call's steps. The
+        caller waits for the result before it changes them (the call reads them on the host)."""
+        grammars = list(grammars or [None] * len(self._grammars))
+        self._grammars = grammars
+        return self._generate(self.params, lora, state, jnp.array([g is not None for g in grammars]))
 
     def swap_out(self, state: DecodeState, row: int) -> DecodeState:
         """A copy of row `row` in host memory (numpy): its whole KV cache, the token it feeds next,

@@ -233,6 +233,19 @@ def _min_p(scaled_BxV: jax.Array, min_p_B: jax.Array) -> jax.Array:
     return jnp.where(scaled_BxV >= threshold_Bx1, scaled_BxV, -jnp.inf)
 
 
+def allowed_only(logits_BxV: jax.Array, mask_BxW: jax.Array, constrained_B: jax.Array) -> jax.Array:
+    """The logits with every token a constrained row's bitmask (`grammar.BatchMasks`: bit t of word
+    t // 32) does not allow set to -inf; rows not constrained are returned as they are (bit for bit:
+    a select, no arithmetic). Skipped when no row is constrained."""
+
+    def masked(x):
+        B, V = x.shape
+        bits_BxV = (mask_BxW[:, :, None] >> jnp.arange(32, dtype=jnp.int32)).reshape(B, -1)[:, :V] & 1
+        return jnp.where(constrained_B[:, None] & (bits_BxV == 0), -jnp.inf, x)
+
+    return _stage(constrained_B, masked, logits_BxV)
+
+
 def _stage(needed_B: jax.Array, fn, x):
     """fn(x) if some row needs it, else x: a stage runs only for batches that use it."""
     return jax.lax.cond(jnp.any(needed_B), fn, lambda x: x, x)

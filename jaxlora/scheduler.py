@@ -47,6 +47,7 @@ from jaxlora.adapter_store import ResolvedAdapter
 from jaxlora.engine import ChunkKV, EngineConfig, PrefillItem, StepTokens
 from jaxlora.errors import EngineDead, InvalidRequest, JaxLoraError, NoFreeSlot, Overloaded, TenantOverLimit
 from jaxlora.fairness import TokenCounters
+from jaxlora.grammar import Matcher
 from jaxlora.lora import LoraStack
 from jaxlora.metrics import EngineMetrics
 from jaxlora.prefix_cache import PrefixCache
@@ -72,7 +73,8 @@ class EngineApi(Protocol):
 
     def put_chunk(self, state: Any, kv: ChunkKV, row: int, start: int) -> Any: ...
 
-    def generate(self, lora: LoraStack, state: Any) -> tuple[Any, StepTokens]: ...
+    def generate(self, lora: LoraStack, state: Any, grammars: list[Matcher | None] | None = None
+                 ) -> tuple[Any, StepTokens]: ...
 
     def swap_out(self, state: Any, row: int) -> Any: ...
 
@@ -86,6 +88,7 @@ class _Live:
     request: Request
     stream: TokenStream
     adapter_ready: concurrent.futures.Future | None  # the host read of the adapter
+    grammar: Matcher | None = None  # what its tokens must follow (advanced by the engine's decode calls)
     row: int | None = None  # the decode row it holds while running
     prefilling: bool = False  # it holds a row whose prompt is not all prefilled yet
     prefilled: int = 0  # while prefilling: where its next chunk starts
@@ -124,12 +127,17 @@ class Scheduler:
 
     def submit(self, prompt: list[int], params: SamplingParams, adapter: ResolvedAdapter | None = None,
                tenant: str = "", weight: float = 1.0, max_rows: int | None = None,
-               max_queued: int | None = None) -> RequestHandle:
+               max_queued: int | None = None, grammar: Matcher | None = None) -> RequestHandle:
         """Queues a request, or refuses it at once (InvalidRequest, Overloaded, TenantOverLimit,
         EngineDead). `tenant`, its `weight` and its limits decide when the request runs, never what it
         produces; `max_rows` and `max_queued` override the engine's `max_rows_per_tenant` and
-        `max_queued_per_tenant` for this tenant (its tier), None keeps them."""
+        `max_queued_per_tenant` for this tenant (its tier), None keeps them. With a `grammar` (a fresh
+        matcher, `grammar.GrammarCompiler.matcher`), every token is drawn from what it allows and the
+        request ends with EOS where the grammar is complete."""
         params.validate()
+        if grammar is not None and params.ignore_eos:
+            raise InvalidRequest("ignore_eos cannot be combined with a grammar (response_format or tools): the "
+                                 "grammar ends the answer with EOS", param="ignore_eos")
         limit = self.engine.config.max_seq_len
         if not prompt:
             raise InvalidRequest("the prompt is empty: give at least one token", param="prompt")
@@ -167,7 +175,7 @@ class Scheduler:
                               frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids),
                               time.monotonic(), tenant, weight,
                               max_rows if max_rows is not None else self.engine.config.max_rows_per_tenant)
-            req = _Live(request, TokenStream(), None if adapter is None else self.slots.prefetch(adapter))
+            req = _Live(request, TokenStream(), None if adapter is None else self.slots.prefetch(adapter), grammar)
             if not waiting[tenant]:
                 self.counters.activate(tenant, waiting)
             self._waiting.append(req)
@@ -324,7 +332,7 @@ class Scheduler:
                 return
             window = config.window(self._prefilling[0].prefilled)
             group = [r for r in self._prefilling if config.window(r.prefilled) == window][:P]
-            items = [PrefillItem(r.row, r.request.prompt, r.prefilled, r.slot, r.request.params, r.request.seed)
+            items = [PrefillItem(r.row, r.request.prompt, r.prefilled, r.slot, r.request.params, r.request.seed, r.grammar)
                      for r in group]
             self._state, first, written = self.engine.prefill(self.slots.stack, self._state, items)
             spent += P * C
@@ -448,12 +456,19 @@ class Scheduler:
 
     def _decode(self) -> None:
         t0 = time.monotonic()
-        self._state, out = self.engine.generate(self.slots.stack, self._state)
-        out = jax.device_get(out)
         busy = self._decoding()
+        grammars = [None] * len(self._rows)
+        for req in busy:
+            grammars[req.row] = req.grammar
+        constrained = (grammars,) if any(g is not None for g in grammars) else ()
+        self._state, out = self.engine.generate(self.slots.stack, self._state, *constrained)
+        out = jax.device_get(out)
         steps = out.token.shape[0]
         accepted = 0
         for req in busy:
+            if req.grammar is not None and req.grammar.error is not None:  # a parser limit hit inside the call
+                self._retire(req, "error", InvalidRequest(f"the response's grammar failed: {req.grammar.error}",
+                                                          param="response_format"))
             for s in range(steps):
                 if req.done:
                     break  # finished at an earlier step of this call
