@@ -22,6 +22,7 @@ from jaxlora.adapter_store import DEFAULT_FS_ROOT, AdapterStore, ResolvedAdapter
 from jaxlora.demo import default_model
 from jaxlora.engine import EngineConfig, compile_count
 from jaxlora.errors import InvalidRequest
+from jaxlora.grammar import GrammarCompiler
 from jaxlora.hf_checkpoint import model_name
 from jaxlora.metrics import peak_memory_bytes
 from jaxlora.replica import build_replica
@@ -80,6 +81,7 @@ class LocalJaxLoRABackend:
         poll_interval_s: float = 1.0,
         warm_up: bool = True,
         model_id: str | None = None,
+        grammar_timeout_s: float = 10.0,
     ):
         model_dir = Path(model_dir) if model_dir else default_model()
         self.model_id = model_id or model_name(model_dir)
@@ -91,6 +93,8 @@ class LocalJaxLoRABackend:
         self.scheduler = self.replica.scheduler
         self.store = self.replica.store
         self.model_config = self.replica.model_config
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.scheduler.eos_token_ids)
+        self.grammar_timeout_s = grammar_timeout_s
 
     # -- token-level API (what the serving layer uses) --------------------------------------------
 
@@ -102,12 +106,15 @@ class LocalJaxLoRABackend:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
                user: str = "local", weight: float = 1.0, max_rows: int | None = None,
-               max_queued: int | None = None) -> RequestHandle:
+               max_queued: int | None = None, grammar: str | None = None) -> RequestHandle:
         """`user` is the tenant (whose adapters `adapter` names, and whose service fair scheduling
         counts); `weight` its share under fair scheduling, `max_rows`/`max_queued` its tier's limits
-        (None: the engine's defaults)."""
+        (None: the engine's defaults). `grammar` (`jaxlora.grammar`'s source form) constrains the
+        tokens; compiling a new one may take up to `grammar_timeout_s` (call from a worker thread
+        when that matters), and one that takes longer is refused."""
+        matcher = None if grammar is None else self.grammars.matcher(grammar, self.grammar_timeout_s)
         return self.scheduler.submit(prompt_ids, params, self.resolve_adapter(adapter, user), tenant=user, weight=weight,
-                                     max_rows=max_rows, max_queued=max_queued)
+                                     max_rows=max_rows, max_queued=max_queued, grammar=matcher)
 
     def usage(self, fin: Finished) -> Usage:
         return Usage(
@@ -187,7 +194,10 @@ class LocalJaxLoRABackend:
         out["compilations"] = compile_count()
         out["memory"] = peak_memory_bytes()
         out["decode_kernels"] = self.replica.engine.decode_kernels  # or XLA's forms
+        masks, mask_seconds = self.replica.engine.mask_stats
+        out["grammar"] = self.grammars.stats() | {"masks": masks, "mask_seconds": mask_seconds}
         return out
 
     def close(self) -> None:
+        self.grammars.close()
         self.replica.close()

@@ -10,7 +10,9 @@ text or HTTP; core errors become API errors here, through `serve_app.errors.STAT
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 import threading
 from pathlib import Path
@@ -132,9 +134,11 @@ class LoRAModel:
             self._metrics.export(self.backend.metrics())
 
     async def generate(self, request: Generate):
+        submit = functools.partial(self.backend.submit, list(request.prompt_ids), request.sampling, request.adapter,
+                                   request.user, request.weight, request.max_rows, request.max_queued, request.grammar)
         try:
-            handle = self.backend.submit(list(request.prompt_ids), request.sampling, request.adapter, request.user,
-                                         request.weight, request.max_rows, request.max_queued)
+            # a grammar may compile (up to its deadline) off the replica's event loop; the others submit at once
+            handle = submit() if request.grammar is None else await asyncio.to_thread(submit)
         except JaxLoraError as e:
             yield Failed.of(api_error_for(e))
             return

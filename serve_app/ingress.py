@@ -169,6 +169,7 @@ class Call:
     tenant: str = ""
     tier: Tier = dataclasses.field(default_factory=Tier)
     prompt_ids: list[int] = dataclasses.field(default_factory=list)
+    grammar: str | None = None  # what the answer must follow (response_format)
     decision: Decision | None = None  # the rate limits' share taken (None: no limits, or unchecked)
     start: Started | None = None  # the model replica's answer to the submit
     completion_tokens: int = 0
@@ -324,7 +325,7 @@ class Ingress:
             # The handle's router (serve_app.routing) reads the tenant and adapter from the Generate.
             replies = _replies(self.model_handle.options(stream=True).generate.remote(
                 Generate(tuple(call.prompt_ids), body.sampling_params(), adapter, call.tenant, call.tier.weight,
-                         call.tier.max_rows, call.tier.max_queued)))
+                         call.tier.max_rows, call.tier.max_queued, call.grammar)))
             (call.start,) = await anext(replies)
             return replies
         except BaseException as e:  # refused, or the client left, before it ran: nothing used
@@ -467,6 +468,10 @@ class Ingress:
         format of the answer: authenticate, encode, admit and submit, then answer whole or streamed."""
         try:
             call.tenant, call.tier = self._tenant(request)
+            try:
+                call.grammar = call.body.grammar()
+            except JaxLoraError as e:
+                raise api_error_for(e) from None
             call.prompt_ids = await encode(call.body)
             replies = await self._submit(call)
         except ApiError as e:

@@ -8,8 +8,10 @@ Extensions beyond OpenAI's API, as vLLM has them: `top_k`, `min_p`, `repetition_
 
 Every field is either honoured or refused with a 400 naming it: a request's unknown fields are refused
 (`extra="forbid"`), and a known field is accepted only with the values this server implements
-(`response_format` text, no `tools`, `tool_choice` none, `best_of` 1, no `suffix`). A client that asks
-for JSON output and gets prose would have been lied to.
+(no `tools`, `tool_choice` none, `best_of` 1, no `suffix`). `response_format` (both endpoints, as
+vLLM has it) is enforced by the engine's grammar rows: `json_object`, or `json_schema` whatever its
+`strict` (a schema is always enforced whole, and one with a keyword the engine cannot enforce is
+refused naming it: a client that asks for JSON output and gets prose would have been lied to).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from jaxlora.errors import InvalidRequest
+from jaxlora.grammar import json_object_grammar, json_schema_grammar
 from jaxlora.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_SEED, MAX_TOP_K, SamplingParams
 from serve_app.wire import AdapterVersion
 
@@ -36,6 +40,31 @@ class _Strict(BaseModel):
 class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: the usage so far in every chunk (guidellm asks for it)
+
+
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: Annotated[str, Field(max_length=10_000)] | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # {} (OpenAI's default): any JSON
+    strict: bool | None = None  # enforced whole either way (vLLM's behaviour): strict only makes it a promise
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def grammar(self) -> str | None:
+        """The grammar the answer must follow (None: free text); InvalidRequest naming
+        `response_format` when the schema cannot be enforced."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return json_object_grammar()
+        if self.json_schema is None:
+            raise InvalidRequest("invalid response_format: type json_schema needs a json_schema object "
+                                 "({\"name\": ..., \"schema\": {...}})", param="response_format")
+        return json_schema_grammar(self.json_schema.schema_)
 
 
 class _SamplingFields(_Strict):
@@ -55,6 +84,11 @@ class _SamplingFields(_Strict):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=MAX_REPETITION_PENALTY)] = 1.0  # vLLM's: prompt and output tokens
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # vLLM's
     logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    response_format: ResponseFormat | None = None
+
+    def grammar(self) -> str | None:
+        """What the answer must follow, or None (free text)."""
+        return None if self.response_format is None else self.response_format.grammar()
 
     @field_validator("logit_bias")
     @classmethod
@@ -144,16 +178,8 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: dict | None) -> dict | None:
-        if v is not None and v != {"type": "text"}:
-            raise ValueError(f"only {{'type': 'text'}} is supported: this server cannot constrain output to JSON (got {v})")
-        return v
 
     @field_validator("tools")
     @classmethod

@@ -30,6 +30,7 @@ class Generate:
     weight: float = 1.0  # the tenant's share under fair scheduling (its tier's weight)
     max_rows: int | None = None  # its tier's row limit; None: the engine's max_rows_per_tenant
     max_queued: int | None = None  # its tier's queue limit; None: the engine's max_queued_per_tenant
+    grammar: str | None = None  # what the tokens must follow (llguidance's source form, `jaxlora.grammar`); None: free
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -29,6 +30,7 @@ from jaxlora.config import ModelConfig  # noqa: E402
 from serve_app.app import build_app  # noqa: E402
 from serve_app.keys import add_key, remove_keys  # noqa: E402
 from serve_app.placement import adapter_key, rendezvous_order  # noqa: E402
+from tests.json_schemas import PERSON  # noqa: E402
 
 ENGINE = {"max_batch_size": 8, "max_seq_len": 512, "prefill_chunk": 16, "decode_steps": 4, "max_queue": 64,
           "num_adapter_slots": 4, "max_lora_rank": 8}
@@ -465,8 +467,12 @@ def test_malformed_bodies_auth_and_size(server):
 
 
 @pytest.mark.parametrize("route, extra, param", [
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "yaml"}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "array", "uniqueItems": True}}}}, "response_format"),  # cannot be enforced
+    ("/v1/completions", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "objekt"}}}}, "response_format"),  # not a schema
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
     ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
@@ -1172,3 +1178,22 @@ def test_killed_model_replica_fails_in_flight_requests_clearly_and_recovers(serv
     assert r.status_code == 200
     running = httpx.get(f"{server.url}/fault/health", timeout=30).json()["running_replicas"]
     assert running == {"Tokenizer": 1, "LoRAModel": 1, "TenantState": 1}
+
+
+def test_response_format_json_schema_answers_validate_and_stream_as_they_answer_whole(server):
+    """Sampled answers (temperature 1) of both endpoints follow the schema and end where it does; a
+    streamed answer with the same seed is the same text."""
+    client = server.client()
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for seed in range(3):
+        chat = dict(model=server.base, messages=[{"role": "user", "content": "Who?"}], max_tokens=96, seed=seed,
+                    temperature=1.0, response_format=fmt)
+        whole = client.chat.completions.create(**chat)
+        assert whole.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(whole.choices[0].message.content), PERSON)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**chat, stream=True)
+                           if c.choices)
+        assert streamed == whole.choices[0].message.content
+    text = client.completions.create(model=server.base, prompt="Who?", max_tokens=96, seed=5,
+                                     extra_body={"response_format": fmt}).choices[0].text
+    jsonschema.validate(json.loads(text), PERSON)
