@@ -105,6 +105,9 @@ class AppArgs(BaseModel):
         "(jaxlora.requests.MessagePacer): each stream's messages after the first are (streams / this) seconds "
         "apart at least, so a flood of streams sends coarser deltas while a lone stream keeps every decode "
         "call's; first tokens and last messages never wait. None: no spacing")
+    grammar_timeout_s: float = Field(
+        10.0, gt=0, description="how long a model replica compiles a new grammar (response_format, tools) before it "
+        "refuses it (400); compiled grammars are cached, so the next request with the same one starts at once")
     fine_tuning: FineTuningArgs = Field(default_factory=FineTuningArgs)
     ingress_replicas: int = Field(1, ge=1)
     tokenizer_replicas: int = Field(1, ge=1)

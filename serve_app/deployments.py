@@ -119,7 +119,7 @@ class LoRAModel:
                                    f"({jax.devices()}); install the GPU build (pip install -e '.[gpu]') or set model_num_gpus: 0")
         self.backend = LocalJaxLoRABackend(
             model_dir_of(a), a.fs_root, a.engine, a.registered_adapters, a.allowed_roots,
-            a.poll_interval_s, model_id=base_model_id(a))
+            a.poll_interval_s, model_id=base_model_id(a), grammar_timeout_s=a.grammar_timeout_s)
         self.replica = serve.get_replica_context().replica_id.unique_id  # the id serve_app.routing places by
         self.compute_threads = compute_threads()
         log.info("engine compute threads on CPU: %s (model_num_cpus %s)", self.compute_threads, a.model_num_cpus)
