@@ -61,9 +61,14 @@ def json_schema_grammar(schema: dict, param: str = "response_format") -> str:
         grammar = ll.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_OPTIONS)
     except (ValueError, TypeError) as e:
         raise InvalidRequest(f"invalid {param}: {e}", param=param) from e
-    is_error, messages = ll.LLMatcher.validate_grammar_with_warnings(grammar)
+    return checked_grammar(grammar, param)
+
+
+def checked_grammar(grammar: str, param: str) -> str:
+    """`grammar` if llguidance can enforce it, else InvalidRequest naming `param` and what it cannot."""
+    is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
-        raise InvalidRequest(f"invalid {param}: the JSON schema cannot be enforced: {messages[0]}", param=param)
+        raise InvalidRequest(f"invalid {param}: the schema cannot be enforced: {messages[0]}", param=param)
     return grammar
 
 

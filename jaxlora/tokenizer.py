@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from jaxlora.errors import ModelLoadError
 from jaxlora.gguf_checkpoint import gguf_file
 from jaxlora.gguf_tokenizer import load_gguf_tokenizer
+from jaxlora.tool_calls import prepare_messages, template_knows_tools
 
 REPLACEMENT_CHAR = "\ufffd"
 # tokenizer_config.json's tokenizer_class values that mean the generic fast tokenizer (v5's name, v4's).
@@ -57,9 +58,18 @@ def _tokenizer_class(model_dir: Path) -> str | None:
         return None
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> str:
-    """The prompt text for `messages`, ending where the assistant's reply begins."""
-    if getattr(tokenizer, "chat_template", None):
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> str:
+    """The prompt text for `messages`, ending where the assistant's reply begins. `tools` (OpenAI's
+    function specs) and the calls and results in the messages go through the template when it
+    renders tools itself, else in the default form (`tool_calls.prepare_messages`)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        native = template_knows_tools(template)
+        messages = prepare_messages(messages, tools, native)
+        if native:
+            return tokenizer.apply_chat_template(messages, tools=list(tools or []) or None, tokenize=False,
+                                                 add_generation_prompt=True)
+    if template:
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     lines = [f"{m['role']}: {m['content']}" for m in messages]
     return "\n".join(lines + ["assistant:"])

@@ -105,6 +105,9 @@ class AppArgs(BaseModel):
         "(jaxlora.requests.MessagePacer): each stream's messages after the first are (streams / this) seconds "
         "apart at least, so a flood of streams sends coarser deltas while a lone stream keeps every decode "
         "call's; first tokens and last messages never wait. None: no spacing")
+    tool_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
+        "auto", description="how the model writes tool calls (jaxlora.tool_calls): auto detects it from the chat "
+        "template (hermes where it names none, and for templates without tool support)")
     grammar_timeout_s: float = Field(
         10.0, gt=0, description="how long a model replica compiles a new grammar (response_format, tools) before it "
         "refuses it (400); compiled grammars are cached, so the next request with the same one starts at once")

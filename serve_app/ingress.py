@@ -37,7 +37,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxlora.adapter_store import AdapterInfo, AdapterStore
 from jaxlora.errors import JaxLoraError
+from jaxlora.grammar import checked_grammar
 from jaxlora.tokenizer import TextStream, load_tokenizer
+from jaxlora.tool_calls import CallEvent, CallParser, call_grammar, detect_family
 from serve_app.config import AppArgs
 from serve_app.deployments import base_model_id, check_deployment_options, model_dir_of
 from serve_app.errors import ApiError, api_error_for
@@ -169,7 +171,8 @@ class Call:
     tenant: str = ""
     tier: Tier = dataclasses.field(default_factory=Tier)
     prompt_ids: list[int] = dataclasses.field(default_factory=list)
-    grammar: str | None = None  # what the answer must follow (response_format)
+    grammar: str | None = None  # what the answer must follow (response_format, or the tool call tool_choice forces)
+    tool_family: str | None = None  # the answer is parsed for tool calls written in this family's form
     decision: Decision | None = None  # the rate limits' share taken (None: no limits, or unchecked)
     start: Started | None = None  # the model replica's answer to the submit
     completion_tokens: int = 0
@@ -198,7 +201,8 @@ class Piece:
     """What one streaming item of the replica becomes on the way out (one SSE chunk when streamed)."""
     text: str
     logprobs: list[TokenLogprob]
-    finish_reason: str | None  # on the last piece only
+    finish_reason: str | None  # on the last piece only ("tool_calls" when the answer made calls)
+    calls: tuple[CallEvent, ...] = ()  # tool calls completed in this piece (their start, then their arguments)
 
 
 async def _replies(gen: DeploymentResponseGenerator) -> AsyncIterator[tuple[Started | Tokens | Done, ...]]:
@@ -258,6 +262,10 @@ class Ingress:
         self.unsent_usage, self._usage_timer = UsageLedger(), None  # counted here, not yet in TenantState
         self.job_controller = job_controller  # in the graph so Serve runs it; jobs are on the filesystem
         self.fine_tuning = FineTuningRoutes(self.args, self._tenant)
+        # how this model writes tool calls (the app's choice, else what its chat template asks for)
+        self.tool_family = (detect_family(self.tokenizer.chat_template) if self.args.tool_parser == "auto"
+                            else self.args.tool_parser)
+        self.special_ids = {t: i for t, i in zip(self.tokenizer.all_special_tokens, self.tokenizer.all_special_ids)}
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return http_app(self)
@@ -341,7 +349,18 @@ class Ingress:
         client off the per-token path."""
         text = TextStream(self.tokenizer, call.body.stop_strings())
         logprobs = call.body.top_logprob_count() is not None
+        parser = None if call.tool_family is None else CallParser(call.tool_family)
         emitted = 0
+
+        def piece(deltas: list[str], tokens: list[TokenLogprob], reason: str | None) -> Piece:
+            if parser is None:
+                return Piece("".join(deltas), tokens, reason)
+            events = parser.feed("".join(deltas)) + (parser.finish() if reason is not None else [])
+            if parser.calls and reason == "stop":
+                reason = "tool_calls"
+            return Piece("".join(e.content for e in events if e.index < 0), tokens, reason,
+                         tuple(e for e in events if e.index >= 0))
+
         try:
             async for item in replies:
                 call.first_token_at = call.first_token_at or time.monotonic()
@@ -361,10 +380,10 @@ class Ingress:
                         emitted += len(delta)
                         deltas.append(delta)
                         if text.stopped:  # ended here: the replica's count never comes
-                            yield Piece("".join(deltas), tokens, "stop")
+                            yield piece(deltas, tokens, "stop")
                             return
                 if reason is not None or any(deltas) or tokens:
-                    yield Piece("".join(deltas), tokens, reason)
+                    yield piece(deltas, tokens, reason)
                 if reason is not None:
                     return
         finally:
@@ -460,7 +479,7 @@ class Ingress:
         return list(body.prompt)
 
     async def _encode_chat(self, body: ChatCompletionRequest) -> list[int]:
-        return await self.tokenizer_handle.encode_chat.remote([{"role": m.role, "content": m.text()} for m in body.messages])
+        return await self.tokenizer_handle.encode_chat.remote([m.for_template() for m in body.messages], body.tool_dicts())
 
     async def _serve(self, call: Call, request: Request, format_class: type[CompletionFormat] | type[ChatFormat],
                      encode: Callable[..., Awaitable[list[int]]]):
@@ -469,7 +488,15 @@ class Ingress:
         try:
             call.tenant, call.tier = self._tenant(request)
             try:
+                call.body.check()
                 call.grammar = call.body.grammar()
+                if isinstance(call.body, ChatCompletionRequest) and call.body.calls_tools():
+                    call.tool_family = self.tool_family
+                    forced = call.body.forced_tools()
+                    if forced:
+                        parallel = call.body.parallel_tool_calls and call.body.tool_choice == "required"
+                        call.grammar = checked_grammar(call_grammar(self.tool_family, forced, parallel, self.special_ids),
+                                                       "tools")
             except JaxLoraError as e:
                 raise api_error_for(e) from None
             call.prompt_ids = await encode(call.body)
@@ -482,11 +509,12 @@ class Ingress:
         if call.body.stream:
             return StreamingResponse(self._stream(call, fmt, pieces), media_type="text/event-stream",
                                      headers=call.headers())
-        parts, tokens, finish = [], [], None
+        parts, tokens, finish, calls = [], [], None, []
         try:
             async for piece in pieces:
                 parts.append(piece.text)
                 tokens.extend(piece.logprobs)
+                calls.extend(e.call for e in piece.calls if e.call is not None)
                 finish = piece.finish_reason or finish
         except ApiError as e:
             call.status = e.status
@@ -498,7 +526,7 @@ class Ingress:
             self._observe(call)
         logprobs = tokens if call.body.top_logprob_count() is not None else None
         usage = usage_dict(call.prompt_tokens, call.completion_tokens, call.cached_tokens)
-        return JSONResponse(fmt.final("".join(parts), logprobs, finish, usage), headers=call.headers())
+        return JSONResponse(fmt.final("".join(parts), logprobs, finish, usage, calls), headers=call.headers())
 
     async def _stream(self, call: Call, fmt: CompletionFormat | ChatFormat, pieces: AsyncIterator[Piece]) -> AsyncIterator[str]:
         """The SSE events of a streamed answer. The last chunk (the finish reason), the usage chunk and
@@ -509,10 +537,10 @@ class Ingress:
             if (first := fmt.first_chunk()) is not None:
                 yield _sse(first)
             async for piece in pieces:
-                if piece.text or piece.logprobs or piece.finish_reason:
+                if piece.text or piece.logprobs or piece.finish_reason or piece.calls:
                     # vLLM's continuous_usage_stats: the usage so far on every chunk
                     usage = usage_dict(call.prompt_tokens, call.completion_tokens) if options.continuous_usage_stats else None
-                    chunk = _sse(fmt.chunk(piece.text, piece.logprobs or None, piece.finish_reason, usage))
+                    chunk = _sse(fmt.chunk(piece.text, piece.logprobs or None, piece.finish_reason, usage, piece.calls))
                     if piece.finish_reason is None:
                         yield chunk
                     else:

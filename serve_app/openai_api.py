@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jaxlora.errors import InvalidRequest
 from jaxlora.grammar import json_object_grammar, json_schema_grammar
+from jaxlora.tool_calls import CallEvent, ToolCall
 from jaxlora.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_SEED, MAX_TOP_K, SamplingParams
 from serve_app.wire import AdapterVersion
 
@@ -85,6 +86,10 @@ class _SamplingFields(_Strict):
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # vLLM's
     logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     response_format: ResponseFormat | None = None
+
+    def check(self) -> None:
+        """What field validation cannot see (fields that depend on each other): InvalidRequest naming
+        the field."""
 
     def grammar(self) -> str | None:
         """What the answer must follow, or None (free text)."""
@@ -156,13 +161,26 @@ class TextPart(_Strict):
     text: Text
 
 
+class FunctionCall(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    arguments: Annotated[str, Field(max_length=1_000_000)]  # JSON text
+
+
+class ToolCallMessage(_Strict):
+    """A call an earlier assistant turn made, as the client sends the history back."""
+    id: Annotated[str, Field(min_length=1, max_length=100)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | Annotated[list[TextPart], Field(max_length=100)] | None = None
     name: str | None = None
     # What the openai client echoes back of an earlier assistant turn; accepted when empty.
     refusal: str | None = None
-    tool_calls: Annotated[list[Any], Field(max_length=0)] | None = None
+    tool_calls: Annotated[list[ToolCallMessage], Field(max_length=128)] | None = None
+    tool_call_id: Annotated[str, Field(max_length=100)] | None = None  # a tool message: the call it answers
     function_call: None = None
     audio: None = None
     annotations: Annotated[list[Any], Field(max_length=0)] | None = None
@@ -172,28 +190,75 @@ class ChatMessage(_Strict):
             return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
+    def for_template(self) -> dict:
+        """The message as the tokenizer's chat rendering takes it."""
+        out = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class FunctionSpec(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    description: Annotated[str, Field(max_length=100_000)] | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments; None: no arguments
+    strict: bool | None = None  # enforced whole either way when the grammar forces a call
+
+
+class ToolSpec(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1000)]
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    tools: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: Annotated[list[ToolSpec], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v: list | None) -> list | None:
-        if v:
-            raise ValueError("tool calling is not supported: send no tools")
-        return v
+    def check(self) -> None:
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("tools: each function name may appear once", param="tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise InvalidRequest(f"tool_choice names function {self.tool_choice.function.name!r}, which is not "
+                                 "among the request's tools", param="tool_choice")
+        if self.tool_choice in ("required",) or isinstance(self.tool_choice, NamedToolChoice):
+            if not names:
+                raise InvalidRequest("tool_choice asks for a call but the request has no tools", param="tool_choice")
+        if self.calls_tools() and self.response_format is not None and self.response_format.type != "text":
+            raise InvalidRequest("response_format cannot be combined with tools (unless tool_choice is 'none'): "
+                                 "give the answer's schema as a tool instead", param="response_format")
 
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, v):
-        if v not in (None, "none"):
-            raise ValueError(f"tool calling is not supported: tool_choice may only be 'none', got {v!r}")
-        return v
+    def calls_tools(self) -> bool:
+        """Whether the model is offered the tools (tool_choice other than 'none'; OpenAI's default
+        with tools is 'auto')."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def tool_dicts(self) -> list[dict] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.calls_tools() else None
+
+    def forced_tools(self) -> list[dict] | None:
+        """The tools one of which the answer must call (tool_choice 'required' or a named one), or None."""
+        if not self.calls_tools():
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):  # that function, once
+            return [t for t in self.tool_dicts() if t["function"]["name"] == self.tool_choice.function.name]
+        return self.tool_dicts() if self.tool_choice == "required" else None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -261,8 +326,8 @@ class CompletionFormat(_Format):
     prefix, chunk_object = "cmpl", "text_completion"
 
     def chunk(self, text: str, logprobs: Sequence[TokenLogprob] | None, finish: str | None,
-              usage: dict | None = None) -> dict:
-        """A chunk, or the whole answer: the two have the same shape here."""
+              usage: dict | None = None, calls: Sequence = ()) -> dict:
+        """A chunk, or the whole answer: the two have the same shape here (no tools on this endpoint)."""
         choice = {"index": 0, "text": text, "logprobs": _completion_logprobs(logprobs), "finish_reason": finish}
         return self._object(self.chunk_object, [choice], usage)
 
@@ -279,12 +344,23 @@ class ChatFormat(_Format):
         return self._choice_chunk({"role": "assistant", "content": ""}, None, None)
 
     def chunk(self, text: str, logprobs: Sequence[TokenLogprob] | None, finish: str | None,
-              usage: dict | None = None) -> dict:
-        return self._choice_chunk({"content": text} if text else {}, _chat_logprobs(logprobs), finish, usage)
+              usage: dict | None = None, calls: Sequence[CallEvent] = ()) -> dict:
+        """A delta: content text, and tool-call deltas (a call's index, id and name first, then its
+        arguments, OpenAI's order)."""
+        delta = {"content": text} if text else {}
+        if calls:
+            delta["tool_calls"] = [
+                {"index": e.index, "id": e.call.id, "type": "function", "function": {"name": e.call.name, "arguments": ""}}
+                if e.call is not None else {"index": e.index, "function": {"arguments": e.arguments}} for e in calls]
+        return self._choice_chunk(delta, _chat_logprobs(logprobs), finish, usage)
 
-    def final(self, text: str, logprobs: Sequence[TokenLogprob] | None, finish: str | None, usage: dict) -> dict:
-        choice = {"index": 0, "logprobs": _chat_logprobs(logprobs), "finish_reason": finish,
-                  "message": {"role": "assistant", "content": text}}
+    def final(self, text: str, logprobs: Sequence[TokenLogprob] | None, finish: str | None, usage: dict,
+              calls: Sequence[ToolCall] = ()) -> dict:
+        message = {"role": "assistant", "content": text or (None if calls else text)}
+        if calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                     for c in calls]
+        choice = {"index": 0, "logprobs": _chat_logprobs(logprobs), "finish_reason": finish, "message": message}
         return self._object("chat.completion", [choice], usage)
 
     def _choice_chunk(self, delta: dict, logprobs: dict | None, finish: str | None, usage: dict | None = None) -> dict:

@@ -473,8 +473,8 @@ def test_malformed_bodies_auth_and_size(server):
         "name": "x", "schema": {"type": "array", "uniqueItems": True}}}}, "response_format"),  # cannot be enforced
     ("/v1/completions", {"response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "objekt"}}}}, "response_format"),  # not a schema
-    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameterz": {}}}]}, "tools"),
+    ("/v1/chat/completions", {"tool_choice": "sometimes"}, "tool_choice"),
     ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
     ("/v1/chat/completions", {"user": "end-user-1"}, "user"),
     ("/v1/completions", {"best_of": 3}, "best_of"),
@@ -1197,3 +1197,70 @@ def test_response_format_json_schema_answers_validate_and_stream_as_they_answer_
     text = client.completions.create(model=server.base, prompt="Who?", max_tokens=96, seed=5,
                                      extra_body={"response_format": fmt}).choices[0].text
     jsonschema.validate(json.loads(text), PERSON)
+
+
+# Short: the tiny model's tokenizer spends about a token a character on JSON, and its context is 512.
+TOOLS = [{"type": "function", "function": {
+    "name": "weather", "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]},
+                                                                     "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                                      "required": ["city", "days"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "now"}}]
+
+
+def _calls(message) -> list[tuple[str, dict]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+
+
+def test_tool_choice_required_and_named_force_calls_that_stream_as_they_answer_whole(server):
+    """A forced call (tool_choice required with parallel_tool_calls false, or a named function) is one
+    call to the request's tools (the named one) with arguments that follow its schema, finish_reason
+    tool_calls; a stream's tool-call deltas (id and name first, then the arguments) reassemble into
+    the same calls. (Parallel calls are bounded by nothing a random model respects: the grammars'
+    own test covers them.)"""
+    client = server.client()
+    history = [{"role": "user", "content": "Weather in Oslo?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "weather"}}):
+        body = dict(model=server.base, messages=history, tools=TOOLS, tool_choice=choice, parallel_tool_calls=False,
+                    max_tokens=100, seed=3, temperature=1.0)
+        whole = client.chat.completions.create(**body)
+        choice0 = whole.choices[0]
+        assert choice0.finish_reason == "tool_calls" and choice0.message.content is None
+        calls = _calls(choice0.message)
+        assert len(calls) == 1 and choice0.message.tool_calls[0].id.startswith("call_")
+        for name, arguments in calls:
+            schema = next(t["function"].get("parameters") for t in TOOLS if t["function"]["name"] == name)
+            jsonschema.validate(arguments, schema or {"type": "object", "maxProperties": 0})
+        if choice != "required":
+            assert calls[0][0] == "weather"
+        deltas = {}  # index -> [id, name, arguments]
+        for chunk in client.chat.completions.create(**body, stream=True):
+            for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                entry = deltas.setdefault(d.index, [None, None, ""])
+                if d.id:
+                    assert entry[2] == "", "the id and name come before the arguments"
+                    entry[0], entry[1] = d.id, d.function.name
+                entry[2] += d.function.arguments or ""
+            if chunk.choices and chunk.choices[0].finish_reason:
+                assert chunk.choices[0].finish_reason == "tool_calls"
+        assert [(deltas[i][1], json.loads(deltas[i][2])) for i in sorted(deltas)] == calls
+        # the calls and their results go back through the template, and the conversation goes on
+        followup = history + [choice0.message.model_dump(exclude_none=True)] + [
+            {"role": "tool", "tool_call_id": c.id, "content": "sunny"} for c in choice0.message.tool_calls]
+        plain = client.chat.completions.create(model=server.base, messages=history, max_tokens=1)
+        more = client.chat.completions.create(model=server.base, messages=followup, max_tokens=4)
+        assert more.usage.prompt_tokens > plain.usage.prompt_tokens + len(choice0.message.tool_calls[0].function.arguments)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "required", "tools": None}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array", "uniqueItems": True}}}],
+      "tool_choice": "required"}, "tools"),
+    ({"tools": TOOLS + [TOOLS[1]]}, "tools"),
+])
+def test_tool_requests_that_cannot_be_served_are_refused_naming_the_field(server, extra, param):
+    body = {"model": server.base, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}], "tools": TOOLS, **extra}
+    r = server.post("/v1/chat/completions", {k: v for k, v in body.items() if v is not None})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
