@@ -16,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_PACKAGES = ("jaxlora", "serve_app", "training")
-TEST_ONLY = {"torch", "peft", "pytest", "openai", "httpx", "schemathesis", "psutil"}
+TEST_ONLY = {"torch", "peft", "pytest", "openai", "httpx", "schemathesis", "psutil", "openai-agents", "pydantic-ai-slim",
+             "instructor", "langchain-openai"}
 
 
 def _name(requirement: str) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+from pydantic import BaseModel, Field
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -55,11 +56,14 @@ def app(ray_local, smollm2_gguf, tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    engine = {"max_batch_size": 4, "max_seq_len": 128, "prefill_chunk": 128, "decode_steps": 4, "num_adapter_slots": 2,
-              "max_lora_rank": 8}  # one prefill shape: the replica starts sooner
+    # Room for what the agent libraries send (their instructions, tools and schemas); chunks of 128 so
+    # the questions are one prefill call each, as they were with a 128-token context.
+    engine = {"max_batch_size": 4, "max_seq_len": 1024, "prefill_chunk": 128, "decode_steps": 4, "num_adapter_slots": 2,
+              "max_lora_rank": 8}
     serve.run(build_app({"model_dir": str(smollm2_gguf), "fs_root": str(root / "fs"), "model_num_cpus": 0,
                          "engine": engine}), name="real", route_prefix="/")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
+    client.port = port
     yield client, base["name"], published.path
     serve.shutdown()
 
@@ -122,3 +126,69 @@ def test_greedy_chat_answers_equal_transformers_on_the_real_model(app, expected,
         assert sum(expected[True][q][0] != expected[False][q][0] for q in QUESTIONS) >= 3
     else:
         assert "Paris" in expected[False][QUESTIONS[0]][0]
+
+
+# -- the libraries applications use, unchanged, against the app ------------------------------------
+
+class City(BaseModel):
+    name: str = Field(max_length=40)
+    country: str = Field(max_length=40)
+
+
+def get_weather(city: str) -> str:
+    """The weather today in a city."""
+    return f"It is sunny and 21 degrees in {city}."
+
+
+def _base_url(app) -> str:
+    return f"http://127.0.0.1:{app[0].port}/v1"
+
+
+def test_openai_agents_calls_the_required_tool_and_runs_to_a_final_output(app):
+    agents = pytest.importorskip("agents")
+    agents.set_tracing_disabled(True)
+    model = agents.OpenAIChatCompletionsModel(
+        model=app[1], openai_client=openai.AsyncOpenAI(base_url=_base_url(app), api_key="none", max_retries=0))
+    agent = agents.Agent(name="weather", instructions="Answer in one short sentence.",
+                         tools=[agents.function_tool(get_weather)], model=model,
+                         model_settings=agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=64))
+    result = agents.Runner.run_sync(agent, "What is the weather in Paris?", max_turns=4)
+    calls = [i for i in result.new_items if isinstance(i, agents.ToolCallItem)]
+    outputs = [i for i in result.new_items if isinstance(i, agents.ToolCallOutputItem)]
+    assert calls and outputs and calls[0].raw_item.name == "get_weather"
+    assert isinstance(result.final_output, str) and result.final_output.strip()
+
+
+def test_pydantic_ai_returns_its_output_type_with_a_tool_at_hand(app):
+    pydantic_ai = pytest.importorskip("pydantic_ai")
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    model = OpenAIChatModel(app[1], provider=OpenAIProvider(base_url=_base_url(app), api_key="none"))
+    agent = pydantic_ai.Agent(model, output_type=City, tools=[get_weather],
+                              model_settings={"temperature": 0, "max_tokens": 96})
+    result = agent.run_sync("Which city is the capital of France, and in which country is it?",
+                            usage_limits=pydantic_ai.UsageLimits(request_limit=6))
+    assert isinstance(result.output, City) and result.output.name
+
+
+@pytest.mark.parametrize("mode", ["TOOLS", "JSON_SCHEMA"])
+def test_instructor_gets_a_valid_object_in_tools_and_json_schema_modes(app, mode):
+    instructor = pytest.importorskip("instructor")
+    client = instructor.from_openai(openai.OpenAI(base_url=_base_url(app), api_key="none", max_retries=0),
+                                    mode=getattr(instructor.Mode, mode))
+    city = client.chat.completions.create(model=app[1], response_model=City, max_retries=0, temperature=0, max_tokens=96,
+                                          messages=[{"role": "user", "content": "Name the capital of France as JSON."}])
+    assert isinstance(city, City) and city.name
+
+
+def test_langchain_structured_output_and_bound_tools(app):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    llm = langchain_openai.ChatOpenAI(model=app[1], base_url=_base_url(app), api_key="none", temperature=0,
+                                      max_tokens=96, max_retries=0)
+    city = llm.with_structured_output(City, method="json_schema", strict=True).invoke(
+        "Name the capital of France and its country.")
+    assert isinstance(city, City) and city.name
+    message = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("What is the weather in Oslo?")
+    assert [c["name"] for c in message.tool_calls] == ["get_weather"]
+    assert isinstance(message.tool_calls[0]["args"]["city"], str)
