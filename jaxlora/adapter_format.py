@@ -36,6 +36,8 @@ from jaxlora.model import PROJECTIONS
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 LEGACY_PARAMS = "params.json"
+CHAT_TEMPLATE = "chat_template.jinja"  # an adapter's own chat template (or "chat_template" in tokenizer_config.json)
+MAX_CHAT_TEMPLATE_BYTES = 256 * 1024
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 _MODULE_PATH = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(\w+)\.(\w+)$")  # layer, block, module
@@ -124,6 +126,29 @@ def _json_object(path: Path, name: str) -> dict:
     if not isinstance(d, dict):
         raise AdapterFormatError(f"adapter {path}: {name} must hold a JSON object")
     return d
+
+
+def read_chat_template(path: str | Path) -> str | None:
+    """The adapter folder's own chat template (`chat_template.jinja`, else `chat_template` in
+    `tokenizer_config.json`, a string or transformers' list of named templates, whose "default" is
+    taken), or None: requests to the adapter are then rendered with it instead of the base model's."""
+    path = Path(path)
+    if (path / CHAT_TEMPLATE).is_file():
+        data = (path / CHAT_TEMPLATE).read_bytes()
+        if len(data) > MAX_CHAT_TEMPLATE_BYTES:
+            raise AdapterFormatError(f"adapter {path}: {CHAT_TEMPLATE} is over {MAX_CHAT_TEMPLATE_BYTES} bytes")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise AdapterFormatError(f"adapter {path}: {CHAT_TEMPLATE} is not UTF-8 ({e})") from e
+    if not (path / "tokenizer_config.json").is_file():
+        return None
+    template = _json_object(path, "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    if template is not None and not isinstance(template, str):
+        raise AdapterFormatError(f"adapter {path}: tokenizer_config.json's chat_template must be a string")
+    return template
 
 
 def _read_peft(path: Path) -> LoraAdapter:
@@ -281,7 +306,7 @@ def write_peft(adapter: LoraAdapter, out: str | Path, base_model: str | None = N
 def publish_upload(store: AdapterStore, user_id: str, adapter_id: str, files: dict[str, bytes], cfg: ModelConfig, max_rank: int,
                    base_model: dict) -> ResolvedAdapter:
     """Publishes a tenant's PEFT adapter (`adapter_config.json` and `adapter_model.safetensors` as
-    bytes) as the next version of `adapter_id`, once it reads as an adapter for `cfg` (rank, targets,
+    bytes, and optionally its own `chat_template.jinja`) as the next version of `adapter_id`, once it reads as an adapter for `cfg` (rank, targets,
     shapes, finite values: `read_adapter`'s checks and messages). Nothing is published otherwise."""
     missing = [n for n in (PEFT_CONFIG, PEFT_WEIGHTS) if n not in files]
     if missing:
@@ -289,12 +314,14 @@ def publish_upload(store: AdapterStore, user_id: str, adapter_id: str, files: di
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / adapter_id
         folder.mkdir()
-        for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+        names = [n for n in (PEFT_CONFIG, PEFT_WEIGHTS, CHAT_TEMPLATE) if n in files]
+        for name in names:
             (folder / name).write_bytes(files[name])
         read_adapter(folder, cfg, max_rank)
+        read_chat_template(folder)
 
         def write(dest: Path) -> None:
-            for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+            for name in names:
                 shutil.copyfile(folder / name, dest / name)
 
         return store.publish(user_id, adapter_id, write, base_model=base_model, extra_manifest={"uploaded": True})

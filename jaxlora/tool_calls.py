@@ -98,9 +98,7 @@ def prepare_messages(messages: Sequence[Mapping], tools: Sequence[Mapping] | Non
             out.append({"role": "user", "content": f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"})
             continue
         if calls:
-            blocks = [f"<tool_call>\n{json.dumps({'name': c['function']['name'], 'arguments': _arguments(c['function'].get('arguments'))})}\n</tool_call>"
-                      for c in calls]
-            m = {"role": m["role"], "content": "\n".join(filter(None, [m.get("content") or "", *blocks]))}
+            m = {"role": m["role"], "content": format_calls("hermes", m.get("content") or "", calls)}
         else:
             m = {"role": m["role"], "content": m.get("content") or ""}
         out.append(m)
@@ -111,6 +109,20 @@ def prepare_messages(messages: Sequence[Mapping], tools: Sequence[Mapping] | Non
         else:
             out.insert(0, {"role": "system", "content": prompt})
     return out
+
+
+def format_calls(family: str, content: str, calls: Sequence[Mapping]) -> str:
+    """An assistant turn's text with its calls (OpenAI's `tool_calls` entries) written as `family`
+    writes them: what a model trained on it produces, and what `CallParser` reads back."""
+    pairs = [(c["function"]["name"], _arguments(c["function"].get("arguments"))) for c in calls]
+    if family == "hermes":
+        blocks = [f"<tool_call>\n{json.dumps({'name': n, 'arguments': a})}\n</tool_call>" for n, a in pairs]
+        return "\n".join(filter(None, [content, *blocks]))
+    if family == "llama3_json":
+        return "; ".join(json.dumps({"name": n, "parameters": a}) for n, a in pairs)
+    if family == "mistral":
+        return "[TOOL_CALLS]" + json.dumps([{"name": n, "arguments": a} for n, a in pairs])
+    raise ValueError(f"unknown tool call family {family!r}; one of {', '.join(FAMILIES)}")
 
 
 def _call_schema(family: str, tools: Sequence[Mapping]) -> dict:

@@ -72,8 +72,8 @@ class Tokenizer:
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt)["input_ids"]
 
-    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        text = render_chat(self.tokenizer, messages, tools)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None, chat_template: str | None = None) -> list[int]:
+        text = render_chat(self.tokenizer, messages, tools, chat_template)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

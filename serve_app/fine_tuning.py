@@ -33,7 +33,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from ray import serve
 
-from jaxlora.adapter_format import PEFT_CONFIG, PEFT_WEIGHTS, publish_upload
+from jaxlora.adapter_format import CHAT_TEMPLATE, PEFT_CONFIG, PEFT_WEIGHTS, publish_upload
 from jaxlora.adapter_store import AdapterStore, parse_ref
 from jaxlora.config import ModelConfig
 from jaxlora.errors import InvalidRequest, JaxLoraError, NotPermitted
@@ -303,8 +303,8 @@ class FineTuningRoutes:
         if not ctype.startswith("multipart/form-data"):
             raise ApiError(400, f"send multipart/form-data with 'config' ({PEFT_CONFIG}) and 'weights' ({PEFT_WEIGHTS})")
         fields = _form_fields(ctype, await request.body())
-        files = {name: fields[field][1] for field, name in (("config", PEFT_CONFIG), ("weights", PEFT_WEIGHTS))
-                 if field in fields}
+        files = {name: fields[field][1] for field, name in (("config", PEFT_CONFIG), ("weights", PEFT_WEIGHTS),
+                                                            ("chat_template", CHAT_TEMPLATE)) if field in fields}
         published = self._call(publish_upload, self.adapters, user, adapter_id, files, self.model_config, self.max_rank,
                                self.base)
         return {"id": adapter_id, "object": "model", "version": published.version}

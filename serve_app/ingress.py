@@ -22,6 +22,7 @@ restart into an outage for every tenant.
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -35,6 +36,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jaxlora.adapter_format import read_chat_template
 from jaxlora.adapter_store import AdapterInfo, AdapterStore
 from jaxlora.errors import JaxLoraError
 from jaxlora.grammar import checked_grammar
@@ -266,6 +268,8 @@ class Ingress:
         self.tool_family = (detect_family(self.tokenizer.chat_template) if self.args.tool_parser == "auto"
                             else self.args.tool_parser)
         self.special_ids = {t: i for t, i in zip(self.tokenizer.all_special_tokens, self.tokenizer.all_special_ids)}
+        # adapter version folder -> its chat template or None (a version's files never change)
+        self._templates = functools.lru_cache(maxsize=1024)(read_chat_template)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return http_app(self)
@@ -325,11 +329,6 @@ class Ingress:
         body = call.body
         adapter = None if body.model == self.base_model else body.model
         try:
-            if adapter is not None:  # here too, so a deleted adapter is 404 at once (replicas notice within a poll)
-                try:
-                    self.store.resolve(call.tenant, adapter)
-                except JaxLoraError as e:
-                    raise api_error_for(e) from None
             # The handle's router (serve_app.routing) reads the tenant and adapter from the Generate.
             replies = _replies(self.model_handle.options(stream=True).generate.remote(
                 Generate(tuple(call.prompt_ids), body.sampling_params(), adapter, call.tenant, call.tier.weight,
@@ -472,14 +471,29 @@ class Ingress:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         return await self._serve(Call("chat", body), request, ChatFormat, self._encode_chat)
 
-    async def _encode_prompt(self, body: CompletionRequest) -> list[int]:
+    def _chat_template(self, call: Call) -> str | None:
+        """The adapter's own chat template, if its version folder holds one (None: the base model's).
+        Resolving it here also makes a request for an adapter that does not exist a 404 at once
+        (replicas notice a deletion within a poll)."""
+        if call.body.model == self.base_model:
+            return None
+        return self._templates(self.store.resolve(call.tenant, call.body.model).path)
+
+    def _tool_family(self, template: str | None) -> str:
+        """How tool calls are written: the app's `tool_parser`, else what the (adapter's) template asks for."""
+        if template is None or self.args.tool_parser != "auto":
+            return self.tool_family
+        return detect_family(template)
+
+    async def _encode_prompt(self, body: CompletionRequest, template: str | None = None) -> list[int]:
         if isinstance(body.prompt, str) or (isinstance(body.prompt, list) and isinstance(body.prompt[0], str)):
             prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
             return await self.tokenizer_handle.encode_prompt.remote(prompt)
         return list(body.prompt)
 
-    async def _encode_chat(self, body: ChatCompletionRequest) -> list[int]:
-        return await self.tokenizer_handle.encode_chat.remote([m.for_template() for m in body.messages], body.tool_dicts())
+    async def _encode_chat(self, body: ChatCompletionRequest, template: str | None = None) -> list[int]:
+        return await self.tokenizer_handle.encode_chat.remote([m.for_template() for m in body.messages], body.tool_dicts(),
+                                                              template)
 
     async def _serve(self, call: Call, request: Request, format_class: type[CompletionFormat] | type[ChatFormat],
                      encode: Callable[..., Awaitable[list[int]]]):
@@ -488,10 +502,11 @@ class Ingress:
         try:
             call.tenant, call.tier = self._tenant(request)
             try:
+                template = self._chat_template(call)
                 call.body.check()
                 call.grammar = call.body.grammar()
                 if isinstance(call.body, ChatCompletionRequest) and call.body.calls_tools():
-                    call.tool_family = self.tool_family
+                    call.tool_family = self._tool_family(template)
                     forced = call.body.forced_tools()
                     if forced:
                         parallel = call.body.parallel_tool_calls and call.body.tool_choice == "required"
@@ -499,7 +514,7 @@ class Ingress:
                                                        "tools")
             except JaxLoraError as e:
                 raise api_error_for(e) from None
-            call.prompt_ids = await encode(call.body)
+            call.prompt_ids = await encode(call.body, template)
             replies = await self._submit(call)
         except ApiError as e:
             self._count(call.route, e.status)

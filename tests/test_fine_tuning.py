@@ -21,7 +21,8 @@ from serve_app.app import build_app  # noqa: E402
 from serve_app.keys import add_key  # noqa: E402
 
 FAQ = Path("tests/data/toy_faq.jsonl")  # 32 short answers: the tiny model learns them in seconds
-ENGINE = {"max_batch_size": 8, "max_seq_len": 128, "prefill_chunk": 16, "decode_steps": 4, "max_queue": 64,
+# 512 tokens: room for a tools prompt (the tiny model's tokenizer spends about a token a character on JSON)
+ENGINE = {"max_batch_size": 8, "max_seq_len": 512, "prefill_chunk": 16, "decode_steps": 4, "max_queue": 64,
           "num_adapter_slots": 4, "max_lora_rank": 16}
 
 
@@ -48,7 +49,7 @@ def app(ray_local, demo_model_dir, tmp_path_factory):
     args = {"model_dir": str(demo_model_dir), "fs_root": str(root / "fs"), "poll_interval_s": 0.25,
             "model_num_cpus": 0, "auth": True, "api_keys_file": str(keys_file), "engine": ENGINE,
             "fine_tuning": {"poll_interval_s": 0.2, "max_queued_per_tenant": 2, "max_file_bytes": 65536,
-                            "heartbeat_timeout_s": 5}}
+                            "heartbeat_timeout_s": 5, "max_length": 512}}
     serve.run(build_app(args), name="ft", route_prefix="/")
     app = App(f"http://127.0.0.1:{port}", keys, demo_model_dir, root / "fs")
     app.args = args
@@ -142,6 +143,39 @@ def test_chat_format_trains_assistant_turns_under_the_chat_template_and_chat_ans
 
     assert sum(reply(done.fine_tuned_model, c) == c["messages"][2]["content"] for c in chats) >= 7
     assert sum(reply(app.base, c) == c["messages"][2]["content"] for c in chats) == 0
+
+
+def test_an_adapter_trained_on_function_calling_rows_is_served_with_its_tools(app):
+    """OpenAI's function-calling fine-tuning rows (tools, assistant tool_calls): the adapter learns
+    which call each question wants, and the chat endpoint, given the same tools, returns its calls
+    as tool_calls (tool_choice auto: nothing forces them, the adapter makes them)."""
+    tool = {"type": "function", "function": {"name": "color", "parameters": {
+        "type": "object", "properties": {"of": {"type": "string"}}, "required": ["of"]}}}
+    rows = [json.loads(line) for line in FAQ.read_text().splitlines()][:8]
+    topics = [r["prompt"].split("?")[0].split()[-1] for r in rows]  # "Q: What are adapters?\nA:" -> "adapters"
+    chats = [{"tools": [tool], "messages": [
+        {"role": "user", "content": r["prompt"]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{i}", "type": "function", "function": {"name": "color", "arguments": json.dumps({"of": t})}}]}]}
+        for i, (r, t) in enumerate(zip(rows, topics))]
+    client = app.client()
+    f = client.files.create(file=("calls.jsonl", "".join(json.dumps(c) + "\n" for c in chats).encode()),
+                            purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=app.base, training_file=f.id, suffix="calls", seed=0,
+                                         hyperparameters={"n_epochs": 40, "batch_size": 8})
+    done = _wait(client, job.id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+
+    def calls(model: str, c: dict) -> list[tuple[str, dict]]:
+        choice = client.chat.completions.create(model=model, messages=c["messages"][:1], tools=[tool], max_tokens=40,
+                                                temperature=0).choices[0]
+        made = [(t.function.name, json.loads(t.function.arguments)) for t in choice.message.tool_calls or []]
+        assert bool(made) == (choice.finish_reason == "tool_calls")
+        return made
+
+    wanted = [[("color", {"of": t})] for t in topics]
+    assert sum(calls(done.fine_tuned_model, c) == w for c, w in zip(chats, wanted)) >= 7
+    assert sum(calls(app.base, c) == w for c, w in zip(chats, wanted)) == 0
 
 
 def test_a_dpo_job_on_openai_preference_rows_succeeds_and_is_served(app):

@@ -112,3 +112,39 @@ def test_a_template_without_tools_gets_them_in_the_system_message_and_calls_in_h
     native = prepare_messages(history, [WEATHER], native=True)
     assert native[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo", "days": 1}  # a dict for the template
     assert native[3] == history[3]
+
+
+FUNCTION_CALLING_ROW = {
+    "tools": [WEATHER],
+    "messages": [{"role": "user", "content": "Weather in Oslo tomorrow?"},
+                 {"role": "assistant", "content": None, "tool_calls": [
+                     {"id": "call_1", "type": "function",
+                      "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "days": 2}'}}]},
+                 {"role": "tool", "tool_call_id": "call_1", "content": "rain"},
+                 {"role": "assistant", "content": "Rain in Oslo."}]}
+
+
+def test_function_calling_rows_train_the_calls_serving_parses(demo_model_dir, tmp_path):
+    """OpenAI's function-calling fine-tuning rows: the prompt side is what serving renders for the
+    same tools and history, the trained side is the calls in the family's form (which the parser
+    reads back as the same call) and the final answer."""
+    from jaxlora.errors import DataError
+    from training.data import check_upload, load_dataset
+
+    tokenizer = load_tokenizer(demo_model_dir)
+    path = tmp_path / "calls.jsonl"
+    path.write_text(json.dumps(FUNCTION_CALLING_ROW) + "\n")
+    assert check_upload(path.read_bytes()) == {"chat": 1}
+    (example,) = load_dataset(path, tokenizer, "sft", 2048).examples
+    trained = [t for t, m in zip(example.ids, example.loss_mask) if m]
+    messages = FUNCTION_CALLING_ROW["messages"]
+    served_prompt = tokenizer(render_chat(tokenizer, messages[:1], [WEATHER]), add_special_tokens=False)["input_ids"]
+    assert list(example.ids[:len(served_prompt)]) == served_prompt and not any(example.loss_mask[:len(served_prompt)])
+    eos = tokenizer.eos_token_id
+    first_answer = tokenizer.decode(trained[:trained.index(eos)])
+    assert _run(detect_family(tokenizer.chat_template), [first_answer]) == ("", [("get_weather", {"city": "Oslo", "days": 2})])
+    assert tokenizer.decode(trained[trained.index(eos) + 1:-1]) == "Rain in Oslo."
+    bad = {**FUNCTION_CALLING_ROW, "messages": [messages[0], {"role": "assistant", "content": None,
+                                                               "tool_calls": [{"function": {"arguments": "{}"}}]}]}
+    with pytest.raises(DataError, match=r"tool_calls\[0\] needs a 'function' with a string 'name'"):
+        check_upload((json.dumps(bad) + "\n").encode())

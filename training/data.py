@@ -3,7 +3,9 @@
 Row kinds (one per line):
     {"prompt": ..., "completion": ...}                  SFT: loss on the completion (+ EOS)
     {"messages": [{"role", "content"}, ...]}            SFT: loss on assistant turns only (OpenAI's
-                                                        chat format, rendered with the chat template)
+     (+ "tools": [...])                                 chat format, rendered with the chat template;
+                                                        function calling: assistant `tool_calls`, `tool`
+                                                        turns and the row's `tools`, as serving renders them)
     {"prompt": ..., "chosen": ..., "rejected": ...}     DPO pairs, or SFT on `chosen`
     {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", ...}],
      "non_preferred_output": [...]}                     OpenAI's preference format: DPO pairs after
@@ -30,6 +32,7 @@ import numpy as np
 
 from jaxlora.errors import DataError
 from jaxlora.tokenizer import render_chat
+from jaxlora.tool_calls import detect_family, format_calls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,18 +94,38 @@ def row_kind(row: dict, where: str) -> str:
         if not isinstance(msgs, list) or not msgs:
             raise DataError(f"{where}: {field!r} must be a non-empty list")
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: {field}[{i}] needs string 'role' and 'content'")
+            calls = m.get("tool_calls") if isinstance(m, dict) else None
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                    isinstance(m.get("content"), str) or (calls and m.get("content") is None)):
+                raise DataError(f"{where}: {field}[{i}] needs string 'role' and 'content' (content may be null "
+                                "beside tool_calls)")
             if m["role"] not in ROLES:
                 raise DataError(f"{where}: {field}[{i}] has role {m['role']!r}; expected one of {list(ROLES)}")
-            if set(m) - {"role", "content"}:
-                raise DataError(f"{where}: {field}[{i}] has fields {sorted(set(m) - {'role', 'content'})} this "
-                                "trainer does not support (give 'role' and 'content' only)")
+            allowed = {"role", "content"} | ({"tool_calls"} if m["role"] == "assistant" else set()) | (
+                {"tool_call_id", "name"} if m["role"] == "tool" else set())
+            if set(m) - allowed:
+                raise DataError(f"{where}: {field}[{i}] has fields {sorted(set(m) - allowed)} this trainer does not "
+                                f"support for a {m['role']} message (give {sorted(allowed)})")
+            for j, c in enumerate(calls or []):
+                f = c.get("function") if isinstance(c, dict) else None
+                if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(
+                        f.get("arguments", "{}"), (str, dict)):
+                    raise DataError(f"{where}: {field}[{i}].tool_calls[{j}] needs a 'function' with a string 'name' "
+                                    "and 'arguments' (a JSON string or object)")
         return msgs
 
     if "messages" in row:
         if not any(m["role"] == "assistant" for m in messages(row["messages"], "messages")):
             raise DataError(f"{where}: the conversation has no assistant turn to learn from")
+        tools = row.get("tools", [])
+        if not isinstance(tools, list) or not all(
+                isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
+                for t in tools):
+            raise DataError(f"{where}: 'tools' must be a list of {{\"type\": \"function\", \"function\": {{\"name\": "
+                            "..., \"parameters\": {...}}}} objects")
+        if set(row) - {"messages", "tools"}:
+            raise DataError(f"{where}: fields {sorted(set(row) - {'messages', 'tools'})} are not supported beside "
+                            "'messages' (give 'messages' and optionally 'tools')")
         return "chat"
     if "input" in row or "preferred_output" in row or "non_preferred_output" in row:
         if not isinstance(row.get("input"), dict) or "messages" not in row["input"]:
@@ -123,7 +146,7 @@ def row_kind(row: dict, where: str) -> str:
                     f"'input'+'preferred_output'+'non_preferred_output'; got fields {sorted(row)}")
 
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 PREFERENCE_KINDS = ("preference", "chat_preference")
 
 
@@ -149,21 +172,25 @@ def _prompt_answer(tokenizer, prompt: str, answer: str) -> Example:
     return Example(tuple(p + a), tuple([0] * len(p) + [1] * len(a)))
 
 
-def _chat(tokenizer, messages: list[dict], where: str) -> Example:
-    """Renders the conversation with the chat template; only assistant turns (and the EOS that
-    closes each) are trained. Each assistant turn is appended after the template's rendering of
-    everything before it, so the prompt side is exactly what serving will send."""
+def _chat(tokenizer, messages: list[dict], where: str, tools: list[dict] | None = None) -> Example:
+    """Renders the conversation with the chat template (and `tools`, as serving renders a request's);
+    only assistant turns (and the EOS that closes each) are trained, a turn's calls written as the
+    template's tool-call family writes them (`tool_calls.format_calls`: what serving parses back).
+    Each assistant turn is appended after the template's rendering of everything before it, so the
+    prompt side is exactly what serving will send."""
     ids: list[int] = []
     mask: list[int] = []
+    family = detect_family(getattr(tokenizer, "chat_template", None))
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = tokenizer(render_chat(tokenizer, messages[:i]), add_special_tokens=False)["input_ids"]
+        prefix = tokenizer(render_chat(tokenizer, messages[:i], tools), add_special_tokens=False)["input_ids"]
         if prefix[: len(ids)] != ids:
             raise DataError(f"{where}: the chat template renders earlier turns differently once later turns "
                             "follow, so turns cannot be masked; split the conversation into one row per reply")
         new_prompt = prefix[len(ids):]
-        answer = tokenizer(m["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        text = format_calls(family, m.get("content") or "", m["tool_calls"]) if m.get("tool_calls") else m["content"]
+        answer = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids += new_prompt + answer
         mask += [0] * len(new_prompt) + [1] * len(answer)
     return Example(tuple(ids), tuple(mask))
@@ -175,10 +202,14 @@ def _pair(tokenizer, row: dict, kind: str) -> tuple[Example, Example]:
     if kind == "preference":
         return (_prompt_answer(tokenizer, row["prompt"], row["chosen"]),
                 _prompt_answer(tokenizer, row["prompt"], row["rejected"]))
-    prompt = tokenizer(render_chat(tokenizer, row["input"]["messages"]), add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(render_chat(tokenizer, row["input"]["messages"], row["input"].get("tools")),
+                       add_special_tokens=False)["input_ids"]
+    family = detect_family(getattr(tokenizer, "chat_template", None))
 
     def answer(field: str) -> Example:
-        a = tokenizer(row[field][0]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        m = row[field][0]
+        text = format_calls(family, m.get("content") or "", m["tool_calls"]) if m.get("tool_calls") else m["content"]
+        a = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return Example(tuple(prompt + a), tuple([0] * len(prompt) + [1] * len(a)))
 
     return answer("preferred_output"), answer("non_preferred_output")
@@ -207,7 +238,7 @@ def load_dataset(path: str | Path, tokenizer, objective: str, max_length: int) -
                                 "'preferred_output' and 'non_preferred_output')")
             item = _pair(tokenizer, row, kind)
         elif kind == "chat":
-            item = _chat(tokenizer, row["messages"], where)
+            item = _chat(tokenizer, row["messages"], where, row.get("tools"))
         elif kind in PREFERENCE_KINDS:
             item = _pair(tokenizer, row, kind)[0]
         else:
