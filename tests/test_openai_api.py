@@ -171,7 +171,8 @@ def _refused_at(build, fields: dict) -> str:
 @pytest.mark.parametrize("fields, where", [
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
-    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages.0.tool_calls"),  # only empty
+    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]},
+     "messages.0.tool_calls.0.function"),  # a call in the history needs its function
     ({"top_logprobs": MAX_LOGPROBS + 1}, "top_logprobs"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"stream": 1}, "stream"),  # strict: 1 is not a bool

@@ -280,6 +280,7 @@ def test_the_token_limit_counts_the_reserved_max_tokens_and_gives_back_what_was_
 
 def test_rate_limit_headers_are_on_streaming_responses(server):
     gus = {"Authorization": f"Bearer {server.keys['gus']}"}
+    start = time.monotonic()
     for route, body in (("/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 5}),
                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5})):
         body = {"model": server.base, "stream": True, "ignore_eos": True, **body}
@@ -292,7 +293,8 @@ def test_rate_limit_headers_are_on_streaming_responses(server):
         assert limits["x-ratelimit-limit-requests"] == "100" and limits["x-ratelimit-limit-tokens"] == "10000"
         assert int(limits["x-ratelimit-remaining-tokens"]) <= 10_000 - 5 - 3
     raw = server.client("gus").completions.with_raw_response.create(model=server.base, prompt="x", max_tokens=2, stream=True)
-    assert int(raw.headers["x-ratelimit-remaining-requests"]) <= 97
+    refilled = int((time.monotonic() - start) * 100 / 60) + 1  # the bucket refills at 100 a minute meanwhile
+    assert int(raw.headers["x-ratelimit-remaining-requests"]) <= 97 + refilled
     list(raw.parse())
 
 
@@ -902,7 +904,7 @@ def test_a_tiers_row_and_queue_limits_reach_the_engine():
                                                      max_queued=2)))
 
     reply = asyncio.run(first())
-    assert replica.backend.args[3:] == ("alice", 2.0, 3, 2)
+    assert replica.backend.args[3:] == ("alice", 2.0, 3, 2, None)  # ..., no grammar
     assert isinstance(reply, Failed) and reply.status == 429 and reply.code == "rate_limit_exceeded"
     del replica.backend  # nothing to close
 
