@@ -263,12 +263,14 @@ def _put_row(saved: DecodeState, state: DecodeState, row, slot) -> DecodeState:
     return dataclasses.replace(state, slots=state.slots.at[row].set(slot))
 
 
-def _generate(params: Params, lora: LoraStack, state: DecodeState, constrained_B, cfg: ModelConfig, steps: int, host_masks):
+def _generate(params: Params, lora: LoraStack, state: DecodeState, constrained_B, mask_source, cfg: ModelConfig, steps: int,
+              host_masks):
     """`steps` decode steps for every row (`lax.scan`). A constrained row (constrained_B) samples among
-    the tokens its grammar allows: each step calls `host_masks(fed tokens [B]) -> [B, words]` on the
-    host (the row's matcher consumes the token the row feeds, then gives the mask of the token it
-    samples, `grammar.BatchMasks.step`) and applies it to the logits; without a constrained row the
-    call and the mask are skipped (`lax.cond`), so the other rows' arithmetic is the same either way."""
+    the tokens its grammar allows: each step calls `host_masks(mask_source, fed tokens [B], words)
+    -> [B, words]`, which runs on the host (the row's matcher consumes the token the row feeds, then
+    gives the mask of the token it samples, `grammar.BatchMasks.step`), and applies it to the
+    logits; without a constrained row the call and the mask are skipped (`lax.cond`), so the other
+    rows' arithmetic is the same either way."""
     B = state.tokens.shape[0]
     words = (cfg.vocab_size + 31) // 32
     if cfg.decode_kernels:  # the CPU LoRA kernel reads each row's slot in place
@@ -284,7 +286,7 @@ def _generate(params: Params, lora: LoraStack, state: DecodeState, constrained_B
                                       rows_slots)
         mask_BxW = jax.lax.cond(
             jnp.any(constrained_B),
-            lambda: io_callback(host_masks, jax.ShapeDtypeStruct((B, words), jnp.int32), state.tokens, ordered=False),
+            lambda: host_masks(mask_source, state.tokens, words),
             lambda: jnp.full((B, words), -1, jnp.int32))
         logits_BxV = allowed_only(logits_Bx1xV[:, 0], mask_BxW, constrained_B)
         out = StepTokens(*sample(logits_BxV, state.sampling, state.history, state.index))
@@ -359,8 +361,17 @@ class Engine:
         self._put_chunk = jax.jit(_put_chunk, donate_argnums=(0,))
         self._masks = BatchMasks(cfg.vocab_size)
         self._grammars: list[Matcher | None] = [None] * config.max_batch_size  # the rows' matchers during a call
+        if kernels.available():  # a custom call: the decode program stays in the persistent compilation cache
+            self._mask_source = jnp.int32(kernels.register_mask_source(self._step_masks))
+            host_masks = kernels.host_masks
+        else:  # elsewhere (a GPU) jax's callback, whose programs are compiled at each start
+            self._mask_source = jnp.int32(0)
+
+            def host_masks(_source, fed_B, words):
+                return io_callback(self._step_masks, jax.ShapeDtypeStruct((fed_B.shape[0], words), jnp.int32), fed_B,
+                                   ordered=False)
         self._generate = jax.jit(functools.partial(_generate, cfg=decode_cfg, steps=config.decode_steps,
-                                                   host_masks=self._step_masks),
+                                                   host_masks=host_masks),
                                  donate_argnums=(2,))
         self._row_of = jax.jit(_row_of)
         self._put_row = jax.jit(_put_row, donate_argnums=(1,))
@@ -435,7 +446,7 @@ class Engine:
         caller waits for the result before it changes them (the call reads them on the host)."""
         grammars = list(grammars or [None] * len(self._grammars))
         self._grammars = grammars
-        return self._generate(self.params, lora, state, jnp.array([g is not None for g in grammars]))
+        return self._generate(self.params, lora, state, jnp.array([g is not None for g in grammars]), self._mask_source)
 
     def swap_out(self, state: DecodeState, row: int) -> DecodeState:
         """A copy of row `row` in host memory (numpy): its whole KV cache, the token it feeds next,

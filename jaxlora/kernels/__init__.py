@@ -42,6 +42,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import jax
@@ -54,7 +55,8 @@ from jaxlora.fetch import cache_dir
 log = logging.getLogger(__name__)
 
 _SOURCES = Path(__file__).parent
-_TARGETS = {"jaxlora_bgmv": "JaxloraBgmv", "jaxlora_decode_attention": "JaxloraDecodeAttention"}
+_TARGETS = {"jaxlora_bgmv": "JaxloraBgmv", "jaxlora_decode_attention": "JaxloraDecodeAttention",
+            "jaxlora_host_mask": "JaxloraHostMask"}
 # Portable: no -march (the file may be shared across hosts; the hot loops pick their ISA at load).
 _FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC")
 _build_lock = threading.Lock()
@@ -137,6 +139,7 @@ def _available() -> bool:
     if not _registered:  # XLA keeps the first registration for the process (a reload maps the same code)
         for target, handler in handlers.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+        dll.jaxlora_set_mask_fn(_MASK_TRAMPOLINE)
         _registered = True
     log.info("CPU decode kernels loaded: LoRA and attention in decode steps use them")
     return True
@@ -152,6 +155,49 @@ def available() -> bool:
 def applies(dtype) -> bool:
     """Whether decoding with weights and cache of `dtype` uses the kernels."""
     return jnp.dtype(dtype) == jnp.float32 and available()
+
+
+# -- host masks: the grammar rows' masks, fetched from the host inside a decode call -----------------
+
+_MASK_FN_TYPE = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32), ctypes.c_int64,
+                                 ctypes.POINTER(ctypes.c_int32), ctypes.c_int64)
+_mask_sources: dict[int, object] = {}  # id -> fn(fed [rows] int32) -> masks [rows, words] int32
+_mask_lock = threading.Lock()
+
+
+def _mask_trampoline(source, fed_ptr, rows, out_ptr, words) -> int:
+    try:
+        fed = np.ctypeslib.as_array(fed_ptr, shape=(rows,))
+        out = np.ctypeslib.as_array(out_ptr, shape=(rows, words))
+        fn = _mask_sources[source]()  # a weak reference: a source dies with its engine
+        if fn is None:
+            raise RuntimeError(f"mask source {source} is gone (its engine was collected)")
+        out[...] = fn(fed.copy())
+        return 0
+    except BaseException:  # noqa: BLE001 - nothing may unwind into XLA; the call fails the step instead
+        log.exception("grammar mask function %s failed", source)
+        return 1
+
+
+_MASK_TRAMPOLINE = _MASK_FN_TYPE(_mask_trampoline)  # kept alive for the process: XLA holds its address
+
+
+def register_mask_source(fn) -> int:
+    """An id for `fn(fed tokens [rows]) -> masks [rows, words]`, to pass to `host_masks` (the
+    engine's decode program takes the id as an operand, so it is the same program for every engine)."""
+    ref = weakref.WeakMethod(fn) if hasattr(fn, "__self__") else (lambda: fn)
+    with _mask_lock:
+        source = len(_mask_sources)
+        _mask_sources[source] = ref
+        return source
+
+
+def host_masks(source: jax.Array, fed_B: jax.Array, words: int) -> jax.Array:
+    """masks [B, words] int32 = the function registered as `source`, called on the host with fed_B."""
+    if not available():
+        raise RuntimeError("the CPU kernels are not available here; the engine uses jax's io_callback instead")
+    return jax.ffi.ffi_call("jaxlora_host_mask", jax.ShapeDtypeStruct((fed_B.shape[0], words), jnp.int32),
+                            has_side_effect=True)(source.astype(jnp.int32), fed_B.astype(jnp.int32))
 
 
 def _call(target: str, shape: tuple[int, ...], *args, **attrs) -> jax.Array:
