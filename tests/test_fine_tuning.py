@@ -365,6 +365,25 @@ def test_tenants_upload_roll_back_and_delete_their_adapters_and_a_stream_survive
     assert _upload(app, "mine", _peft_files(app, tmp_path, seed=4)).json()["version"] == "v0003"
 
 
+def test_an_uploaded_adapter_with_its_own_chat_template_is_prompted_through_it(app, tmp_path):
+    from jaxlora.tokenizer import load_tokenizer, render_chat
+
+    template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}[assistant, in the adapter's own words] {% endif %}")
+    files = _peft_files(app, tmp_path, seed=5) | {"chat_template": ("chat_template.jinja", template.encode())}
+    assert _upload(app, "templated", files).status_code == 200
+    _upload(app, "plain", _peft_files(app, tmp_path, seed=5))
+    messages = [{"role": "user", "content": "Hello there"}]
+    tokenizer = load_tokenizer(app.model_dir)
+
+    def prompt_tokens(model: str) -> int:
+        return app.client().chat.completions.create(model=model, messages=messages, max_tokens=1).usage.prompt_tokens
+
+    own = len(tokenizer(render_chat(tokenizer, messages, chat_template=template), add_special_tokens=False)["input_ids"])
+    base = len(tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"])
+    assert own != base and prompt_tokens("templated") == own and prompt_tokens("plain") == base
+
+
 def test_shared_adapters_and_the_base_model_cannot_be_changed_and_others_adapters_are_404(app, tmp_path):
     from jaxlora.adapter_store import AdapterStore
 
