@@ -175,6 +175,7 @@ class Call:
     prompt_ids: list[int] = dataclasses.field(default_factory=list)
     grammar: str | None = None  # what the answer must follow (response_format, or the tool call tool_choice forces)
     tool_family: str | None = None  # the answer is parsed for tool calls written in this family's form
+    adapter_error: Exception | None = None  # the adapter asked for does not resolve: answered once admitted
     decision: Decision | None = None  # the rate limits' share taken (None: no limits, or unchecked)
     start: Started | None = None  # the model replica's answer to the submit
     completion_tokens: int = 0
@@ -329,6 +330,8 @@ class Ingress:
         body = call.body
         adapter = None if body.model == self.base_model else body.model
         try:
+            if call.adapter_error is not None:  # a deleted adapter is 404 at once (replicas notice within a poll)
+                raise api_error_for(call.adapter_error)
             # The handle's router (serve_app.routing) reads the tenant and adapter from the Generate.
             replies = _replies(self.model_handle.options(stream=True).generate.remote(
                 Generate(tuple(call.prompt_ids), body.sampling_params(), adapter, call.tenant, call.tier.weight,
@@ -473,11 +476,15 @@ class Ingress:
 
     def _chat_template(self, call: Call) -> str | None:
         """The adapter's own chat template, if its version folder holds one (None: the base model's).
-        Resolving it here also makes a request for an adapter that does not exist a 404 at once
-        (replicas notice a deletion within a poll)."""
+        An adapter that does not resolve (or whose template is unreadable) is the call's
+        `adapter_error`, answered once the request is admitted, like any refusal of a replica."""
         if call.body.model == self.base_model:
             return None
-        return self._templates(self.store.resolve(call.tenant, call.body.model).path)
+        try:
+            return self._templates(self.store.resolve(call.tenant, call.body.model).path)
+        except JaxLoraError as e:
+            call.adapter_error = e
+            return None
 
     def _tool_family(self, template: str | None) -> str:
         """How tool calls are written: the app's `tool_parser`, else what the (adapter's) template asks for."""
