@@ -18,9 +18,10 @@ scheduler interleave a long prompt's chunks with decode calls, and what makes a 
 
 Rows that are free or still prefilling run in every decode call too (their outputs are ignored; a
 prefilling row is parked past the cache end, where its steps write nothing): a fixed shape is
-cheaper than a recompile. Each row only ever reads its own cache, adapter slot, random key and
-token history (`sampling.TokenHistory`, for the penalties), so its tokens do not depend on what the
-other rows hold. The host loop that decides what goes in which row is in `scheduler.py`; this
+cheaper than a recompile. Each row only ever reads its own cache, adapter slot, random key, token
+history (`sampling.TokenHistory`, for the penalties) and, for a row with a grammar, its own mask
+(`grammar.py`; fetched from the host at each step, `_generate`), so its tokens do not depend on
+what the other rows hold. The host loop that decides what goes in which row is in `scheduler.py`; this
 module has no queues and no threads.
 """
 

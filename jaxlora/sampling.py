@@ -6,6 +6,8 @@ random key of a row's i-th generated token is `fold_in(key(seed), i)`, a functio
 alone, so a request draws the same tokens whether it runs alone or anywhere in a busy batch.
 
 The stages, in vLLM's order; each sees the output of the one before:
+  0. a row with a grammar has every token its mask forbids set to -inf (`allowed_only`, applied
+     by the engine before `sample`: the logprobs reported are then of the allowed tokens);
   1. logit_bias: bias[t] added to logit t (OpenAI; +-100 forces or bans a token);
   2. repetition_penalty (vLLM / transformers): every token of the prompt or generated so far has
      its logit divided by the penalty if positive, multiplied by it if not;
@@ -14,8 +16,9 @@ The stages, in vLLM's order; each sees the output of the one before:
   4. greedy (temperature 0) takes the argmax here; sampling divides by the temperature,
   5. drops tokens whose probability is below `min_p` times the largest (vLLM),
   6. applies top-k and top-p to what is left, and draws with the row's key (Gumbel-max).
-Log-probabilities are those of the model's own distribution: log-softmax of the raw logits, before
-any stage above (vLLM's default `raw_logprobs`). A request with logit_bias or penalties can so
+Log-probabilities are those of the model's own distribution: log-softmax of the logits `sample` is
+given, before any stage from 1 on (vLLM's default `raw_logprobs`; for a row with a grammar, after its
+mask, stage 0). A request with logit_bias or penalties can so
 report a chosen token that is not the most likely alternative.
 
 What it deliberately does not do: know the vocabulary (a logit_bias id past it is refused where
