@@ -300,6 +300,11 @@ def _json_call(text: str, key: str) -> tuple[str, dict] | None:
         value = json.loads(text)
     except ValueError:
         return None
+    return _call_of(value, key)
+
+
+def _call_of(value, key: str) -> tuple[str, dict] | None:
+    """(name, arguments) of a parsed call object, or None when it is not one."""
     if isinstance(value, dict) and isinstance(value.get("name"), str):
         arguments = value.get(key, value.get("arguments", value.get("parameters", {})))
         if isinstance(arguments, dict):
@@ -316,7 +321,7 @@ def _json_calls(family: str, text: str) -> list[tuple[str, dict]] | None:
             return None
         if not isinstance(items, list) or not items:
             return None
-        calls = [_json_call(json.dumps(item), "arguments") for item in items]
+        calls = [_call_of(item, "arguments") for item in items]
         return None if any(c is None for c in calls) else calls
     text, calls, at = text.removeprefix("<|python_tag|>").strip(), [], 0
     decoder = json.JSONDecoder()
@@ -325,7 +330,7 @@ def _json_calls(family: str, text: str) -> list[tuple[str, dict]] | None:
             value, at = decoder.raw_decode(text, at)
         except ValueError:
             return None
-        call = _json_call(json.dumps(value), "parameters")
+        call = _call_of(value, "parameters")
         if call is None:
             return None
         calls.append(call)
