@@ -1,8 +1,10 @@
 """The device half of the engine: JetStream's prefill / generate over fixed shapes, in chunks.
 
-    prefill(lora, state, items)   -> (DecodeState, first tokens, ChunkKV)  the next chunk of up to
-                                     `prefill_batch` rows' prompts, written into their rows' caches
+    prefill(lora, state, items)   -> (DecodeState, first tokens, ChunkKV, prompt logprobs)  the next
+                                     chunk of up to `prefill_batch` rows' prompts, written into their
+                                     rows' caches
     put_chunk(state, kv, row, start) -> DecodeState   a cached chunk's KV into a row (prefix cache)
+    fork(state, row, rows, ...)   -> DecodeState   a prefilled row's prompt shared by more rows (`n`)
     generate(lora, state)         -> (DecodeState, StepTokens)  `decode_steps` tokens for every row
 
 Why this split: prefill is compute-bound and decode memory-bound. Decode runs all `max_batch_size`
@@ -42,7 +44,7 @@ from jaxlora.fairness import POLICIES
 from jaxlora.grammar import BatchMasks, Matcher
 from jaxlora.lora import LoraStack, gather_rows
 from jaxlora.model import KVCache, Params, forward, hidden_states, lm_head
-from jaxlora.sampling import RowSampling, SamplingParams, TokenHistory, allowed_only, count_dtype, sample
+from jaxlora.sampling import MAX_LOGPROBS, RowSampling, SamplingParams, TokenHistory, allowed_only, count_dtype, sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,14 +198,18 @@ def _write_rows(cache_BxKxSxH: jax.Array, rows_P: jax.Array, positions_PxC: jax.
 
 
 def _prefill_chunk(params: Params, lora: LoraStack, state: DecodeState, prompt_PxT, start_P, true_len_P, rows_P, slot_P,
-                   sampling: RowSampling, mask_PxW, constrained_P, cfg: ModelConfig, counts, chunk: int, window: int):
+                   sampling: RowSampling, mask_PxW, constrained_P, prompt_lp_P, cfg: ModelConfig, counts, chunk: int,
+                   window: int):
     """One chunk of each of P rows' prompts: tokens [start, start + chunk) of prompt_PxT[p] go
     through the model against row rows_P[p]'s cache (the first `window` entries: what the prompt
     put there so far), and their keys and values into it. A row whose prompt ends in this chunk gets
     its first token sampled and its decode fields set; a row with more chunks to go is parked at
     position max_seq_len, where the decode steps that run between its chunks write nothing. A
     negative row is padding and changes nothing. A constrained place's first token is drawn from the
-    tokens its grammar's bitmask (mask_PxW) allows."""
+    tokens its grammar's bitmask (mask_PxW) allows. For places that ask (prompt_lp_P), also the
+    log-probabilities of the prompt's own tokens: at [p, c], of the token at position start + c + 1
+    given those before it (the model's distribution, no sampling stage), with the top alternatives;
+    skipped (`lax.cond`) when no place asks."""
     P, C, W = rows_P.shape[0], chunk, window
     B, S = state.tokens.shape[0], state.cache.max_len
     valid_P = rows_P >= 0
@@ -237,7 +243,43 @@ def _prefill_chunk(params: Params, lora: LoraStack, state: DecodeState, prompt_P
         sampling=jax.tree.map(put, state.sampling, sampling),
         history=jax.tree.map(put, state.history, history.add(first.token)),
     )
-    return state, first, written
+    next_PxC = jax.vmap(lambda p, s: jax.lax.dynamic_slice_in_dim(p, s + 1, C))(prompt_PxT, start_P)
+    prompt = jax.lax.cond(jnp.any(prompt_lp_P), lambda: _prompt_logprobs(params, x_PxCxD, next_PxC),
+                          lambda: _no_prompt_logprobs(P, C))
+    return state, first, written, prompt
+
+
+def _prompt_logprobs(params: Params, x_PxCxD: jax.Array, next_PxC: jax.Array) -> StepTokens:
+    """log p(next_PxC[p, c] | the prompt up to c) and the top alternatives, from the chunk's hidden states."""
+    logprobs_PxCxV = jax.nn.log_softmax(lm_head(params, x_PxCxD), axis=-1)
+    chosen_PxC = jnp.take_along_axis(logprobs_PxCxV, next_PxC[..., None], axis=-1)[..., 0]
+    top_PxCx5, top_ids_PxCx5 = jax.lax.top_k(logprobs_PxCxV, MAX_LOGPROBS)
+    return StepTokens(next_PxC, chosen_PxC, top_ids_PxCx5.astype(jnp.int32), top_PxCx5)
+
+
+def _no_prompt_logprobs(P: int, C: int) -> StepTokens:
+    return StepTokens(jnp.zeros((P, C), jnp.int32), jnp.zeros((P, C), jnp.float32),
+                      jnp.zeros((P, C, MAX_LOGPROBS), jnp.int32), jnp.zeros((P, C, MAX_LOGPROBS), jnp.float32))
+
+
+def _fork(state: DecodeState, row, rows_B, sampling: RowSampling, token, position) -> DecodeState:
+    """Row `row`'s prompt into rows rows_B (padding: out of range, dropped): its cache, adapter slot
+    and prompt history, each with its own sampling and nothing generated yet. Each fed `token` (the
+    prompt's last) at `position` (where it is), so its first decode step recomputes the prompt's
+    last place and samples the row's first token with its own key (index 0)."""
+
+    def put(dst, src):
+        return dst.at[rows_B].set(src.astype(dst.dtype), mode="drop")
+
+    B = rows_B.shape[0]
+    copy = lambda c: c.at[rows_B].set(jnp.broadcast_to(c[row], (B, *c.shape[1:])), mode="drop")  # noqa: E731
+    history = TokenHistory(generated=put(state.history.generated, jnp.zeros((B, state.history.generated.shape[1]))),
+                           in_prompt=copy(state.history.in_prompt))
+    return DecodeState(
+        cache=KVCache(k=tuple(map(copy, state.cache.k)), v=tuple(map(copy, state.cache.v))),
+        tokens=put(state.tokens, jnp.full((B,), token)), positions=put(state.positions, jnp.full((B,), position)),
+        index=put(state.index, jnp.zeros((B,), jnp.int32)), slots=copy(state.slots),
+        sampling=jax.tree.map(put, state.sampling, sampling), history=history)
 
 
 def _put_chunk(state: DecodeState, kv: ChunkKV, row, start) -> DecodeState:
@@ -309,6 +351,7 @@ class PrefillItem:
     params: SamplingParams
     seed: int
     grammar: Matcher | None = None  # its first token is drawn from what this grammar allows
+    prompt_logprobs: bool = False  # also the log-probabilities of the chunk's prompt tokens
 
 
 class _CompileCounter:
@@ -360,6 +403,7 @@ class Engine:
                                                         chunk=config.prefill_chunk),
                                       static_argnames=("window",), donate_argnums=(2,))
         self._put_chunk = jax.jit(_put_chunk, donate_argnums=(0,))
+        self._fork = jax.jit(_fork, donate_argnums=(0,))
         self._masks = BatchMasks(cfg.vocab_size)
         self._grammars: list[Matcher | None] = [None] * config.max_batch_size  # the rows' matchers during a call
         if kernels.available():  # a custom call: the decode program stays in the persistent compilation cache
@@ -410,11 +454,15 @@ class Engine:
         return (2 * cfg.num_layers * self.config.max_batch_size * cfg.num_kv_heads * self.config.max_seq_len
                 * cfg.head_dim * self.params.embed.dtype.itemsize)
 
-    def prefill(self, lora: LoraStack, state: DecodeState, items: list[PrefillItem]) -> tuple[DecodeState, StepTokens, ChunkKV]:
+    def prefill(self, lora: LoraStack, state: DecodeState, items: list[PrefillItem]
+                ) -> tuple[DecodeState, StepTokens, ChunkKV, StepTokens]:
         """The next chunk of up to `prefill_batch` rows whose chunks share one attention window
         (`EngineConfig.window`), padded with dummy places to exactly `prefill_batch`, so the shapes
         depend on the window alone. Returns the new state, each place's first token (meaningful
-        where its prompt ended in this chunk) and the keys and values the call wrote."""
+        where its prompt ended in this chunk), the keys and values the call wrote, and the prompt
+        log-probabilities [P, C] of the places that asked for them (`PrefillItem.prompt_logprobs`):
+        at [p, c] the token at position start + c + 1 (meaningful while that is inside the prompt),
+        its log-probability and the top alternatives."""
         P, C, S = self.config.prefill_batch, self.config.prefill_chunk, self.config.max_seq_len
         windows = {self.config.window(item.start) for item in items}
         if len(items) > P or len(windows) != 1 or any(not 0 <= i.start < len(i.prompt) for i in items):
@@ -433,7 +481,20 @@ class Engine:
         return self._prefill_chunk(self.params, lora, state, prompts, column("start"),
                                    jnp.array([len(i.prompt) for i in items], jnp.int32), column("row"), column("slot"),
                                    RowSampling.of([(i.params, i.seed) for i in items]), self._masks.initial(grammars),
-                                   jnp.array([g is not None for g in grammars]), window=windows.pop())
+                                   jnp.array([g is not None for g in grammars]),
+                                   jnp.array([i.prompt_logprobs for i in items]), window=windows.pop())
+
+    def fork(self, state: DecodeState, row: int, prompt: tuple[int, ...], rows: list[int],
+             sampling: list[tuple[SamplingParams, int]]) -> DecodeState:
+        """Shares row `row`'s prefilled `prompt` with `rows` (more choices of one request, `n`), each
+        with its (params, seed): each then decodes as a row of its own, its first token sampled by its
+        first decode step (the prompt's last place recomputed there) with its own key."""
+        B = self.config.max_batch_size
+        if not rows or len(rows) != len(sampling) or row in rows:
+            raise ValueError("fork takes one row for each (params, seed), none of them the source row")
+        pad = [(SamplingParams(temperature=0.0), 0)] * (B - len(rows))
+        return self._fork(state, jnp.int32(row), jnp.array(list(rows) + [B] * (B - len(rows)), jnp.int32),
+                          RowSampling.of(list(sampling) + pad), jnp.int32(prompt[-1]), jnp.int32(len(prompt) - 1))
 
     def put_chunk(self, state: DecodeState, kv: ChunkKV, row: int, start: int) -> DecodeState:
         """Writes one chunk's keys and values (per layer [C, K, H], e.g. from the prefix cache) into
@@ -462,15 +523,18 @@ class Engine:
 
     def warm_up(self, lora: LoraStack) -> None:
         """Compiles every shape a request can use: a prefill chunk in each window, the chunk write of
-        the prefix cache, generate, swap. Every sampling stage is a branch (`lax.cond`) of these
+        the prefix cache, a fork, generate, swap. Every sampling stage is a branch (`lax.cond`) of these
         same calls, so a greedy request compiles the stages that penalties, logit_bias or min_p take too."""
         state = self.init_state()
         greedy = SamplingParams(max_tokens=1, temperature=0.0)
         C = self.config.prefill_chunk
         for w in self.config.windows:
             start = max(0, w - C)
-            state, _, written = self.prefill(lora, state, [PrefillItem(0, (0,) * (start + 1), start, 0, greedy, 0)])
+            state, _, written, _ = self.prefill(lora, state, [PrefillItem(0, (0,) * (start + 1), start, 0, greedy, 0,
+                                                                          prompt_logprobs=True)])
         state = self.put_chunk(state, jax.tree.map(lambda a: a[0], written), 0, 0)
+        if self.config.max_batch_size > 1:
+            state = self.fork(state, 0, (0,), [1], [(greedy, 0)])
         state, out = self.generate(lora, state)
         state = self.swap_in(self.swap_out(state, 0), state, 0, 0)
         jax.block_until_ready((out.token, state.tokens))

@@ -85,10 +85,16 @@ class Matcher:
     ll: object  # llguidance.LLMatcher
     eos_mask: np.ndarray  # [words] int32: the model's EOS tokens alone (what a finished grammar allows)
     error: str | None = None  # set when the grammar failed mid-generation (resource limits)
+    skip_feed: bool = False  # its row's first decode step feeds a prompt token, not one it drew (a forked choice)
 
     @property
     def done(self) -> bool:
         return self.error is not None or self.ll.is_stopped()
+
+    def fork(self) -> "Matcher":
+        """A copy where this one is, for another choice of the same request: its first token is drawn
+        in a decode step (`engine.Engine.fork`), whose fed token it does not consume."""
+        return Matcher(self.ll.deep_copy(), self.eos_mask, self.error, skip_feed=True)
 
 
 class GrammarCompiler:
@@ -201,7 +207,9 @@ class BatchMasks:
         """Each row's matcher consumes the token the row feeds (`fed[b]`), then gives the mask for
         the token the row samples."""
         for m, token in zip(matchers, fed):
-            if m is not None and not m.done and not m.ll.consume_token(int(token)):
+            if m is not None and m.skip_feed:
+                m.skip_feed = False
+            elif m is not None and not m.done and not m.ll.consume_token(int(token)):
                 m.error = m.ll.get_error() or f"token {int(token)} was not allowed"
         return self._fill(matchers)
 

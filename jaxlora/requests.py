@@ -1,8 +1,9 @@
 """A request as the engine loop sees it, and the channel its tokens come back on.
 
     Request       what was asked: prompt ids, sampling, seed, adapter version, stop ids (frozen)
-    TokenEvent    one generated token, with its logprob and top alternatives
-    Finished      the last event: why it ended, usage, timings, or the error that ended it
+    PromptLogprobs  the prompt tokens' log-probabilities (when asked for), before any token
+    TokenEvent    one generated token of one choice, with its logprob and top alternatives
+    Finished      a choice's last event: why it ended, usage, timings, or the error that ended it
     TokenStream   events pushed by the engine thread, read by a thread or a coroutine
     RequestHandle what `Scheduler.submit` returns: iterate it (sync or async), or cancel it
     MessagePacer  a message budget its consumers' streams share (the serving layer's stream pacing)
@@ -38,10 +39,19 @@ class Request:
 
 
 @dataclasses.dataclass(frozen=True)
+class PromptLogprobs:
+    """Log-probabilities of the prompt's tokens under the model (`SamplingParams.prompt_logprobs`):
+    entry i is of prompt token i + 1 given the tokens before it (the first token has none)."""
+    logprobs: tuple[float, ...]  # [len(prompt) - 1]
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...]  # [len(prompt) - 1][k] (token id, logprob), best first
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenEvent:
     token_id: int
     logprob: float
     top_logprobs: tuple[tuple[int, float], ...]  # up to `logprobs` alternatives, best first
+    choice: int = 0  # which of the request's `n` choices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,14 +66,18 @@ class Finished:
     error: BaseException | None = None
     preemptions: int = 0  # how often it was swapped out of its row and back (fair scheduling)
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    choice: int = 0  # which of the request's `n` choices ended
 
 
 class TokenStream:
-    """Events of one request, pushed by the engine thread, read by a thread or a coroutine."""
+    """Events of one request (all its choices), pushed by the engine thread, read by a thread or a
+    coroutine; it ends with the last choice's Finished."""
 
-    def __init__(self):
+    def __init__(self, choices: int = 1):
         # prompt tokens whose KV came from the prefix cache: set at admission, before the first token
         self.cached_tokens = 0
+        self.choices = choices
+        self._open = choices  # choices whose Finished has not come yet
         self._items: collections.deque = collections.deque()
         self._cond = threading.Condition()
         # (loop, event, how many events it waits for): woken once that many wait, or the last has come
@@ -73,7 +87,8 @@ class TokenStream:
         with self._cond:
             self._items.append(item)
             self._cond.notify_all()
-            last, n = isinstance(item, Finished), len(self._items)
+            self._open -= isinstance(item, Finished)
+            last, n = self._open == 0, len(self._items)
             ready = [w for w in self._async_waiters if last or n >= w[2]]
             if ready:
                 self._async_waiters = [w for w in self._async_waiters if w not in ready]
@@ -88,12 +103,12 @@ class TokenStream:
 
     async def take(self, n: int, not_before: float | None = None) -> list[TokenEvent | Finished]:
         """Every waiting event, once there are at least `n` of them and the clock (time.monotonic()) is
-        past `not_before`, or as soon as the last one (Finished) has come."""
+        past `not_before`, or as soon as the last one (the last choice's Finished) has come."""
         loop = asyncio.get_running_loop()
         while True:
             with self._cond:
                 early = not_before is not None and time.monotonic() < not_before
-                if self._items and (isinstance(self._items[-1], Finished) or (not early and len(self._items) >= n)):
+                if self._items and (self._open == 0 or (not early and len(self._items) >= n)):
                     items, self._items = list(self._items), collections.deque()
                     return items
                 event = asyncio.Event()
@@ -114,7 +129,8 @@ _LAST_ONLY = float("inf")  # a waiter's count that no number of events reaches: 
 
 
 class RequestHandle:
-    """A submitted request: iterate it (sync or async) for TokenEvents, ending with Finished."""
+    """A submitted request: iterate it (sync or async) for its events (PromptLogprobs first when asked
+    for, TokenEvents), ending with the last of its choices' Finished."""
 
     def __init__(self, request: Request, stream: TokenStream, cancel: Callable[[], None]):
         self.request = request
@@ -139,12 +155,12 @@ class RequestHandle:
         """Ends the request: a waiting one leaves the queue, a running one frees its row."""
         self._cancel()
 
-    def __iter__(self) -> Iterator[TokenEvent | Finished]:
-        while True:
+    def __iter__(self) -> Iterator[PromptLogprobs | TokenEvent | Finished]:
+        open_ = self._stream.choices
+        while open_:
             item = self._stream.get()
             yield item
-            if isinstance(item, Finished):
-                return
+            open_ -= isinstance(item, Finished)
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent | Finished]:
         async for batch in self.batches():
@@ -159,12 +175,13 @@ class RequestHandle:
         coarser stream, as with vLLM's stream_interval. With a `pacer`, the batches after the first are
         also spaced by its gap, so a busy server coarsens its streams while an idle one keeps them fine;
         the Finished that ends the request never waits."""
-        want, not_before, pacing = 1, None, False
+        want, not_before, pacing, open_ = 1, None, False, self._stream.choices
         try:
             while True:
                 batch = await self._stream.take(want, not_before)
                 yield batch
-                if isinstance(batch[-1], Finished):
+                open_ -= sum(isinstance(e, Finished) for e in batch)
+                if not open_:
                     return
                 want = interval
                 if pacer is not None:

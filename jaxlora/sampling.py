@@ -59,6 +59,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # [-2, 2]: minus this times how often a token was generated
     repetition_penalty: float = 1.0  # (0, 10]: 1 = off; divides (or multiplies) logits of prompt and generated tokens
     min_p: float = 0.0  # [0, 1]: 0 = off; sampling drops tokens below min_p * the top probability
+    n: int = 1  # choices (each its own row and random stream, `choice_seed`; the prompt prefilled once)
+    prompt_logprobs: int | None = None  # None: none; 0..5: each prompt token's logprob and this many alternatives
 
     def validate(self) -> "SamplingParams":
         def bad(param: str, why: str) -> InvalidRequest:
@@ -87,10 +89,14 @@ class SamplingParams:
             number("seed", self.seed, int)
             if not 0 <= self.seed <= MAX_SEED:
                 raise bad("seed", f"must be between 0 and {MAX_SEED}, got {self.seed}")
-        if self.logprobs is not None:
-            number("logprobs", self.logprobs, int)
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise bad("logprobs", f"must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+        for param in ("logprobs", "prompt_logprobs"):
+            if getattr(self, param) is not None:
+                number(param, getattr(self, param), int)
+                if not 0 <= getattr(self, param) <= MAX_LOGPROBS:
+                    raise bad(param, f"must be between 0 and {MAX_LOGPROBS}, got {getattr(self, param)}")
+        number("n", self.n, int)
+        if self.n < 1:
+            raise bad("n", f"must be at least 1, got {self.n}")
         for t in self.stop_token_ids:
             number("stop_token_ids", t, int)
         for param, low, high in (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0), ("min_p", 0.0, 1.0)):
@@ -123,6 +129,18 @@ def row_key(seed_hi: jax.Array, seed_lo: jax.Array, index: jax.Array) -> jax.Arr
     """The PRNG key of one row's `index`-th generated token: depends on nothing else."""
     key = jax.random.fold_in(jax.random.PRNGKey(seed_lo), seed_hi)
     return jax.random.fold_in(key, index)
+
+
+def choice_seed(seed: int, choice: int) -> int:
+    """The seed of a request's choice `choice` (of `n`): the request's own for choice 0, else a
+    splitmix64 mix of (seed, choice), so every choice has its own random stream and a seeded
+    request draws the same choices whatever runs beside it."""
+    if choice == 0:
+        return seed
+    z = (seed + choice * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & MAX_SEED
 
 
 def split_seed(seed: int) -> tuple[int, int]:

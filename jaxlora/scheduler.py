@@ -51,8 +51,8 @@ from jaxlora.grammar import Matcher
 from jaxlora.lora import LoraStack
 from jaxlora.metrics import EngineMetrics
 from jaxlora.prefix_cache import PrefixCache
-from jaxlora.requests import Finished, Request, RequestHandle, TokenEvent, TokenStream
-from jaxlora.sampling import SamplingParams
+from jaxlora.requests import Finished, PromptLogprobs, Request, RequestHandle, TokenEvent, TokenStream
+from jaxlora.sampling import SamplingParams, choice_seed
 from jaxlora.slots import BASE_SLOT, SlotCache
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,12 @@ class EngineApi(Protocol):
 
     kv_cache_bytes: int
 
-    def prefill(self, lora: LoraStack, state: Any, items: list[PrefillItem]) -> tuple[Any, StepTokens, ChunkKV]: ...
+    def prefill(self, lora: LoraStack, state: Any, items: list[PrefillItem]) -> tuple[Any, StepTokens, ChunkKV, StepTokens]: ...
 
     def put_chunk(self, state: Any, kv: ChunkKV, row: int, start: int) -> Any: ...
+
+    def fork(self, state: Any, row: int, prompt: tuple[int, ...], rows: list[int],
+             sampling: list[tuple[SamplingParams, int]]) -> Any: ...
 
     def generate(self, lora: LoraStack, state: Any, grammars: list[Matcher | None] | None = None
                  ) -> tuple[Any, StepTokens]: ...
@@ -89,10 +92,13 @@ class _Live:
     stream: TokenStream
     adapter_ready: concurrent.futures.Future | None  # the host read of the adapter
     grammar: Matcher | None = None  # what its tokens must follow (advanced by the engine's decode calls)
+    choice: int = 0  # which of the request's `n` choices; choice 0 leads: it queues and prefills
+    followers: list["_Live"] = dataclasses.field(default_factory=list)  # the leader's other choices
     row: int | None = None  # the decode row it holds while running
-    prefilling: bool = False  # it holds a row whose prompt is not all prefilled yet
+    prefilling: bool = False  # it holds a row whose prompt is not all prefilled yet (a follower: not forked yet)
     prefilled: int = 0  # while prefilling: where its next chunk starts
     chunk_keys: list[bytes] = dataclasses.field(default_factory=list)  # its complete chunks' prefix-cache keys
+    prompt_logprobs: list[tuple[float, tuple[tuple[int, float], ...]]] = dataclasses.field(default_factory=list)
     slot: int = BASE_SLOT  # the adapter slot it pins while running
     generated: int = 0
     saved: Any = None  # while preempted: its row's decode state in host memory (`EngineApi.swap_out`)
@@ -133,7 +139,9 @@ class Scheduler:
         produces; `max_rows` and `max_queued` override the engine's `max_rows_per_tenant` and
         `max_queued_per_tenant` for this tenant (its tier), None keeps them. With a `grammar` (a fresh
         matcher, `grammar.GrammarCompiler.matcher`), every token is drawn from what it allows and the
-        request ends with EOS where the grammar is complete."""
+        request ends with EOS where the grammar is complete. With `params.n` > 1 the request has n
+        choices, each its own row (all taken at once) and random stream (`sampling.choice_seed`); the
+        prompt is prefilled once, in choice 0's row, and forked into the others (`EngineApi.fork`)."""
         params.validate()
         if grammar is not None and params.ignore_eos:
             raise InvalidRequest("ignore_eos cannot be combined with a grammar (response_format or tools): the "
@@ -149,6 +157,9 @@ class Scheduler:
                 f"exceeds this model's max_seq_len of {limit}; shorten the prompt or lower max_tokens",
                 param="max_tokens",
             )
+        if params.n > len(self._rows):
+            raise InvalidRequest(f"n ({params.n}) exceeds the {len(self._rows)} choices this model's replicas "
+                                 "decode at once (max_batch_size); ask for fewer", param="n")
         vocab = self.engine.vocab_size
         if any(not (0 <= t < vocab) for t in prompt):
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
@@ -175,7 +186,10 @@ class Scheduler:
                               frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids),
                               time.monotonic(), tenant, weight,
                               max_rows if max_rows is not None else self.engine.config.max_rows_per_tenant)
-            req = _Live(request, TokenStream(), None if adapter is None else self.slots.prefetch(adapter), grammar)
+            req = _Live(request, TokenStream(params.n), None if adapter is None else self.slots.prefetch(adapter), grammar)
+            req.followers = [_Live(dataclasses.replace(request, seed=choice_seed(seed, i)), req.stream, req.adapter_ready,
+                                   None if grammar is None else grammar.fork(), choice=i, prefilling=True)
+                             for i in range(1, params.n)]
             if not waiting[tenant]:
                 self.counters.activate(tenant, waiting)
             self._waiting.append(req)
@@ -187,11 +201,13 @@ class Scheduler:
         return RequestHandle(request, req.stream, lambda: self._cancel(req))
 
     def _cancel(self, req: _Live) -> None:
+        """Cancels the request: every one of its choices."""
         with self._cond:
-            if not req.cancelled:
-                req.cancelled = True
-                self._to_cancel.append(req)
-                self._cond.notify_all()
+            for r in (req, *req.followers):
+                if not r.cancelled:
+                    r.cancelled = True
+                    self._to_cancel.append(r)
+            self._cond.notify_all()
 
     def _wake(self) -> None:
         with self._cond:
@@ -264,16 +280,17 @@ class Scheduler:
             req = self._next()
             if req is None:
                 return
+            if req.saved is None and self.free_rows() < 1 + len(req.followers):  # its choices' rows all at once:
+                self._put_back(req)  # it keeps its place, and rows freeing accumulate for it
+                return
             if req.request.adapter is not None:
                 if req.adapter_ready.exception() is not None:  # the adapter failed to load: this request only
                     self._finish(req, "error", req.adapter_ready.exception())
                     continue
                 try:
                     req.slot = self.slots.acquire(req.request.adapter)
-                except NoFreeSlot:
-                    with self._cond:  # it keeps its place (and its service); rows finishing free slots
-                        self._waiting.appendleft(req)
-                    self.counters.charge_prompt(req.request.tenant, -self._prompt_cost(req), req.request.weight)
+                except NoFreeSlot:  # it keeps its place; rows finishing free slots
+                    self._put_back(req)
                     return
                 except JaxLoraError as e:  # e.g. evicted from the host cache and then unreadable
                     self._finish(req, "error", e)
@@ -283,21 +300,35 @@ class Scheduler:
             else:
                 self._place(req)
 
+    def _put_back(self, req: _Live) -> None:
+        """`req`, just taken by `_next`, back at the head of the queue, its service given back."""
+        with self._cond:
+            self._waiting.appendleft(req)
+        self.counters.charge_prompt(req.request.tenant, -self._prompt_cost(req), req.request.weight)
+
     def _take_row(self, req: _Live) -> None:
         req.row = self._rows.index(None)
         self._rows[req.row] = req
         req.placed_at = self.metrics.decode_calls
 
     def _place(self, req: _Live) -> None:
-        """A new request into a free row, with the longest run of its prompt's leading chunks that
-        the prefix cache holds for its adapter version copied in. The last chunk is always left to
-        prefill: its logits give the first token."""
+        """A new request into a free row (its other choices each into one more, where they wait for
+        its prompt), with the longest run of its prompt's leading chunks that the prefix cache holds
+        for its adapter version copied in. The last chunk is always left to prefill: its logits give
+        the first token. A request that asks for its prompt's log-probabilities prefills every chunk
+        (the cache keeps keys and values, not what the chunk's logits said)."""
         self._take_row(req)
         req.prefilling = True
+        for f in req.followers:
+            self._take_row(f)
+            if f.request.adapter is not None:
+                f.slot = self.slots.acquire(f.request.adapter)  # the leader's slot, pinned once more
         if self.prefix.enabled:
             prompt, C = req.request.prompt, self.engine.config.prefill_chunk
             req.chunk_keys = self.prefix.chunk_keys(prompt)
             usable = (len(prompt) - 1) // C
+            if req.request.params.prompt_logprobs is not None:
+                usable = 0
             hits = self.prefix.lookup(self._adapter_key(req), req.chunk_keys[:usable]) if usable else []
             for i, kv in enumerate(hits):
                 self._state = self.engine.put_chunk(self._state, kv, req.row, i * C)
@@ -332,21 +363,48 @@ class Scheduler:
                 return
             window = config.window(self._prefilling[0].prefilled)
             group = [r for r in self._prefilling if config.window(r.prefilled) == window][:P]
-            items = [PrefillItem(r.row, r.request.prompt, r.prefilled, r.slot, r.request.params, r.request.seed, r.grammar)
-                     for r in group]
-            self._state, first, written = self.engine.prefill(self.slots.stack, self._state, items)
+            items = [PrefillItem(r.row, r.request.prompt, r.prefilled, r.slot, r.request.params, r.request.seed, r.grammar,
+                                 r.request.params.prompt_logprobs is not None) for r in group]
+            self._state, first, written, prompt = self.engine.prefill(self.slots.stack, self._state, items)
             spent += P * C
             self.metrics.record_prefill(len(group) * C)
             self._keep_chunks(group, written)
             first = jax.device_get(first)
-            now = time.monotonic()
+            if any(i.prompt_logprobs for i in items):
+                self._keep_prompt_logprobs(group, jax.device_get(prompt))
             for p, req in enumerate(group):
                 req.prefilled += C
                 if req.prefilled >= len(req.request.prompt):
                     req.prefilling = False
                     self._prefilling.remove(req)
-                    req.first_token_at = now
+                    self._prompt_done(req)
                     self._accept(req, int(first.token[p]), float(first.logprob[p]), first.top_ids[p], first.top_logprobs[p])
+
+    def _keep_prompt_logprobs(self, group: list[_Live], prompt: StepTokens) -> None:
+        """The prompt tokens' log-probabilities this call computed, for the requests that asked: at
+        [p, c], of the token at position prefilled + c + 1 while that is in the prompt."""
+        for p, r in enumerate(group):
+            k = r.request.params.prompt_logprobs
+            if k is None:
+                continue
+            for c in range(min(self.engine.config.prefill_chunk, len(r.request.prompt) - 1 - r.prefilled)):
+                r.prompt_logprobs.append((float(prompt.logprob[p, c]),
+                                          tuple((int(prompt.top_ids[p, c, i]), float(prompt.top_logprobs[p, c, i]))
+                                                for i in range(k))))
+
+    def _prompt_done(self, req: _Live) -> None:
+        """The prompt of `req` is all prefilled: its log-probabilities go out (when asked for), and its
+        other choices get its row's prompt (`EngineApi.fork`) and decode from the next call on."""
+        if req.request.params.prompt_logprobs is not None:
+            req.stream.put(PromptLogprobs(tuple(lp for lp, _ in req.prompt_logprobs),
+                                          tuple(top for _, top in req.prompt_logprobs)))
+            req.prompt_logprobs = []
+        forks = [f for f in req.followers if not f.done]
+        if forks:
+            self._state = self.engine.fork(self._state, req.row, req.request.prompt, [f.row for f in forks],
+                                           [(f.request.params, f.request.seed) for f in forks])
+            for f in forks:
+                f.prefilling = False
 
     def _keep_chunks(self, group: list[_Live], written: ChunkKV) -> None:
         """Puts the chunks of `group` this call completed, and the cache lacks, into the prefix cache."""
@@ -480,10 +538,12 @@ class Scheduler:
 
     def _accept(self, req: _Live, token: int, logprob: float, top_ids: np.ndarray, top_lps: np.ndarray) -> None:
         req.generated += 1
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
         self.counters.charge_completion(req.request.tenant, 1, req.request.weight)
         n_top = req.request.params.logprobs or 0
         top = tuple((int(top_ids[i]), float(top_lps[i])) for i in range(n_top))
-        req.stream.put(TokenEvent(token, logprob, top))
+        req.stream.put(TokenEvent(token, logprob, top, req.choice))
         if token in req.request.stop_ids:
             self._retire(req, "stop")
         elif req.generated >= req.request.params.max_tokens:
@@ -494,7 +554,7 @@ class Scheduler:
             return
         if req.row is not None:
             self._rows[req.row] = None
-            if req.prefilling:
+            if req in self._prefilling:
                 self._prefilling.remove(req)
             if req.request.adapter is not None:
                 self.slots.release(req.slot)
@@ -514,7 +574,10 @@ class Scheduler:
             self._swapped -= 1
         req.stream.put(Finished(reason if error is None else "error", len(req.request.prompt), req.generated,
                                 now - req.request.submitted_at, ttft, req.request.seed, req.request.adapter, error,
-                                req.preemptions, req.stream.cached_tokens))
+                                req.preemptions, req.stream.cached_tokens, req.choice))
+        for f in req.followers:  # choices still waiting for its prompt end with it
+            if f.prefilling:
+                self._retire(f, reason, error)
 
     def _fail_all(self, error: BaseException) -> None:
         self._prefilling.clear()

@@ -2,13 +2,14 @@
 model OpenAI documents for its own limits.
 
 A bucket holds up to the per-minute limit and refills continuously at limit/60 per second. A request
-takes 1 from the tenant's "requests" bucket and its reservation from its "tokens" bucket: prompt tokens
-+ max_tokens (the ingress reserves the rest of the context when a request gives no max_tokens, as the
-engine then fills it). It is admitted only if every limited bucket has enough; a refused request takes
+takes 1 from the tenant's "requests" bucket (a batch of prompts, one per prompt) and its reservation
+from its "tokens" bucket: prompt tokens + max_tokens for each choice (the ingress reserves the rest of
+the context when a request gives no max_tokens, as the engine then fills it). It is admitted only if every limited bucket has enough; a refused request takes
 nothing. When it ends, `settle` gives back what was reserved but not used (its usage: prompt +
 completion tokens), so the tokens bucket ends up charged with what was used, and never more is in
-flight than the limit allows. A reservation larger than the whole limit can never be admitted: it is
-refused with a message naming what to lower and no Retry-After (OpenAI's "Request too large").
+flight than the limit allows. A reservation larger than the whole limit (or a batch of more prompts
+than the requests limit) can never be admitted: it is refused with a message naming what to lower and
+no Retry-After (OpenAI's "Request too large").
 
 `Limiter` is plain Python with an injected clock (unit-tested with a fake one); the `TenantState`
 deployment holds the one instance of an app, so every ingress replica draws on the same buckets.
@@ -72,10 +73,11 @@ class Budget:
 @dataclasses.dataclass(frozen=True)
 class Decision:
     budgets: dict[str, Budget]  # kind -> its bucket after the decision; only the tenant's limited kinds
-    requested: int  # tokens the request asked to reserve (prompt + max_tokens)
+    requested: int  # tokens the request asked to reserve (prompt + max_tokens of each choice)
     prompt_tokens: int
     refused: str | None = None  # the kind the request does not fit; None: admitted
     retry_after_s: float | None = None  # refused: seconds until it would fit; None: never (over the whole limit)
+    requests: int = 1  # requests it counts as (a batch of prompts: one per prompt)
 
     @property
     def admitted(self) -> bool:
@@ -97,6 +99,10 @@ class Decision:
         """The 429 of a refusal, in OpenAI's shape: `type` is the kind, the message names the limit."""
         b = self.budgets[self.refused]
         max_tokens = self.requested - self.prompt_tokens
+        if self.retry_after_s is None and self.refused == REQUESTS:
+            message = (f"Request too large for requests per min (RPM): Limit {b.limit}, Requested {self.requests} "
+                       "(one per prompt). It can never fit this limit: send fewer prompts at once")
+            return ApiError(429, message, self.refused, None, "rate_limit_exceeded", headers=self.headers())
         if self.retry_after_s is None:
             message = (f"Request too large for tokens per min (TPM): Limit {b.limit}, Requested {self.requested} "
                        f"(prompt {self.prompt_tokens} + max_tokens {max_tokens}). It can never fit this limit: lower "
@@ -130,17 +136,18 @@ class Limiter:
             bucket.capacity, bucket.level = limit, min(bucket.level, limit)
         return bucket
 
-    def admit(self, tenant: str, limits: Limits, prompt_tokens: int, max_tokens: int) -> Decision:
-        """Takes 1 request and `prompt_tokens + max_tokens` tokens from the tenant's buckets if both fit;
-        takes nothing otherwise."""
+    def admit(self, tenant: str, limits: Limits, prompt_tokens: int, max_tokens: int, requests: int = 1) -> Decision:
+        """Takes `requests` requests and `prompt_tokens + max_tokens` tokens from the tenant's buckets if
+        both fit; takes nothing otherwise."""
         now = self.clock()
         requested = prompt_tokens + max_tokens
-        needs = {REQUESTS: 1, TOKENS: requested}
+        needs = {REQUESTS: requests, TOKENS: requested}
         buckets = {kind: b for kind, limit in ((REQUESTS, limits.requests_per_minute), (TOKENS, limits.tokens_per_minute))
                    if (b := self._bucket(tenant, kind, limit, now)) is not None}
         refused, retry_after = None, None
-        if TOKENS in buckets and requested > buckets[TOKENS].capacity:
-            refused = TOKENS
+        never = [kind for kind, b in buckets.items() if needs[kind] > b.capacity]
+        if never:
+            refused = TOKENS if TOKENS in never else REQUESTS
         else:
             waits = {kind: b.seconds_until(needs[kind]) for kind, b in buckets.items()}
             if any(w > 0 for w in waits.values()):
@@ -151,7 +158,7 @@ class Limiter:
                 b.level -= needs[kind]
         budgets = {kind: Budget(b.capacity, max(0, math.floor(b.level)), b.seconds_until(b.capacity))
                    for kind, b in buckets.items()}
-        return Decision(budgets, requested, prompt_tokens, refused, retry_after)
+        return Decision(budgets, requested, prompt_tokens, refused, retry_after, requests)
 
     def settle(self, tenant: str, reserved: int, used: int) -> None:
         """A request that reserved `reserved` tokens ended having used `used`: the difference goes back

@@ -2,9 +2,11 @@
 (JetStream's `mock_engine.py` is the model). It implements `scheduler.EngineApi` with numpy:
 
     first token of a prompt p on adapter slot s:   (sum(p) + 100 * s) % VOCAB
+    ... of a choice forked from it with seed e:    (sum(p) + 100 * s + e) % VOCAB (made by a decode step)
     each later token of that row:                  (previous token + 1) % VOCAB
     logprob of a row's n-th token (n from 0):      -n
     top alternatives:                              (token + i, -n - i) for i = 1, 2, ...
+    logprob of prompt token t (when asked for):    -t / VOCAB, top alternatives ((t + i) % VOCAB, -(t + i) / VOCAB)
 
 So a base-model request for [3, 4] yields 7, 8, 9, ... with logprobs 0, -1, -2, ... Every device
 call is recorded in `calls`, and `gate` (when set) makes each generate call wait for one release,
@@ -54,7 +56,8 @@ class MockEngine:
         B = self.config.max_batch_size
         return MockState(np.zeros(B, np.int64), np.zeros(B, np.int64), np.zeros(B, np.int64))
 
-    def prefill(self, lora: LoraStack, state: MockState, items: list[PrefillItem]) -> tuple[MockState, StepTokens, ChunkKV]:
+    def prefill(self, lora: LoraStack, state: MockState, items: list[PrefillItem]
+                ) -> tuple[MockState, StepTokens, ChunkKV, StepTokens]:
         C = self.config.prefill_chunk
         assert len(items) <= self.config.prefill_batch and len({self.config.window(i.start) for i in items}) == 1
         self.calls.append(("prefill", [tuple(i.prompt) for i in items], [i.row for i in items]))
@@ -65,7 +68,20 @@ class MockEngine:
                 state.tokens[i.row], state.index[i.row], state.slots[i.row] = first[p], 1, i.slot
         # each "key" entry is the chunk's start position, so a test can see which chunk a cache hit copied
         written = ChunkKV(k=(np.array([[i.start] for i in items]),), v=(np.zeros((len(items), 1)),))
-        return state, _tokens(first, np.zeros(len(items), np.int64)), written
+        padded = [np.array(i.prompt + (0,) * (i.start + C + 1)) for i in items]
+        following = np.array([p[i.start + 1: i.start + 1 + C] for p, i in zip(padded, items)])  # [P, C]
+        alt = np.arange(1, TOP + 1)
+        prompt = StepTokens(token=following, logprob=-following / VOCAB, top_ids=(following[..., None] + alt) % VOCAB,
+                            top_logprobs=-(following[..., None] + alt) / VOCAB)
+        return state, _tokens(first, np.zeros(len(items), np.int64)), written, prompt
+
+    def fork(self, state: MockState, row: int, prompt: tuple[int, ...], rows: list[int], sampling) -> MockState:
+        self.calls.append(("fork", row, tuple(rows)))
+        state = MockState(state.tokens.copy(), state.index.copy(), state.slots.copy())
+        for r, (_, seed) in zip(rows, sampling):  # its first decode step adds 1 to the token it feeds
+            state.tokens[r] = (sum(prompt) + 100 * state.slots[row] + seed - 1) % VOCAB
+            state.index[r], state.slots[r] = 0, state.slots[row]
+        return state
 
     def put_chunk(self, state: MockState, kv: ChunkKV, row: int, start: int) -> MockState:
         assert int(kv.k[0][0]) == start, "a cached chunk goes back where it was computed"

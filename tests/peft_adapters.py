@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -50,3 +51,13 @@ def peft_greedy(model: PeftModel, adapter: str | None, prompt: list[int], max_ne
             model.set_adapter(adapter)
             out = model.generate(input_ids=ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+def peft_logits(model: PeftModel, adapter: str | None, prompt: list[int]) -> np.ndarray:
+    """PEFT's float32 logits [T, V] of `prompt` on `adapter` (None: the base model)."""
+    with torch.no_grad():
+        if adapter is None:
+            with model.disable_adapter():
+                return model(input_ids=torch.tensor([prompt])).logits[0].numpy()
+        model.set_adapter(adapter)
+        return model(input_ids=torch.tensor([prompt])).logits[0].numpy()

@@ -7,15 +7,17 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from jaxlora.hf_checkpoint import model_fingerprint
 from jaxlora.engine import compile_count
 from jaxlora.errors import InvalidRequest, Overloaded
 from jaxlora.replica import build_slots
+from jaxlora.requests import Finished, PromptLogprobs, TokenEvent
 from jaxlora.sampling import SamplingParams
 from jaxlora.scheduler import Scheduler
 from tests.engine_fixtures import build_tiny_engine, collect
-from tests.peft_adapters import load_peft, peft_greedy
+from tests.peft_adapters import load_peft, peft_greedy, peft_logits
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -123,6 +125,85 @@ def test_needle_swapped_out_and_resumed_in_another_row_is_bitwise_identical(tiny
     assert compile_count() - before == 0
 
 
+def _events(handle) -> tuple[PromptLogprobs | None, dict[int, tuple[list, list, list]], dict[int, Finished]]:
+    """A request's prompt logprobs, and per choice its (tokens, logprobs, alternatives) and Finished."""
+    prompt, choices, ends = None, {}, {}
+    for ev in handle:
+        if isinstance(ev, PromptLogprobs):
+            prompt = ev
+        elif isinstance(ev, TokenEvent):
+            for column, value in zip(choices.setdefault(ev.choice, ([], [], [])), (ev.token_id, ev.logprob, ev.top_logprobs)):
+                column.append(value)
+        else:
+            ends[ev.choice] = ev
+    return prompt, choices, ends
+
+
+def test_prompt_logprobs_equal_transformers_log_softmax_cached_prompt_or_not(tiny):
+    """Each prompt token's logprob given the tokens before it, and the top 5, against the log-softmax
+    of transformers + PEFT's logits over the same prompt: on the base model and on adapters, for
+    prompts of one to four chunks, and after a plain request put the prompt's chunks in the prefix
+    cache (whose hits a prompt-logprobs request does not take: it prefills every chunk)."""
+    rng = np.random.default_rng(5)
+    jobs = [(None, 2), ("a_qv_r4", 8), ("b_all_r8_rslora", 20), (None, 31), ("c_mlp_r2", 13)]
+    prompts = [_prompt(rng, n) for _, n in jobs]
+    sched = tiny.scheduler()
+    try:
+        for (adapter, _), p in zip(jobs[2:], prompts[2:]):  # these prompts' complete chunks are now cached
+            assert collect(sched.submit(p, SamplingParams(max_tokens=1, **GREEDY), tiny.adapters.get(adapter)))[3].reason
+        handles = [sched.submit(p, SamplingParams(max_tokens=2, prompt_logprobs=5, **GREEDY), tiny.adapters.get(a))
+                   for (a, _), p in zip(jobs, prompts)]
+        results = [_events(h) for h in handles]
+    finally:
+        sched.stop()
+    peft_model = load_peft(tiny.base_dir, tiny.peft_dirs)
+    for (adapter, _), p, (prompt, choices, ends) in zip(jobs, prompts, results):
+        logprobs_TxV = torch.log_softmax(torch.from_numpy(peft_logits(peft_model, adapter, p)), dim=-1).numpy()
+        expected = logprobs_TxV[np.arange(len(p) - 1), p[1:]]
+        assert len(prompt.logprobs) == len(p) - 1 and ends[0].cached_tokens == 0
+        np.testing.assert_allclose(prompt.logprobs, expected, atol=1e-4, err_msg=str(adapter))
+        top_ids = [[t for t, _ in top] for top in prompt.top_logprobs]
+        top_lps = [[lp for _, lp in top] for top in prompt.top_logprobs]
+        np.testing.assert_allclose(top_lps, -np.sort(-logprobs_TxV[:-1], axis=-1)[:, :5], atol=1e-4)
+        np.testing.assert_allclose(np.take_along_axis(logprobs_TxV[:-1], np.array(top_ids), axis=-1), top_lps, atol=1e-4)
+        assert choices[0][0][0] == int(np.argmax(logprobs_TxV[-1]))  # the first token: the prompt's next
+
+
+def test_n_seeded_choices_are_the_same_alone_and_in_any_batch(tiny):
+    """n=4 with a seed: the prompt prefilled once, forked into three more rows; each choice draws from
+    its own random stream, so the four are not all alike, and a choice's tokens, logprobs and
+    alternatives are bitwise the same whether the request runs alone or among others, at any row."""
+    rng = np.random.default_rng(6)
+    needle = (_prompt(rng, 19), SamplingParams(max_tokens=12, temperature=1.0, seed=2024, n=4, logprobs=2, ignore_eos=True),
+              tiny.adapters["b_all_r8_rslora"])
+    sched = tiny.scheduler()
+    try:
+        _, alone, ends = _events(sched.submit(*needle))
+    finally:
+        sched.stop()
+    assert sorted(alone) == [0, 1, 2, 3] and len({tuple(c[0]) for c in alone.values()}) > 1
+    assert sorted(ends) == [0, 1, 2, 3] and all(f.completion_tokens == 12 for f in ends.values())
+    names = [None, *tiny.adapters]
+    for trial in range(3):
+        before = int(rng.integers(0, 4))
+        fillers = [(_prompt(rng, int(rng.integers(1, 30))),
+                    SamplingParams(max_tokens=int(rng.integers(4, 30)), temperature=float(rng.choice([0.0, 1.0])),
+                                   seed=int(rng.integers(0, 2**31)), ignore_eos=True),
+                    tiny.adapters.get(names[int(rng.integers(0, len(names)))])) for _ in range(6)]
+        sched = tiny.scheduler(start=False)
+        try:
+            others = [sched.submit(*f) for f in fillers[:before]]
+            handle = sched.submit(*needle)
+            others += [sched.submit(*f) for f in fillers[before:]]
+            sched.start()
+            _, batched, _ = _events(handle)
+            for h in others:
+                collect(h)
+        finally:
+            sched.stop()
+        assert batched == alone, f"trial {trial}: choices differ beside {before} requests ahead"
+
+
 def test_tokens_do_not_depend_on_the_adapter_slot(tiny):
     """Which device slot an adapter lands in depends on what else was loaded (and evicted) before;
     a request's tokens and logprobs must not."""
@@ -156,11 +237,12 @@ def test_no_compilation_after_warm_up(tiny):
         before = compile_count()
         handles = [sched.submit(_prompt(rng, int(rng.integers(1, 40))),
                                 SamplingParams(max_tokens=int(rng.integers(1, 20)), temperature=float(rng.choice([0.0, 0.7])),
-                                               top_k=int(rng.integers(0, 50)), logprobs=int(rng.integers(0, 6))),
+                                               top_k=int(rng.integers(0, 50)), logprobs=int(rng.integers(0, 6)),
+                                               n=int(rng.choice([1, 1, 3])), prompt_logprobs=[None, 2][int(rng.integers(2))]),
                                 tiny.adapters.get(names[int(rng.integers(0, len(names)))]))
                    for _ in range(50)]
         for h in handles:
-            assert collect(h)[3].reason in ("stop", "length")
+            assert all(e.reason in ("stop", "length") for e in h if isinstance(e, Finished))
         assert compile_count() - before == 0
     finally:
         sched.stop()

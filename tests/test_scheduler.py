@@ -14,8 +14,9 @@ import pytest
 from jaxlora.adapter_format import LoraAdapter
 from jaxlora.adapter_store import ResolvedAdapter
 from jaxlora.engine import EngineConfig
-from jaxlora.errors import EngineDead, Overloaded
-from jaxlora.sampling import SamplingParams
+from jaxlora.errors import EngineDead, InvalidRequest, Overloaded
+from jaxlora.requests import Finished, PromptLogprobs, TokenEvent
+from jaxlora.sampling import SamplingParams, choice_seed
 from jaxlora.scheduler import Scheduler
 from jaxlora.slots import SlotCache
 from tests.engine_fixtures import collect
@@ -234,6 +235,98 @@ def test_a_stop_token_inside_a_decode_call_retires_the_row_there(loop):
     tokens, _, _, fin = collect(ignore)
     assert tokens == [996, 997, 998, 999, 0] and fin.reason == "length"
     assert sched.free_rows() == 3
+
+
+def _choices(handle) -> tuple[list[PromptLogprobs], dict[int, list[int]], dict[int, Finished]]:
+    """Every event of a request: its prompt logprobs events, and each choice's tokens and Finished."""
+    prompt, tokens, ends = [], {}, {}
+    for ev in handle:
+        if isinstance(ev, PromptLogprobs):
+            prompt.append(ev)
+        elif isinstance(ev, TokenEvent):
+            assert ev.choice not in ends, "a token after its choice's Finished"
+            tokens.setdefault(ev.choice, []).append(ev.token_id)
+        else:
+            ends[ev.choice] = ev
+    return prompt, tokens, ends
+
+
+def test_n_choices_prefill_the_prompt_once_and_fork_it(loop):
+    sched, engine, _ = loop
+    h = sched.submit([3, 4], SamplingParams(max_tokens=3, n=3, seed=5, **GREEDY), _adapter("a"))
+    sched.start()
+    _, tokens, ends = _choices(h)
+    first = [107] + [(107 + choice_seed(5, i)) % 1000 for i in (1, 2)]  # slot 1; a forked choice's own seed
+    assert tokens == {i: [t, t + 1, t + 2] for i, t in enumerate(first)}
+    assert {i: (f.reason, f.seed, f.completion_tokens) for i, f in ends.items()} == {
+        i: ("length", choice_seed(5, i), 3) for i in range(3)}
+    calls = [c for c in engine.calls if c[0] in ("prefill", "fork")]
+    assert calls == [("prefill", [(3, 4)], [0]), ("fork", 0, (1, 2))]
+    assert sched.free_rows() == 3 and sched.slots._refs[1] == 0  # every choice's row and slot pin given back
+
+
+def test_a_request_of_n_choices_waits_until_its_rows_are_all_free(loop):
+    sched, engine, _ = loop
+    running = sched.submit([1], SamplingParams(max_tokens=6, **GREEDY))
+    group = sched.submit([2], SamplingParams(max_tokens=1, n=3, seed=0, **GREEDY))
+    after = sched.submit([9], SamplingParams(max_tokens=1, **GREEDY))  # does not pass the group in the queue
+    sched.start()
+    assert collect(running)[0] == [1, 2, 3, 4, 5, 6]
+    assert _choices(group)[1] == {0: [2], 1: [2 + choice_seed(0, 1) % 1000], 2: [(2 + choice_seed(0, 2)) % 1000]}
+    assert collect(after)[0] == [9]
+    prefills = [c[1] for c in engine.calls if c[0] == "prefill"]
+    assert prefills == [[(1,)], [(2,)], [(9,)]]
+    # the group's prefill comes after the running request's last decode call (2: 1 + 4 + 4 >= 6)
+    assert engine.calls.index(("prefill", [(2,)], [0])) > max(i for i, c in enumerate(engine.calls) if c == ("generate",)
+                                                               and i < engine.calls.index(("prefill", [(2,)], [0])))
+
+
+def test_more_choices_than_rows_are_refused(loop):
+    sched, _, _ = loop
+    with pytest.raises(InvalidRequest, match="n \\(4\\) exceeds") as e:
+        sched.submit([1], SamplingParams(max_tokens=1, n=4))
+    assert e.value.param == "n"
+
+
+def test_cancelling_a_request_ends_every_choice_even_those_waiting_for_the_prompt(loop):
+    sched, engine, _ = loop
+    engine.gate = gate = threading.Semaphore(0)
+    busy = sched.submit([1], SamplingParams(max_tokens=50, **GREEDY))
+    sched.start()
+    next(iter(busy))
+    group = sched.submit([2] * 30, SamplingParams(max_tokens=5, n=2, **GREEDY))  # 4 chunks, one a turn
+    engine.held.clear()
+    gate.release()  # the next turn places the group and prefills its first chunk
+    assert engine.held.wait(timeout=30)  # held in the decode call after it
+    assert sched.snapshot()["prefilling_rows"] == 1 and sched.free_rows() == 0
+    group.cancel()
+    engine.gate = None
+    gate.release()
+    _, tokens, ends = _choices(group)
+    assert {i: f.reason for i, f in ends.items()} == {0: "cancelled", 1: "cancelled"} and not tokens
+    assert not any(c[0] == "fork" for c in engine.calls)
+    assert collect(busy)[3].reason == "length"
+    assert sched.free_rows() == 3
+
+
+def test_prompt_logprobs_come_first_and_skip_the_prefix_cache(loop):
+    sched, engine, _ = loop
+    prompt = list(range(10, 30))  # 20 tokens: chunks of 8 at 0, 8, 16
+    plain = sched.submit(prompt, SamplingParams(max_tokens=1, **GREEDY))
+    sched.start()
+    collect(plain)  # its complete chunks (0 and 8) are in the prefix cache now
+    again = sched.submit(prompt, SamplingParams(max_tokens=2, prompt_logprobs=2, **GREEDY))
+    events = list(again)
+    assert isinstance(events[0], PromptLogprobs) and isinstance(events[1], TokenEvent)
+    lp = events[0]
+    assert lp.logprobs == tuple(-t / 1000 for t in prompt[1:])  # the mock's rule: -t / VOCAB, token 0 has none
+    assert lp.top_logprobs[4] == ((prompt[5] + 1, -(prompt[5] + 1) / 1000), (prompt[5] + 2, -(prompt[5] + 2) / 1000))
+    assert [e.token_id for e in events if isinstance(e, TokenEvent)] == [sum(prompt) % 1000, sum(prompt) % 1000 + 1]
+    # every chunk prefilled again: a cached chunk holds keys and values, not the logits it gave
+    assert [c[0] for c in engine.calls].count("put_chunk") == 0
+    assert [c[0] for c in engine.calls].count("prefill") == 6 and events[-1].cached_tokens == 0
+    cached = sched.submit(prompt, SamplingParams(max_tokens=1, **GREEDY))  # without logprobs: the cache serves
+    assert collect(cached)[3].cached_tokens == 16
 
 
 def test_max_tokens_none_fills_the_context(loop):
