@@ -40,6 +40,7 @@ from jax.experimental import io_callback
 
 from jaxlora import kernels
 from jaxlora.config import ModelConfig
+from jaxlora.errors import InvalidRequest
 from jaxlora.fairness import POLICIES
 from jaxlora.grammar import BatchMasks, Matcher
 from jaxlora.lora import LoraStack, gather_rows
@@ -147,6 +148,23 @@ class EngineConfig:
         the chunk is computed in the same shapes whichever call, batch or cache hit it comes in."""
         end = start + self.prefill_chunk
         return next((w for w in self.windows if w >= end), self.max_seq_len)
+
+    def check_request(self, prompt_len: int, max_tokens: int | None, n: int = 1, prompt: str = "prompt") -> int:
+        """The request's max_tokens (None resolved to `default_max_tokens`), or InvalidRequest when its
+        prompt (named `prompt` in the message) is empty, its prompt and max_tokens do not fit one row,
+        or it asks for more choices than there are rows (a request's choices decode at once)."""
+        if prompt_len == 0:
+            raise InvalidRequest(f"the {prompt} is empty: give at least one token", param="prompt")
+        if max_tokens is None:
+            max_tokens = self.default_max_tokens(prompt_len)
+        if prompt_len + max_tokens > self.max_seq_len:
+            raise InvalidRequest(
+                f"{prompt} ({prompt_len} tokens) + max_tokens ({max_tokens}) = {prompt_len + max_tokens} exceeds this "
+                f"model's max_seq_len of {self.max_seq_len}; shorten the prompt or lower max_tokens", param="max_tokens")
+        if n > self.max_batch_size:
+            raise InvalidRequest(f"n ({n}) exceeds the {self.max_batch_size} choices this model's replicas decode at "
+                                 "once (max_batch_size); ask for fewer", param="n")
+        return max_tokens
 
     def default_max_tokens(self, prompt_len: int) -> int:
         """A request that gives no max_tokens may fill the rest of the context (at least one token;

@@ -146,20 +146,8 @@ class Scheduler:
         if grammar is not None and params.ignore_eos:
             raise InvalidRequest("ignore_eos cannot be combined with a grammar (response_format or tools): the "
                                  "grammar ends the answer with EOS", param="ignore_eos")
-        limit = self.engine.config.max_seq_len
-        if not prompt:
-            raise InvalidRequest("the prompt is empty: give at least one token", param="prompt")
-        if params.max_tokens is None:
-            params = dataclasses.replace(params, max_tokens=self.engine.config.default_max_tokens(len(prompt)))
-        if len(prompt) + params.max_tokens > limit:
-            raise InvalidRequest(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {len(prompt) + params.max_tokens} "
-                f"exceeds this model's max_seq_len of {limit}; shorten the prompt or lower max_tokens",
-                param="max_tokens",
-            )
-        if params.n > len(self._rows):
-            raise InvalidRequest(f"n ({params.n}) exceeds the {len(self._rows)} choices this model's replicas "
-                                 "decode at once (max_batch_size); ask for fewer", param="n")
+        params = dataclasses.replace(params, max_tokens=self.engine.config.check_request(len(prompt), params.max_tokens,
+                                                                                          params.n))
         vocab = self.engine.vocab_size
         if any(not (0 <= t < vocab) for t in prompt):
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")

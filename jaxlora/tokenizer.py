@@ -59,23 +59,23 @@ def _tokenizer_class(model_dir: Path) -> str | None:
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], tools: Sequence[dict] | None = None,
-                chat_template: str | None = None) -> str:
-    """The prompt text for `messages`, ending where the assistant's reply begins, through
-    `chat_template` (an adapter's own) or the tokenizer's. `tools` (OpenAI's function specs) and the
-    calls and results in the messages go through the template when it renders tools itself, else
-    in the default form (`tool_calls.prepare_messages`)."""
+                chat_template: str | None = None, add_generation_prompt: bool = True) -> str:
+    """The prompt text for `messages`, ending where the assistant's reply begins (unless
+    `add_generation_prompt` is false), through `chat_template` (an adapter's own) or the tokenizer's.
+    `tools` (OpenAI's function specs) and the calls and results in the messages go through the template
+    when it renders tools itself, else in the default form (`tool_calls.prepare_messages`)."""
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
         native = template_knows_tools(template)
         messages = prepare_messages(messages, tools, native)
         if native:
             return tokenizer.apply_chat_template(messages, tools=list(tools or []) or None, tokenize=False,
-                                                 add_generation_prompt=True, chat_template=template)
+                                                 add_generation_prompt=add_generation_prompt, chat_template=template)
     if template:
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True,
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
                                              chat_template=template)
     lines = [f"{m['role']}: {m['content']}" for m in messages]
-    return "\n".join(lines + ["assistant:"])
+    return "\n".join(lines + (["assistant:"] if add_generation_prompt else []))
 
 
 class IncrementalDetokenizer:

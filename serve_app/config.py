@@ -89,6 +89,9 @@ class AppArgs(BaseModel):
     allowed_roots: list[str] = Field(default_factory=list, description="folders registered adapters may live in")
     poll_interval_s: float = Field(1.0, gt=0, description="how often replicas check `latest` for new versions")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies are refused (413)")
+    max_prompts: int = Field(
+        64, ge=1, description="prompts in one /v1/completions request (a batch); more are refused (400). Each is "
+        "admitted as a request of its own (rate limits, fair scheduling, the tenant's queue limit)")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="jaxlora.engine.EngineConfig, field for field")
     requests_per_minute: int | None = Field(None, ge=1, description="per tenant, unless its tier sets its own; None: no limit")
     tokens_per_minute: int | None = Field(

@@ -26,7 +26,7 @@ from jaxlora.cpu_threads import compute_threads, limit_compute_threads
 from jaxlora.demo import default_model
 from jaxlora.errors import JaxLoraError
 from jaxlora.hf_checkpoint import model_name
-from jaxlora.requests import Finished, MessagePacer
+from jaxlora.requests import Finished, MessagePacer, PromptLogprobs
 from jaxlora.tokenizer import load_tokenizer, render_chat
 from serve_app.config import AppArgs, option_mismatches
 from serve_app.errors import api_error_for
@@ -62,6 +62,27 @@ def base_model_id(args: AppArgs) -> str:
     return args.model_id or model_name(model_dir_of(args))
 
 
+def _messages(batch: list, cached_tokens: int | None) -> list:
+    """One batch of a request's engine events as wire messages, in their order per choice: the prompt
+    logprobs, then one Tokens per choice (the request's first carries `cached_tokens`), then the Done of
+    the choices that ended (or one Failed, last, if one ended in an error)."""
+    out, tokens, ends = [], {}, []
+    for e in batch:
+        if isinstance(e, PromptLogprobs):
+            out.append(e)
+        elif isinstance(e, Finished):
+            ends.append(Done(e.reason, e.completion_tokens, e.choice) if e.error is None
+                        else Failed.of(api_error_for(e.error)))
+        else:
+            tokens.setdefault(e.choice, []).append(e)
+    for choice, events in tokens.items():
+        out.append(Tokens(tuple(e.token_id for e in events), tuple(e.logprob for e in events),
+                          tuple(e.top_logprobs for e in events), cached_tokens, choice))
+        cached_tokens = None
+    failed = [m for m in ends if isinstance(m, Failed)]
+    return out + ([m for m in ends if isinstance(m, Done)] if not failed else failed[:1])
+
+
 @serve.deployment(name="Tokenizer", ray_actor_options={"num_cpus": 0})
 class Tokenizer:
     def __init__(self, args: dict):
@@ -69,12 +90,13 @@ class Tokenizer:
         check_deployment_options("Tokenizer", a)
         self.tokenizer = load_tokenizer(model_dir_of(a))
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt)["input_ids"]
+    def encode_prompts(self, prompts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return self.tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"] if prompts else []
 
-    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None, chat_template: str | None = None) -> list[int]:
-        text = render_chat(self.tokenizer, messages, tools, chat_template)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None, chat_template: str | None = None,
+                    add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:
+        text = render_chat(self.tokenizer, messages, tools, chat_template, add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
 @serve.deployment(name="TenantState", num_replicas=1, ray_actor_options={"num_cpus": 0})
@@ -88,8 +110,8 @@ class TenantState:
         self.usage = UsageLedger()
         self.limiter = Limiter()
 
-    async def admit(self, tenant: str, limits: Limits, prompt_tokens: int, max_tokens: int) -> Decision:
-        return self.limiter.admit(tenant, limits, prompt_tokens, max_tokens)
+    async def admit(self, tenant: str, limits: Limits, prompt_tokens: int, max_tokens: int, requests: int = 1) -> Decision:
+        return self.limiter.admit(tenant, limits, prompt_tokens, max_tokens, requests)
 
     async def settle(self, tenant: str, reserved: int, used: int) -> None:
         self.limiter.settle(tenant, reserved, used)
@@ -134,7 +156,8 @@ class LoRAModel:
             self._metrics.export(self.backend.metrics())
 
     async def generate(self, request: Generate):
-        submit = functools.partial(self.backend.submit, list(request.prompt_ids), request.sampling, request.adapter,
+        adapter = request.adapter if request.version is None else f"{request.adapter}@{request.version}"
+        submit = functools.partial(self.backend.submit, list(request.prompt_ids), request.sampling, adapter,
                                    request.user, request.weight, request.max_rows, request.max_queued, request.grammar)
         try:
             # a grammar may compile (up to its deadline) off the replica's event loop; the others submit at once
@@ -142,28 +165,22 @@ class LoRAModel:
         except JaxLoraError as e:
             yield Failed.of(api_error_for(e))
             return
-        adapter = handle.adapter
+        resolved = handle.adapter
         yield Started(self.replica,
-                      None if adapter is None else AdapterVersion(adapter.adapter_id, adapter.version))
-        finished, first = False, True
+                      None if resolved is None else AdapterVersion(resolved.adapter_id, resolved.version))
+        open_, first = request.sampling.n, True
         # aclosing: a caller that goes away ends the batches at once, which gives back its share of the pacer
         async with contextlib.aclosing(handle.batches(self.stream_interval, self.pacer)) as batches:
             try:
                 async for batch in batches:
-                    events = [e for e in batch if not isinstance(e, Finished)]
-                    messages = []
-                    if events:
-                        messages.append(Tokens(tuple(e.token_id for e in events), tuple(e.logprob for e in events),
-                                               tuple(e.top_logprobs for e in events), handle.cached_tokens if first else None))
-                        first = False
-                    if isinstance(batch[-1], Finished):
-                        finished = True
-                        fin = batch[-1]
-                        messages.append(Done(fin.reason, fin.completion_tokens) if fin.error is None
-                                        else Failed.of(api_error_for(fin.error)))
+                    messages = _messages(batch, handle.cached_tokens if first else None)
+                    first = False
+                    open_ -= sum(isinstance(m, Done) for m in messages)
                     yield messages[0] if len(messages) == 1 else tuple(messages)  # one streaming item either way
+                    if isinstance(messages[-1], Failed):  # the request fails whole
+                        break
             finally:
-                if not finished:  # the caller went away (client disconnect): free the row now
+                if open_:  # the caller went away, or a choice failed: free the other choices' rows now
                     handle.cancel()
 
     def stats(self) -> dict:

@@ -49,10 +49,10 @@ from serve_app.fine_tuning import FineTuningRoutes
 from serve_app.keys import KeysFile, Tier
 from serve_app.limits import Decision, Limits
 from serve_app.metrics import INGRESS_METRICS, build
-from serve_app.openai_api import (ChatCompletionRequest, ChatFormat, CompletionFormat, CompletionRequest, StreamOptions,
-                                  TokenLogprob, now, usage_dict)
+from serve_app.openai_api import (ChatCompletionRequest, ChatFormat, Choice, CompletionFormat, CompletionRequest,
+                                  DetokenizeRequest, StreamOptions, TokenizeRequest, TokenLogprob, now, usage_dict)
 from serve_app.usage import SEND_INTERVAL_S, UsageLedger
-from serve_app.wire import Done, Failed, Generate, Started, Tokens
+from serve_app.wire import Done, Failed, Generate, PromptLogprobs, Started, Tokens
 
 log = logging.getLogger("ray.serve")
 
@@ -77,6 +77,9 @@ def http_app(ingress: "Ingress") -> FastAPI:
     app.add_api_route("/v1/models/{model_id}", ingress.model, methods=["GET"])
     app.add_api_route("/v1/completions", ingress.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", ingress.chat_completions, methods=["POST"])
+    app.add_api_route("/tokenize", ingress.tokenize, methods=["POST"])  # vLLM's paths (lm-evaluation-harness)
+    app.add_api_route("/detokenize", ingress.detokenize, methods=["POST"])
+    app.add_api_route("/tokenizer_info", ingress.tokenizer_info, methods=["GET"])
     for path, endpoint, methods in ingress.fine_tuning.routes():
         app.add_api_route(path, endpoint, methods=methods)
     return app
@@ -166,26 +169,37 @@ class IngressHeader:
 @dataclasses.dataclass
 class Call:
     """One request through the ingress, from its route to its last count: who asked, what, where it
-    runs, and its usage so far (what `_observe` counts, settles and records once it is final)."""
+    runs, and its usage so far (what `_observe` counts, settles and records once it is final). A
+    completions request may hold a batch of prompts, each submitted as a request of its own."""
     route: str  # the metrics label: "completions" or "chat"
     body: CompletionRequest | ChatCompletionRequest
     received: float = dataclasses.field(default_factory=time.monotonic)
     tenant: str = ""
     tier: Tier = dataclasses.field(default_factory=Tier)
-    prompt_ids: list[int] = dataclasses.field(default_factory=list)
+    prompts: list[list[int]] = dataclasses.field(default_factory=list)  # token ids, one list per prompt
+    texts: list[str | None] = dataclasses.field(default_factory=list)  # each prompt's text as sent (None: ids)
     grammar: str | None = None  # what the answer must follow (response_format, or the tool call tool_choice forces)
     tool_family: str | None = None  # the answer is parsed for tool calls written in this family's form
     adapter_error: Exception | None = None  # the adapter asked for does not resolve: answered once admitted
     decision: Decision | None = None  # the rate limits' share taken (None: no limits, or unchecked)
-    start: Started | None = None  # the model replica's answer to the submit
-    completion_tokens: int = 0
-    cached_tokens: int | None = None
+    starts: list[Started] = dataclasses.field(default_factory=list)  # the model replicas' answers, one per prompt
+    completion_tokens: int = 0  # all choices together
+    cached: dict[int, int] = dataclasses.field(default_factory=dict)  # prompt -> its tokens the prefix cache held
     first_token_at: float | None = None
     status: int = 200
 
     @property
+    def start(self) -> Started | None:
+        return self.starts[0] if self.starts else None
+
+    @property
     def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
+        return sum(map(len, self.prompts))
+
+    @property
+    def cached_tokens(self) -> int | None:
+        """Prompt tokens served from the prefix cache, once every prompt has said (None before)."""
+        return sum(self.cached.values()) if len(self.cached) == len(self.prompts) else None
 
     def usage_tags(self, base_model: str) -> dict[str, str]:
         """What its usage is counted under: the tenant, and the adapter (id and version) or the base model."""
@@ -201,11 +215,24 @@ class Call:
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
-    """What one streaming item of the replica becomes on the way out (one SSE chunk when streamed)."""
+    """What one streaming item of the replica becomes on the way out, for one choice (one SSE chunk when
+    streamed)."""
+    index: int  # the choice's index in the answer (prompt i's choice j: i * n + j)
     text: str
     logprobs: list[TokenLogprob]
-    finish_reason: str | None  # on the last piece only ("tool_calls" when the answer made calls)
+    finish_reason: str | None  # on the choice's last piece only ("tool_calls" when the answer made calls)
     calls: tuple[CallEvent, ...] = ()  # tool calls completed in this piece (their start, then their arguments)
+
+
+@dataclasses.dataclass
+class _ChoiceOut:
+    """One choice on its way out: its text (stop strings applied), its tool-call parser, its count."""
+    text: TextStream
+    parser: CallParser | None
+    emitted: int = 0  # characters of its text so far (an echoed prompt's included): the next token's text_offset
+    tokens: int = 0  # completion tokens it returned
+    started: bool = False  # its echo (when asked for) has gone out
+    ended: bool = False
 
 
 async def _replies(gen: DeploymentResponseGenerator) -> AsyncIterator[tuple[Started | Tokens | Done, ...]]:
@@ -240,6 +267,45 @@ async def _replies(gen: DeploymentResponseGenerator) -> AsyncIterator[tuple[Star
             gen.cancel()  # frees the engine row when the client went away or a stop string ended the answer
 
 
+class _Raised:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+async def _merge(iterators: list[AsyncIterator]) -> AsyncIterator:
+    """The items of several async iterators as they come, each read by a task of its own; the first
+    error is raised, and closing it closes them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    ended = object()
+
+    async def pump(it: AsyncIterator) -> None:
+        try:
+            async for x in it:
+                queue.put_nowait(x)
+        except Exception as e:  # noqa: BLE001 - passed on to the reader
+            queue.put_nowait(_Raised(e))
+        finally:
+            queue.put_nowait(ended)
+
+    tasks = [asyncio.create_task(pump(it)) for it in iterators]
+    try:
+        running = len(tasks)
+        while running:
+            x = await queue.get()
+            if x is ended:
+                running -= 1
+            elif isinstance(x, _Raised):
+                raise x.error
+            else:
+                yield x
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for it in iterators:
+            await it.aclose()
+
+
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -269,6 +335,7 @@ class Ingress:
         self.tool_family = (detect_family(self.tokenizer.chat_template) if self.args.tool_parser == "auto"
                             else self.args.tool_parser)
         self.special_ids = {t: i for t, i in zip(self.tokenizer.all_special_tokens, self.tokenizer.all_special_ids)}
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text)
         # adapter version folder -> its chat template or None (a version's files never change)
         self._templates = functools.lru_cache(maxsize=1024)(read_chat_template)
 
@@ -301,11 +368,9 @@ class Ingress:
         limits = self.limits.override(call.tier.requests_per_minute, call.tier.tokens_per_minute)
         if not limits:
             return None
-        # Without max_tokens the engine may fill the rest of the context: reserve that.
-        max_tokens = call.body.token_limit()
-        if max_tokens is None:
-            max_tokens = self.args.engine.default_max_tokens(call.prompt_tokens)
-        pending = self.tenants.admit.remote(call.tenant, limits, call.prompt_tokens, max_tokens)
+        # Each choice of each prompt may generate max_tokens (without it, the rest of the context): reserve that.
+        max_tokens = sum(call.body.n * self.args.engine.check_request(len(p), call.body.token_limit()) for p in call.prompts)
+        pending = self.tenants.admit.remote(call.tenant, limits, call.prompt_tokens, max_tokens, len(call.prompts))
         try:
             decision = await asyncio.wait_for(pending, self.args.rate_limit_timeout_s)
         except Exception as e:  # slow or unreachable: serve unchecked rather than refuse everyone
@@ -322,80 +387,149 @@ class Ingress:
         if call.decision is not None and call.decision.reserved:  # not awaited: accounting never holds up an answer
             self.tenants.settle.remote(call.tenant, call.decision.reserved, used)
 
-    async def _submit(self, call: Call) -> AsyncIterator[tuple[Tokens | Done, ...]]:
-        """Checks the rate limits, then submits to a model replica: sets the call's `decision` and
-        `start`, and returns the replica's messages to come. An ApiError if refused (with the limits'
-        headers once past them)."""
+    async def _submit(self, call: Call) -> list[AsyncIterator[tuple[PromptLogprobs | Tokens | Done, ...]]]:
+        """Checks the rate limits, then submits each prompt to a model replica: sets the call's
+        `decision` and `starts`, and returns each prompt's replica messages to come. The prompts after
+        the first are pinned to the adapter version it got, so a batch is served by one version even
+        across a reload. One at a time, each accepted before the next is sent: Serve's router keeps the
+        calls it is placing by their parent request's id, which a request's calls share, so calls
+        placed at once collide and one is never placed (Ray 2.60). An ApiError if any is refused (the
+        others are cancelled; with the limits' headers once past them)."""
         call.decision = await self._admit(call)
         body = call.body
         adapter = None if body.model == self.base_model else body.model
+        sampling = body.sampling_params()
+        opened = []
+
+        def submit(prompt: list[int], version: str | None = None):
+            # The handle's router (serve_app.routing) reads the tenant and adapter from the Generate.
+            opened.append(_replies(self.model_handle.options(stream=True).generate.remote(
+                Generate(tuple(prompt), sampling, adapter, call.tenant, call.tier.weight, call.tier.max_rows,
+                         call.tier.max_queued, call.grammar, version))))
+            return opened[-1]
+
         try:
             if call.adapter_error is not None:  # a deleted adapter is 404 at once (replicas notice within a poll)
                 raise api_error_for(call.adapter_error)
-            # The handle's router (serve_app.routing) reads the tenant and adapter from the Generate.
-            replies = _replies(self.model_handle.options(stream=True).generate.remote(
-                Generate(tuple(call.prompt_ids), body.sampling_params(), adapter, call.tenant, call.tier.weight,
-                         call.tier.max_rows, call.tier.max_queued, call.grammar)))
-            (call.start,) = await anext(replies)
-            return replies
+            version = None
+            for prompt in call.prompts:
+                call.starts.append((await anext(submit(prompt, version)))[0])
+                version = None if call.start.adapter is None else call.start.adapter.version
+            return opened
         except BaseException as e:  # refused, or the client left, before it ran: nothing used
             self._settle(call, 0)
+            for replies in opened:  # cancels those a replica accepted
+                await replies.aclose()
             if isinstance(e, ApiError) and call.decision is not None:
                 raise e.with_headers(call.decision.headers()) from None
             raise
 
-    async def _pieces(self, call: Call, replies: AsyncIterator[tuple[Tokens | Done, ...]]) -> AsyncIterator[Piece]:
-        """The answer's pieces, one per streaming item of the replica (the finish reason on the last),
-        keeping the call's usage current: the tokens of one item leave as one piece (one SSE chunk), the
-        last ones with the finish reason, which keeps per-chunk costs in the ingress, the proxy and the
-        client off the per-token path."""
-        text = TextStream(self.tokenizer, call.body.stop_strings())
-        logprobs = call.body.top_logprob_count() is not None
-        parser = None if call.tool_family is None else CallParser(call.tool_family)
-        emitted = 0
+    def _pieces(self, call: Call, streams: list[AsyncIterator]) -> AsyncIterator[Piece]:
+        """Every choice's pieces: one prompt's in the order its replica sent them, several prompts'
+        as they come."""
+        if len(streams) == 1:
+            return self._prompt_pieces(call, 0, streams[0])
+        return _merge([self._prompt_pieces(call, i, replies) for i, replies in enumerate(streams)])
 
-        def piece(deltas: list[str], tokens: list[TokenLogprob], reason: str | None) -> Piece:
-            if parser is None:
-                return Piece("".join(deltas), tokens, reason)
-            events = parser.feed("".join(deltas)) + (parser.finish() if reason is not None else [])
-            if parser.calls and reason == "stop":
+    async def _prompt_pieces(self, call: Call, prompt: int, replies: AsyncIterator[tuple]) -> AsyncIterator[Piece]:
+        """One prompt's pieces, one per choice and streaming item of the replica (the finish reason on
+        a choice's last), keeping the call's usage current: a choice's tokens of one item leave as one
+        piece (one SSE chunk), which keeps per-chunk costs in the ingress, the proxy and the client off
+        the per-token path. With echo a choice opens with its prompt (and, with logprobs, the prompt
+        tokens'); a choice that met a stop string ignores the rest of its tokens, and the prompt's
+        request is cancelled once every choice has ended."""
+        body, n = call.body, call.body.n
+        logprobs = body.top_logprob_count() is not None
+        echo = isinstance(body, CompletionRequest) and body.echo
+        prompt_only = isinstance(body, CompletionRequest) and body.prompt_only()
+        outs: dict[int, _ChoiceOut] = {}
+        prompt_lps: PromptLogprobs | None = None
+
+        def out(choice: int) -> _ChoiceOut:
+            if choice not in outs:
+                parser = None if call.tool_family is None else CallParser(call.tool_family)
+                outs[choice] = _ChoiceOut(TextStream(self.tokenizer, body.stop_strings()), parser)
+            return outs[choice]
+
+        def piece(choice: int, o: _ChoiceOut, deltas: list[str], tokens: list[TokenLogprob], reason: str | None) -> Piece:
+            index = prompt * n + choice
+            if o.parser is None:
+                return Piece(index, "".join(deltas), tokens, reason)
+            events = o.parser.feed("".join(deltas)) + (o.parser.finish() if reason is not None else [])
+            if o.parser.calls and reason == "stop":
                 reason = "tool_calls"
-            return Piece("".join(e.content for e in events if e.index < 0), tokens, reason,
+            return Piece(index, "".join(e.content for e in events if e.index < 0), tokens, reason,
                          tuple(e for e in events if e.index >= 0))
 
         try:
             async for item in replies:
                 call.first_token_at = call.first_token_at or time.monotonic()
-                deltas, tokens, reason = [], [], None
+                pending: dict[int, tuple[list[str], list[TokenLogprob], list[str | None]]] = {}
                 for msg in item:
+                    if isinstance(msg, PromptLogprobs):
+                        prompt_lps = msg
+                        continue
+                    o = out(msg.choice)
+                    if o.ended:
+                        continue
+                    deltas, tokens, reason = pending.setdefault(msg.choice, ([], [], [None]))
+                    if not o.started:
+                        o.started = True
+                        if echo:
+                            deltas.append(self._echo(call, prompt, prompt_lps, tokens if logprobs else None))
+                            o.emitted = len(deltas[-1])
                     if isinstance(msg, Done):
-                        deltas.append(text.finish())
-                        call.completion_tokens, reason = msg.completion_tokens, msg.reason
-                        break
+                        deltas.append(o.text.finish())
+                        call.completion_tokens += (0 if prompt_only else msg.completion_tokens) - o.tokens
+                        o.tokens, o.ended, reason[0] = msg.completion_tokens, True, msg.reason
+                        continue
                     if msg.cached_tokens is not None:
-                        call.cached_tokens = msg.cached_tokens
+                        call.cached[prompt] = msg.cached_tokens
+                    if prompt_only:  # the one token the engine made is not part of the answer
+                        continue
                     for token_id, lp, top in zip(msg.ids, msg.logprobs, msg.top_logprobs):
                         call.completion_tokens += 1
-                        delta = text.add(token_id)
+                        o.tokens += 1
+                        delta = o.text.add(token_id)
                         if logprobs:
-                            tokens.append(self._token_logprob(token_id, lp, top, emitted))
-                        emitted += len(delta)
+                            tokens.append(self._token_logprob(token_id, lp, top, o.emitted))
+                        o.emitted += len(delta)
                         deltas.append(delta)
-                        if text.stopped:  # ended here: the replica's count never comes
-                            yield piece(deltas, tokens, "stop")
-                            return
-                if reason is not None or any(deltas) or tokens:
-                    yield piece(deltas, tokens, reason)
-                if reason is not None:
+                        if o.text.stopped:  # ended here: the replica's count never comes
+                            o.ended, reason[0] = True, "stop"
+                            break
+                for choice, (deltas, tokens, reason) in pending.items():
+                    if reason[0] is not None or any(deltas) or tokens:
+                        yield piece(choice, outs[choice], deltas, tokens, reason[0])
+                if len(outs) == n and all(o.ended for o in outs.values()):
                     return
         finally:
-            await replies.aclose()  # cancels the request when it stopped early (a stop string, a client gone)
+            await replies.aclose()  # cancels the request when it stopped early (stop strings, a client gone)
+
+    def _echo(self, call: Call, prompt: int, prompt_lps: PromptLogprobs | None, tokens: list[TokenLogprob] | None) -> str:
+        """The text a choice opens with under echo: the prompt as sent (its ids decoded if it was ids).
+        With `tokens` (logprobs asked for), each prompt token's entry is appended to it: its text, the
+        logprob of it given the tokens before (None for the first) and the top alternatives, offsets
+        counted through the tokens' texts from 0."""
+        ids = call.prompts[prompt]
+        text = call.texts[prompt] if call.texts[prompt] is not None else self.tokenizer.decode(ids, skip_special_tokens=False)
+        if tokens is not None and prompt_lps is not None:
+            offset = 0
+            for i, token_id in enumerate(ids):
+                if i == 0:
+                    entry = TokenLogprob(self.token_text(token_id), None, None, 0)
+                else:
+                    entry = self._token_logprob(token_id, prompt_lps.logprobs[i - 1], prompt_lps.top_logprobs[i - 1], offset)
+                tokens.append(entry)
+                offset += len(entry.token)
+        return text
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)  # each token alone, as logprobs show it
 
     def _token_logprob(self, token_id: int, logprob: float, top: tuple[tuple[int, float], ...], offset: int) -> TokenLogprob:
-        def text(t: int) -> str:  # each token alone, as OpenAI's logprobs show it
-            return self.tokenizer.decode([t], skip_special_tokens=False)
-
-        return TokenLogprob(text(token_id), logprob, tuple((text(t), t_logprob) for t, t_logprob in top), offset)
+        return TokenLogprob(self.token_text(token_id), logprob, tuple((self.token_text(t), t_logprob) for t, t_logprob in top),
+                            offset)
 
     # -- routes -----------------------------------------------------------------------------------
 
@@ -474,17 +608,67 @@ class Ingress:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         return await self._serve(Call("chat", body), request, ChatFormat, self._encode_chat)
 
-    def _chat_template(self, call: Call) -> str | None:
-        """The adapter's own chat template, if its version folder holds one (None: the base model's).
-        An adapter that does not resolve (or whose template is unreadable) is the call's
-        `adapter_error`, answered once the request is admitted, like any refusal of a replica."""
-        if call.body.model == self.base_model:
+    def _template_of(self, tenant: str, model: str | None) -> str | None:
+        """The chat template of `model` (None: the base model): an adapter's own if its version folder
+        holds one, else None (the base model's). A JaxLoraError if the adapter does not resolve."""
+        if model is None or model == self.base_model:
             return None
+        return self._templates(self.store.resolve(tenant, model).path)
+
+    def _chat_template(self, call: Call) -> str | None:
+        """`_template_of` the call's model. An adapter that does not resolve (or whose template is
+        unreadable) is the call's `adapter_error`, answered once the request is admitted, like any
+        refusal of a replica."""
         try:
-            return self._templates(self.store.resolve(call.tenant, call.body.model).path)
+            return self._template_of(call.tenant, call.body.model)
         except JaxLoraError as e:
             call.adapter_error = e
             return None
+
+    async def tokenize(self, body: TokenizeRequest, request: Request) -> dict:
+        """vLLM's /tokenize: the token ids a completion or chat request with this prompt or these
+        messages would send to the model (the model's chat template, an adapter's own where it has one)."""
+        tenant, _ = self._tenant(request)
+        try:
+            body.check()
+            template = self._template_of(tenant, body.model)
+        except JaxLoraError as e:
+            raise api_error_for(e) from None
+        if body.prompt is not None:
+            add_special = True if body.add_special_tokens is None else body.add_special_tokens
+            (ids,) = await self.tokenizer_handle.encode_prompts.remote([body.prompt], add_special)
+        else:
+            ids = await self.tokenizer_handle.encode_chat.remote(
+                [m.for_template() for m in body.messages], [t.model_dump(exclude_none=True) for t in body.tools or []],
+                template, body.add_generation_prompt, bool(body.add_special_tokens))
+        return {"count": len(ids), "max_model_len": self.args.engine.max_seq_len, "tokens": ids,
+                "token_strs": [self.token_text(t) for t in ids] if body.return_token_strs else None}
+
+    async def detokenize(self, body: DetokenizeRequest, request: Request) -> dict:
+        """vLLM's /detokenize: the text of token ids (special tokens included)."""
+        tenant, _ = self._tenant(request)
+        try:
+            self._template_of(tenant, body.model)  # the model must be one the caller may use
+        except JaxLoraError as e:
+            raise api_error_for(e) from None
+        vocab = len(self.tokenizer)
+        if past := [t for t in body.tokens if t >= vocab]:
+            raise ApiError(400, f"tokens: id {past[0]} is past this model's vocabulary (ids 0 to {vocab - 1})",
+                           param="tokens")
+        return {"prompt": self.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    async def tokenizer_info(self, request: Request, model: str | None = None) -> dict:
+        """vLLM's /tokenizer_info (what lm-evaluation-harness's remote tokenizer reads): the tokenizer's
+        class, special tokens and chat template (`model` an adapter with its own: that one)."""
+        tenant, _ = self._tenant(request)
+        try:
+            template = self._template_of(tenant, model)
+        except JaxLoraError as e:
+            raise api_error_for(e) from None
+        tok = self.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                "pad_token": tok.pad_token, "unk_token": tok.unk_token, "chat_template": template or tok.chat_template,
+                "model_max_length": self.args.engine.max_seq_len, "vocab_size": len(tok)}
 
     def _tool_family(self, template: str | None) -> str:
         """How tool calls are written: the app's `tool_parser`, else what the (adapter's) template asks for."""
@@ -492,19 +676,37 @@ class Ingress:
             return self.tool_family
         return detect_family(template)
 
-    async def _encode_prompt(self, body: CompletionRequest, template: str | None = None) -> list[int]:
-        if isinstance(body.prompt, str) or (isinstance(body.prompt, list) and isinstance(body.prompt[0], str)):
-            prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-            return await self.tokenizer_handle.encode_prompt.remote(prompt)
-        return list(body.prompt)
+    async def _encode_prompt(self, call: Call, template: str | None = None) -> None:
+        """The call's prompts as token ids (texts through the Tokenizer deployment, in one call) and,
+        for echo, their texts as sent."""
+        prompts = call.body.prompts()
+        if len(prompts) > self.args.max_prompts:
+            raise ApiError(400, f"prompt: {len(prompts)} prompts in one request, over this server's max_prompts of "
+                           f"{self.args.max_prompts}; send them in several requests", param="prompt")
+        texts = [p for p in prompts if isinstance(p, str)]
+        encoded = iter(await self.tokenizer_handle.encode_prompts.remote(texts) if texts else [])
+        call.prompts = [next(encoded) if isinstance(p, str) else list(p) for p in prompts]
+        call.texts = [p if isinstance(p, str) else None for p in prompts]
 
-    async def _encode_chat(self, body: ChatCompletionRequest, template: str | None = None) -> list[int]:
-        return await self.tokenizer_handle.encode_chat.remote([m.for_template() for m in body.messages], body.tool_dicts(),
-                                                              template)
+    async def _encode_chat(self, call: Call, template: str | None = None) -> None:
+        body = call.body
+        call.prompts = [await self.tokenizer_handle.encode_chat.remote([m.for_template() for m in body.messages],
+                                                                       body.tool_dicts(), template)]
+        call.texts = [None]
+
+    def _check_prompts(self, call: Call) -> None:
+        """Each prompt fits the engine (`EngineConfig.check_request`), all of them before any is submitted."""
+        many = len(call.prompts) > 1
+        for i, p in enumerate(call.prompts):
+            try:
+                self.args.engine.check_request(len(p), call.body.token_limit(), call.body.n,
+                                               f"prompt {i} of {len(call.prompts)}" if many else "prompt")
+            except JaxLoraError as e:
+                raise api_error_for(e) from None
 
     async def _serve(self, call: Call, request: Request, format_class: type[CompletionFormat] | type[ChatFormat],
-                     encode: Callable[..., Awaitable[list[int]]]):
-        """The one path of completions and chat, which differ in how the prompt is encoded and in the
+                     encode: Callable[..., Awaitable[None]]):
+        """The one path of completions and chat, which differ in how the prompts are encoded and in the
         format of the answer: authenticate, encode, admit and submit, then answer whole or streamed."""
         try:
             call.tenant, call.tier = self._tenant(request)
@@ -521,7 +723,8 @@ class Ingress:
                                                        "tools")
             except JaxLoraError as e:
                 raise api_error_for(e) from None
-            call.prompt_ids = await encode(call.body, template)
+            await encode(call, template)
+            self._check_prompts(call)
             replies = await self._submit(call)
         except ApiError as e:
             self._count(call.route, e.status)
@@ -531,13 +734,17 @@ class Ingress:
         if call.body.stream:
             return StreamingResponse(self._stream(call, fmt, pieces), media_type="text/event-stream",
                                      headers=call.headers())
-        parts, tokens, finish, calls = [], [], None, []
+        logprobs = call.body.top_logprob_count() is not None
+        choices = [Choice(i, logprobs=[] if logprobs else None) for i in range(len(call.prompts) * call.body.n)]
+        parts: list[list[str]] = [[] for _ in choices]
         try:
             async for piece in pieces:
-                parts.append(piece.text)
-                tokens.extend(piece.logprobs)
-                calls.extend(e.call for e in piece.calls if e.call is not None)
-                finish = piece.finish_reason or finish
+                choice = choices[piece.index]
+                parts[piece.index].append(piece.text)
+                if logprobs:
+                    choice.logprobs.extend(piece.logprobs)
+                choice.calls.extend(e.call for e in piece.calls if e.call is not None)
+                choice.finish_reason = piece.finish_reason or choice.finish_reason
         except ApiError as e:
             call.status = e.status
             raise e.with_headers(call.headers()) from None
@@ -546,26 +753,32 @@ class Ingress:
             raise
         finally:
             self._observe(call)
-        logprobs = tokens if call.body.top_logprob_count() is not None else None
+        for choice, texts in zip(choices, parts):
+            choice.text = "".join(texts)
         usage = usage_dict(call.prompt_tokens, call.completion_tokens, call.cached_tokens)
-        return JSONResponse(fmt.final("".join(parts), logprobs, finish, usage, calls), headers=call.headers())
+        return JSONResponse(fmt.final(choices, usage), headers=call.headers())
 
     async def _stream(self, call: Call, fmt: CompletionFormat | ChatFormat, pieces: AsyncIterator[Piece]) -> AsyncIterator[str]:
-        """The SSE events of a streamed answer. The last chunk (the finish reason), the usage chunk and
-        `[DONE]` leave in one write: one message through the proxy instead of three."""
+        """The SSE events of a streamed answer, each chunk one choice's (its `index`). The last chunk (the
+        last finish reason), the usage chunk and `[DONE]` leave in one write: one message through the
+        proxy instead of three."""
         options = call.body.stream_options or StreamOptions()
         tail = ""
         try:
-            if (first := fmt.first_chunk()) is not None:
-                yield _sse(first)
+            for index in range(len(call.prompts) * call.body.n):
+                if (first := fmt.first_chunk(index)) is not None:
+                    yield _sse(first)
             async for piece in pieces:
                 if piece.text or piece.logprobs or piece.finish_reason or piece.calls:
                     # vLLM's continuous_usage_stats: the usage so far on every chunk
                     usage = usage_dict(call.prompt_tokens, call.completion_tokens) if options.continuous_usage_stats else None
-                    chunk = _sse(fmt.chunk(piece.text, piece.logprobs or None, piece.finish_reason, usage, piece.calls))
+                    chunk = _sse(fmt.chunk(piece.index, piece.text, piece.logprobs or None, piece.finish_reason, usage,
+                                           piece.calls))
                     if piece.finish_reason is None:
                         yield chunk
-                    else:
+                    else:  # held back, in case it is the last
+                        if tail:
+                            yield tail
                         tail = chunk
             if options.include_usage:
                 tail += _sse(fmt.usage_chunk(usage_dict(call.prompt_tokens, call.completion_tokens, call.cached_tokens)))

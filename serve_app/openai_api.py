@@ -8,7 +8,10 @@ Extensions beyond OpenAI's API, as vLLM has them: `top_k`, `min_p`, `repetition_
 
 Every field is either honoured or refused with a 400 naming it: a request's unknown fields are refused
 (`extra="forbid"`), and a known field is accepted only with the values this server implements
-(no `tools`, `tool_choice` none, `best_of` 1, no `suffix`). `response_format` (both endpoints, as
+(`best_of` 1, as vLLM V1; no `suffix`). Completions take a batch of prompts (strings or token-id
+lists) and `echo` (the prompt before the answer; with `logprobs`, the prompt tokens' own, the first
+null; `max_tokens: 0` returns the prompt alone); both endpoints take `n` choices per prompt, in
+OpenAI's order (prompt i's choice j has index i * n + j). `response_format` (both endpoints, as
 vLLM has it) is enforced by the engine's grammar rows: `json_object`, or `json_schema` whatever its
 `strict` (a schema is always enforced whole, and one with a keyword the engine cannot enforce is
 refused naming it: a client that asks for JSON output and gets prose would have been lied to).
@@ -79,7 +82,7 @@ class _SamplingFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    n: Annotated[int, Field(ge=1, le=1)] = 1
+    n: Annotated[int, Field(ge=1, le=128)] = 1  # and at most the replicas' rows (max_batch_size), checked by the engine
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0.0, le=MAX_REPETITION_PENALTY)] = 1.0  # vLLM's: prompt and output tokens
@@ -114,10 +117,16 @@ class _SamplingFields(_Strict):
             max_tokens=self.token_limit(), temperature=self.temperature, top_p=self.top_p, top_k=max(0, self.top_k),
             seed=self.seed, ignore_eos=self.ignore_eos, logprobs=self.top_logprob_count(),
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty, min_p=self.min_p, logit_bias=self.logit_bias_pairs())
+            repetition_penalty=self.repetition_penalty, min_p=self.min_p, logit_bias=self.logit_bias_pairs(), n=self.n,
+            prompt_logprobs=self.prompt_logprob_count())
 
     def token_limit(self) -> int | None:
+        """The tokens the engine generates per choice (None: the rest of the context)."""
         return self.max_tokens
+
+    def prompt_logprob_count(self) -> int | None:
+        """None: no prompt logprobs; else the alternatives to report beside each prompt token's logprob."""
+        return None
 
     def top_logprob_count(self) -> int | None:
         """None: no logprobs; else the alternatives to report beside each chosen token's logprob."""
@@ -129,17 +138,42 @@ class _SamplingFields(_Strict):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=100_000)]
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: Text | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=100_000)] \
-        | Annotated[list[Text], Field(min_length=1, max_length=1)]
+    # one prompt (text or token ids) or a batch of them (the app's max_prompts bounds how many)
+    prompt: Text | TokenIds | Annotated[list[Text], Field(min_length=1, max_length=10_000)] \
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=10_000)]
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    echo: Literal[False] = False
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    echo: bool = False
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16  # 0: with echo, the prompt alone (vLLM's)
     best_of: int | None = None
     suffix: str | None = None
 
+    def check(self) -> None:
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequest("max_tokens: 0 returns nothing without echo; ask for at least 1 token, or set "
+                                 "echo to get the prompt (and its logprobs) alone", param="max_tokens")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: each prompt as text or as token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
+    def prompt_only(self) -> bool:
+        """echo with max_tokens 0: each choice is its prompt; the engine's one token is not returned."""
+        return self.echo and self.max_tokens == 0
+
+    def token_limit(self) -> int | None:
+        return 1 if self.prompt_only() else self.max_tokens
+
     def top_logprob_count(self) -> int | None:
         return self.logprobs
+
+    def prompt_logprob_count(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     @field_validator("best_of")
     @classmethod
@@ -267,6 +301,29 @@ class ChatCompletionRequest(_SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+class TokenizeRequest(_Strict):
+    """vLLM's POST /tokenize: a prompt, or chat messages rendered through the model's chat template (an
+    adapter's own where it has one)."""
+    model: Annotated[str, Field(min_length=1, max_length=200)] | None = None  # None: the base model
+    prompt: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1000)] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template has them)
+    add_generation_prompt: bool = True
+    tools: Annotated[list[ToolSpec], Field(max_length=128)] | None = None
+    return_token_strs: bool = False
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequest("give exactly one of prompt or messages", param="prompt")
+        if self.tools and self.messages is None:
+            raise InvalidRequest("tools go with messages (the chat template renders them)", param="tools")
+
+
+class DetokenizeRequest(_Strict):
+    model: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    tokens: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1_000_000)]
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -285,11 +342,22 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int | 
 
 @dataclasses.dataclass(frozen=True)
 class TokenLogprob:
-    """One generated token's logprob with its text: what both APIs' logprobs formats are made of."""
+    """One token's logprob with its text: what both APIs' logprobs formats are made of. A prompt's
+    first token (echo) has neither logprob nor alternatives (None)."""
     token: str
-    logprob: float
-    top: tuple[tuple[str, float], ...]  # the alternatives (their text, logprob), best first
-    offset: int  # characters of the completion's text before this token
+    logprob: float | None
+    top: tuple[tuple[str, float], ...] | None  # the alternatives (their text, logprob), best first
+    offset: int  # characters of the choice's text (the echoed prompt's included) before this token
+
+
+@dataclasses.dataclass
+class Choice:
+    """One choice of a whole answer."""
+    index: int  # OpenAI's order: prompt i's choice j is i * n + j
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    calls: list[ToolCall] = dataclasses.field(default_factory=list)
 
 
 class _Format:
@@ -311,8 +379,8 @@ class _Format:
             out["usage"] = usage
         return out
 
-    def first_chunk(self) -> dict | None:
-        """What a stream opens with before any token, if anything."""
+    def first_chunk(self, index: int) -> dict | None:
+        """What a stream opens choice `index` with before any token, if anything."""
         return None
 
     def usage_chunk(self, usage: dict) -> dict:
@@ -325,13 +393,18 @@ class CompletionFormat(_Format):
 
     prefix, chunk_object = "cmpl", "text_completion"
 
-    def chunk(self, text: str, logprobs: Sequence[TokenLogprob] | None, finish: str | None,
+    def chunk(self, index: int, text: str, logprobs: Sequence[TokenLogprob] | None, finish: str | None,
               usage: dict | None = None, calls: Sequence = ()) -> dict:
-        """A chunk, or the whole answer: the two have the same shape here (no tools on this endpoint)."""
-        choice = {"index": 0, "text": text, "logprobs": _completion_logprobs(logprobs), "finish_reason": finish}
-        return self._object(self.chunk_object, [choice], usage)
+        """A chunk of choice `index` (no tools on this endpoint)."""
+        return self._object(self.chunk_object, [self._choice(Choice(index, text, logprobs, finish))], usage)
 
-    final = chunk
+    def final(self, choices: Sequence[Choice], usage: dict) -> dict:
+        """The whole answer: the same shape as a chunk, with every choice."""
+        return self._object(self.chunk_object, [self._choice(c) for c in choices], usage)
+
+    @staticmethod
+    def _choice(c: Choice) -> dict:
+        return {"index": c.index, "text": c.text, "logprobs": _completion_logprobs(c.logprobs), "finish_reason": c.finish_reason}
 
 
 class ChatFormat(_Format):
@@ -340,10 +413,10 @@ class ChatFormat(_Format):
 
     prefix, chunk_object = "chatcmpl", "chat.completion.chunk"
 
-    def first_chunk(self) -> dict:
-        return self._choice_chunk({"role": "assistant", "content": ""}, None, None)
+    def first_chunk(self, index: int) -> dict:
+        return self._choice_chunk(index, {"role": "assistant", "content": ""}, None, None)
 
-    def chunk(self, text: str, logprobs: Sequence[TokenLogprob] | None, finish: str | None,
+    def chunk(self, index: int, text: str, logprobs: Sequence[TokenLogprob] | None, finish: str | None,
               usage: dict | None = None, calls: Sequence[CallEvent] = ()) -> dict:
         """A delta: content text, and tool-call deltas (a call's index, id and name first, then its
         arguments, OpenAI's order)."""
@@ -352,27 +425,40 @@ class ChatFormat(_Format):
             delta["tool_calls"] = [
                 {"index": e.index, "id": e.call.id, "type": "function", "function": {"name": e.call.name, "arguments": ""}}
                 if e.call is not None else {"index": e.index, "function": {"arguments": e.arguments}} for e in calls]
-        return self._choice_chunk(delta, _chat_logprobs(logprobs), finish, usage)
+        return self._choice_chunk(index, delta, _chat_logprobs(logprobs), finish, usage)
 
-    def final(self, text: str, logprobs: Sequence[TokenLogprob] | None, finish: str | None, usage: dict,
-              calls: Sequence[ToolCall] = ()) -> dict:
-        message = {"role": "assistant", "content": text or (None if calls else text)}
-        if calls:
-            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                                     for c in calls]
-        choice = {"index": 0, "logprobs": _chat_logprobs(logprobs), "finish_reason": finish, "message": message}
-        return self._object("chat.completion", [choice], usage)
+    def final(self, choices: Sequence[Choice], usage: dict) -> dict:
+        return self._object("chat.completion", [self._choice(c) for c in choices], usage)
 
-    def _choice_chunk(self, delta: dict, logprobs: dict | None, finish: str | None, usage: dict | None = None) -> dict:
-        return self._object(self.chunk_object, [{"index": 0, "delta": delta, "logprobs": logprobs,
+    @staticmethod
+    def _choice(c: Choice) -> dict:
+        message = {"role": "assistant", "content": c.text or (None if c.calls else c.text)}
+        if c.calls:
+            message["tool_calls"] = [{"id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}}
+                                     for t in c.calls]
+        return {"index": c.index, "logprobs": _chat_logprobs(c.logprobs), "finish_reason": c.finish_reason, "message": message}
+
+    def _choice_chunk(self, index: int, delta: dict, logprobs: dict | None, finish: str | None,
+                      usage: dict | None = None) -> dict:
+        return self._object(self.chunk_object, [{"index": index, "delta": delta, "logprobs": logprobs,
                                                  "finish_reason": finish}], usage)
 
 
 def _completion_logprobs(logprobs: Sequence[TokenLogprob] | None) -> dict | None:
+    """OpenAI's legacy columns. Each token's `top_logprobs` holds the alternatives asked for and the
+    token itself (OpenAI: "up to logprobs + 1 elements"); an echoed prompt's first token has null."""
     if logprobs is None:
         return None
+
+    def top(t: TokenLogprob) -> dict | None:
+        if t.top is None:
+            return None
+        out = dict(t.top)
+        out.setdefault(t.token, t.logprob)
+        return out
+
     return {"tokens": [t.token for t in logprobs], "token_logprobs": [t.logprob for t in logprobs],
-            "top_logprobs": [dict(t.top) for t in logprobs], "text_offset": [t.offset for t in logprobs]}
+            "top_logprobs": [top(t) for t in logprobs], "text_offset": [t.offset for t in logprobs]}
 
 
 def _chat_logprobs(logprobs: Sequence[TokenLogprob] | None) -> dict | None:

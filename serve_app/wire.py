@@ -4,8 +4,9 @@ The ingress sends one `Generate` (whose `user` and `adapter` the model handle's 
 reads, to choose the replica: `serve_app.routing`); the replica answers with a stream (a Ray streaming
 call):
     Started | Failed                    first: accepted, or refused
-    Tokens ...                          as the engine produces them, one message per batch of tokens
-    Done | Failed                       last
+    PromptLogprobs                      the prompt tokens' logprobs, when asked for, before any Tokens
+    Tokens ...                          as the engine produces them, one message per choice and batch
+    Done ... | Failed                   one Done per choice, the last ends the stream; or Failed
 A streaming item is one message, or a tuple of them where they leave together (a request's last
 Tokens with its Done): each item is a Ray streaming call's per-message cost.
 `Failed` carries the API error the core error became on the replica (`serve_app.errors.STATUS`);
@@ -17,8 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxlora.requests import PromptLogprobs
 from jaxlora.sampling import SamplingParams
 from serve_app.errors import ApiError
+
+__all__ = ["AdapterVersion", "Done", "Failed", "Generate", "PromptLogprobs", "Started", "Tokens"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +35,7 @@ class Generate:
     max_rows: int | None = None  # its tier's row limit; None: the engine's max_rows_per_tenant
     max_queued: int | None = None  # its tier's queue limit; None: the engine's max_queued_per_tenant
     grammar: str | None = None  # what the tokens must follow (llguidance's source form, `jaxlora.grammar`); None: free
+    version: str | None = None  # serve this version of `adapter` (a batch's later prompts get its first one's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +56,14 @@ class Tokens:
     logprobs: tuple[float, ...]  # [n]
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...]  # [n][k] (token id, logprob), best first
     cached_tokens: int | None = None  # on a request's first Tokens: prompt tokens whose KV came from the prefix cache
+    choice: int = 0  # which of the request's `n` choices they belong to
 
 
 @dataclasses.dataclass(frozen=True)
 class Done:
     reason: str  # the engine's finish reason: "stop" or "length" ("cancelled" if the row was freed first)
     completion_tokens: int
+    choice: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,6 +79,19 @@ def test_a_reservation_over_the_whole_limit_is_refused_without_a_retry_time(cloc
     assert limiter.admit("a", tpm, 30, 70).admitted  # exactly the limit fits
 
 
+def test_a_batch_takes_one_request_per_prompt_and_one_over_the_whole_limit_never_fits(clock):
+    limiter, rpm = Limiter(clock), Limits(requests_per_minute=4)
+    assert limiter.admit("a", rpm, 10, 10, requests=3).budgets["requests"].remaining == 1
+    wait = limiter.admit("a", rpm, 10, 10, requests=2)
+    assert wait.refused == "requests" and wait.retry_after_s == pytest.approx(15.0)  # one more refills in 15 s
+    never = limiter.admit("a", rpm, 10, 10, requests=5)
+    assert never.refused == "requests" and never.retry_after_s is None
+    e = never.error()
+    assert e.status == 429 and "Requested 5 (one per prompt). It can never fit this limit" in e.message
+    assert "Retry-After" not in e.headers
+    assert limiter.admit("a", rpm, 10, 10, requests=1).admitted  # the refusals took nothing
+
+
 def test_tenants_have_their_own_buckets(clock):
     limiter, rpm = Limiter(clock), Limits(requests_per_minute=1)
     assert limiter.admit("a", rpm, 1, 1).admitted and not limiter.admit("a", rpm, 1, 1).admitted

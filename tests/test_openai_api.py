@@ -13,9 +13,10 @@ import pytest
 from pydantic import ValidationError
 
 from jaxlora.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_SEED, MAX_TOP_K, SamplingParams
+from jaxlora.errors import InvalidRequest
 from serve_app.errors import ApiError
-from serve_app.openai_api import (ChatCompletionRequest, ChatFormat, CompletionFormat, CompletionRequest, TokenLogprob,
-                                  usage_dict)
+from serve_app.openai_api import (ChatCompletionRequest, ChatFormat, Choice, CompletionFormat, CompletionRequest,
+                                  TokenLogprob, usage_dict)
 from serve_app.wire import AdapterVersion, Failed
 
 ADAPTER = AdapterVersion("faq", "v0002")
@@ -39,43 +40,46 @@ def test_a_response_has_one_id_and_creation_time(cls, prefix):
     assert re.fullmatch(re.escape(prefix) + "[0-9a-f]{24}", fmt.id)
     assert abs(fmt.created - time.time()) < 5
     assert cls("m", None, "base").id != fmt.id
-    chunks = [fmt.chunk("a", None, None), fmt.chunk("", None, "stop"), fmt.usage_chunk(USAGE)]
+    chunks = [fmt.chunk(0, "a", None, None), fmt.chunk(0, "", None, "stop"), fmt.usage_chunk(USAGE)]
     assert {(c["id"], c["created"]) for c in chunks} == {(fmt.id, fmt.created)}
 
 
 def test_completion_chunks_and_answer():
     fmt = CompletionFormat("m", None, "base")
     head = _head(fmt, "text_completion", "base", None)
-    assert fmt.first_chunk() is None
-    assert fmt.chunk("Hel", None, None) == head | {
+    assert fmt.first_chunk(0) is None
+    assert fmt.chunk(0, "Hel", None, None) == head | {
         "choices": [{"index": 0, "text": "Hel", "logprobs": None, "finish_reason": None}]}
-    assert fmt.chunk("lo", None, "length", USAGE) == head | {
-        "choices": [{"index": 0, "text": "lo", "logprobs": None, "finish_reason": "length"}], "usage": USAGE}
-    assert fmt.final("Hello", None, "length", USAGE) == head | {
-        "choices": [{"index": 0, "text": "Hello", "logprobs": None, "finish_reason": "length"}], "usage": USAGE}
+    assert fmt.chunk(3, "lo", None, "length", USAGE) == head | {
+        "choices": [{"index": 3, "text": "lo", "logprobs": None, "finish_reason": "length"}], "usage": USAGE}
+    assert fmt.final([Choice(0, "Hello", None, "length"), Choice(1, "Hi", None, "stop")], USAGE) == head | {
+        "choices": [{"index": 0, "text": "Hello", "logprobs": None, "finish_reason": "length"},
+                    {"index": 1, "text": "Hi", "logprobs": None, "finish_reason": "stop"}], "usage": USAGE}
     assert fmt.usage_chunk(USAGE) == head | {"choices": [], "usage": USAGE}
 
 
 def test_chat_chunks_and_answer():
     fmt = ChatFormat("m", None, "base")
     head = _head(fmt, "chat.completion.chunk", "base", None)
-    assert fmt.first_chunk() == head | {
-        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
-    assert fmt.chunk("Hi", None, None) == head | {
+    assert fmt.first_chunk(1) == head | {
+        "choices": [{"index": 1, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
+    assert fmt.chunk(0, "Hi", None, None) == head | {
         "choices": [{"index": 0, "delta": {"content": "Hi"}, "logprobs": None, "finish_reason": None}]}
-    assert fmt.chunk("", None, "stop", USAGE) == head | {  # no text: an empty delta
+    assert fmt.chunk(0, "", None, "stop", USAGE) == head | {  # no text: an empty delta
         "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}], "usage": USAGE}
-    assert fmt.final("Hi", None, "stop", USAGE) == _head(fmt, "chat.completion", "base", None) | {
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}, "logprobs": None,
-                     "finish_reason": "stop"}], "usage": USAGE}
+    assert fmt.final([Choice(0, "Hi", None, "stop"), Choice(1, "Yo", None, "length")], USAGE) == _head(
+        fmt, "chat.completion", "base", None) | {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}, "logprobs": None, "finish_reason": "stop"},
+                    {"index": 1, "message": {"role": "assistant", "content": "Yo"}, "logprobs": None,
+                     "finish_reason": "length"}], "usage": USAGE}
     assert fmt.usage_chunk(USAGE) == head | {"choices": [], "usage": USAGE}
 
 
 @pytest.mark.parametrize("cls", [CompletionFormat, ChatFormat])
 def test_an_adapter_is_named_with_its_version(cls):
-    served = cls("faq", ADAPTER, "base").final("x", None, "stop", USAGE)
+    served = cls("faq", ADAPTER, "base").final([Choice(0, "x", None, "stop")], USAGE)
     assert served["adapter"] == {"id": "faq", "version": "v0002"} and served["system_fingerprint"] == "faq@v0002"
-    base = cls("base", None, "base").final("x", None, "stop", USAGE)
+    base = cls("base", None, "base").final([Choice(0, "x", None, "stop")], USAGE)
     assert base["adapter"] is None and base["system_fingerprint"] == "base"
 
 
@@ -83,11 +87,21 @@ def test_completion_logprobs_are_columns_with_text_offsets():
     fmt = CompletionFormat("m", None, "base")
     want = {"tokens": [" hi", "é"], "token_logprobs": [-0.5, -2.0], "top_logprobs": [{" hi": -0.5, " yo": -1.25}, {"é": -2.0}],
             "text_offset": [0, 3]}
-    assert fmt.final(" hié", TOKENS, "length", USAGE)["choices"][0]["logprobs"] == want
-    assert fmt.chunk("é", TOKENS[1:], None)["choices"][0]["logprobs"] == {
+    assert fmt.final([Choice(0, " hié", TOKENS, "length")], USAGE)["choices"][0]["logprobs"] == want
+    assert fmt.chunk(0, "é", TOKENS[1:], None)["choices"][0]["logprobs"] == {
         "tokens": ["é"], "token_logprobs": [-2.0], "top_logprobs": [{"é": -2.0}], "text_offset": [3]}
-    assert fmt.final("", [], "length", USAGE)["choices"][0]["logprobs"] == {  # asked for, none generated
+    assert fmt.final([Choice(0, "", [], "length")], USAGE)["choices"][0]["logprobs"] == {  # asked for, none generated
         "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+
+def test_completion_top_logprobs_hold_the_token_itself_and_an_echoed_prompts_first_has_none():
+    """OpenAI: up to logprobs + 1 entries, the chosen token always among them; an echoed prompt's first
+    token has no logprob and no alternatives (null in both columns)."""
+    fmt = CompletionFormat("m", None, "base")
+    tokens = [TokenLogprob("Hi", None, None, 0), TokenLogprob(" there", -3.0, ((" you", -0.25),), 2)]
+    assert fmt.chunk(0, "Hi there", tokens, None)["choices"][0]["logprobs"] == {
+        "tokens": ["Hi", " there"], "token_logprobs": [None, -3.0], "top_logprobs": [None, {" you": -0.25, " there": -3.0}],
+        "text_offset": [0, 2]}
 
 
 def test_chat_logprobs_are_entries_with_utf8_bytes():
@@ -95,8 +109,8 @@ def test_chat_logprobs_are_entries_with_utf8_bytes():
     hi = {"token": " hi", "logprob": -0.5, "bytes": [32, 104, 105], "top_logprobs": [
         {"token": " hi", "logprob": -0.5, "bytes": [32, 104, 105]}, {"token": " yo", "logprob": -1.25, "bytes": [32, 121, 111]}]}
     e = {"token": "é", "logprob": -2.0, "bytes": [195, 169], "top_logprobs": [{"token": "é", "logprob": -2.0, "bytes": [195, 169]}]}
-    assert fmt.final(" hié", TOKENS, "length", USAGE)["choices"][0]["logprobs"] == {"content": [hi, e]}
-    assert fmt.chunk("é", TOKENS[1:], None)["choices"][0]["logprobs"] == {"content": [e]}
+    assert fmt.final([Choice(0, " hié", TOKENS, "length")], USAGE)["choices"][0]["logprobs"] == {"content": [hi, e]}
+    assert fmt.chunk(0, "é", TOKENS[1:], None)["choices"][0]["logprobs"] == {"content": [e]}
 
 
 def test_a_failure_on_the_wire_is_the_api_error_it_was():
@@ -184,11 +198,15 @@ def test_chat_requests_refused(fields, where):
 
 @pytest.mark.parametrize("fields, where", [
     ({"prompt": []}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),  # one prompt per request
     ({"prompt": [1, -2]}, "prompt"),
+    ({"prompt": [[1, 2], []]}, "prompt"),  # every prompt of a batch has a token
+    ({"prompt": ["a", [1]]}, "prompt"),  # a batch is texts or token lists, not both
     ({"max_tokens": "8"}, "max_tokens"),  # strict: a string is not a number
     ({"logprobs": MAX_LOGPROBS + 1}, "logprobs"),
-    ({"echo": True}, "echo"),
+    ({"echo": 1}, "echo"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"n": 0}, "n"),
+    ({"best_of": 2}, "best_of"),
     ({"top_k": MAX_TOP_K + 1}, "top_k"),
     ({"top_k": -2}, "top_k"),
     ({"seed": MAX_SEED + 1}, "seed"),
@@ -201,3 +219,20 @@ def test_completion_requests_refused(fields, where):
 def test_edge_values_accepted():
     assert _completion(seed=MAX_SEED, top_k=MAX_TOP_K, prompt=["one string"]).seed == MAX_SEED
     assert _completion(prompt=[0, 5]).prompt == [0, 5]
+
+
+@pytest.mark.parametrize("prompt, prompts", [("a", ["a"]), ([5, 6], [[5, 6]]), (["a", "b"], ["a", "b"]),
+                                             ([[1], [2, 3]], [[1], [2, 3]])])
+def test_a_completion_prompt_is_one_prompt_or_a_batch(prompt, prompts):
+    assert _completion(prompt=prompt).prompts() == prompts
+
+
+def test_echo_asks_for_the_prompt_logprobs_and_max_tokens_0_only_with_echo():
+    assert _completion(echo=True, logprobs=2).sampling_params().prompt_logprobs == 2
+    assert _completion(echo=True).sampling_params().prompt_logprobs is None  # echo without logprobs: text only
+    assert _completion(logprobs=2).sampling_params().prompt_logprobs is None
+    alone = _completion(echo=True, max_tokens=0, n=3)
+    assert alone.prompt_only() and alone.sampling_params().max_tokens == 1 and alone.sampling_params().n == 3
+    with pytest.raises(InvalidRequest, match="max_tokens: 0 returns nothing without echo") as e:
+        _completion(max_tokens=0).check()
+    assert e.value.param == "max_tokens"

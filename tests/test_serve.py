@@ -60,6 +60,12 @@ class Server:
     def aclient(self, user="alice") -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=self.keys[user], max_retries=0, timeout=120)
 
+    def tokenize(self, text: str) -> list[int]:
+        return self.post("/tokenize", {"prompt": text}).json()["tokens"]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.post("/detokenize", {"tokens": ids}).json()["prompt"]
+
     def post(self, path, body, user="alice", **kw):
         headers = {"Authorization": f"Bearer {self.keys[user]}"} if user else {}
         return httpx.post(f"{self.url}{path}", json=body, headers=headers, timeout=120, **kw)
@@ -382,7 +388,9 @@ def test_logprobs_and_stop_strings(server):
     c = client.completions.create(model=server.base, prompt="Hello", max_tokens=4, temperature=0, logprobs=2,
                                   extra_body={"ignore_eos": True})
     lp = c.choices[0].logprobs
-    assert len(lp.tokens) == 4 and len(lp.top_logprobs) == 4 and all(len(t) <= 2 for t in lp.top_logprobs)
+    assert len(lp.tokens) == 4 and len(lp.top_logprobs) == 4 and all(len(t) <= 3 for t in lp.top_logprobs)
+    # OpenAI: the 2 alternatives asked for and the token itself
+    assert all(top[token] == logprob for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
     chat = client.chat.completions.create(model="a1", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
                                           logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
     assert len(chat.choices[0].logprobs.content) == 3 and len(chat.choices[0].logprobs.content[0].top_logprobs) == 3
@@ -392,6 +400,172 @@ def test_logprobs_and_stop_strings(server):
     cut = client.completions.create(model=server.base, prompt="Hello", max_tokens=16, temperature=0, stop=[stop],
                                     extra_body={"ignore_eos": True}).choices[0]
     assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
+
+
+def _reference_logprobs(server, adapter: str | None, prompt: list[int]):
+    """transformers' (and PEFT's, on an adapter) log-softmax [T, V] over `prompt`: row i is the
+    distribution of token i + 1."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(server.model_dir, dtype=torch.float32, attn_implementation="eager")
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, server.store.resolve("alice", adapter).path)
+    with torch.no_grad():
+        return torch.log_softmax(model.eval()(torch.tensor([prompt])).logits[0], dim=-1).numpy()
+
+
+@pytest.mark.parametrize("adapter", [None, "a2"])
+def test_echo_returns_the_prompt_logprobs_transformers_computes_prefix_cache_or_not(server, adapter):
+    """lm-evaluation-harness's loglikelihood request (token ids, echo, logprobs, max_tokens 1): each
+    prompt token after the first gets the logprob transformers (+ PEFT) gives it, its top alternatives
+    and its text offset; the first gets null. Sent twice: after a plain request put the prompt's
+    chunks in the prefix cache, the logprob request still computes every chunk (cached_tokens 0)."""
+    import numpy as np
+
+    model = adapter or server.base
+    rng = np.random.default_rng(31 if adapter else 32)
+    prompt = rng.integers(5, 200, size=40).tolist()  # chunks of 16: two complete ones
+    plain = server.post("/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 1}).json()
+    again = server.post("/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 1}).json()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 32, (plain, again)
+    r = server.post("/v1/completions", {"model": model, "prompt": [prompt], "max_tokens": 1, "echo": True,
+                                        "logprobs": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    choice, usage = r.json()["choices"][0], r.json()["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 0 and usage["completion_tokens"] == 1
+    lp = choice["logprobs"]
+    texts = [server.detokenize([t]) for t in prompt]
+    assert lp["tokens"][:40] == texts and choice["text"].startswith(server.detokenize(prompt))
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["text_offset"][:40] == list(np.cumsum([0] + [len(t) for t in texts[:-1]]))
+    reference = _reference_logprobs(server, adapter, prompt)
+    np.testing.assert_allclose(lp["token_logprobs"][1:40], reference[np.arange(39), prompt[1:]], atol=1e-4)
+    for i in range(1, 40):  # the two best and the token itself
+        want = {server.detokenize([int(t)]): float(reference[i - 1, t]) for t in np.argsort(-reference[i - 1])[:2]}
+        want.setdefault(texts[i], float(reference[i - 1, prompt[i]]))  # two ids may share a text: the first stays
+        assert lp["top_logprobs"][i].keys() == want.keys()
+        np.testing.assert_allclose(list(lp["top_logprobs"][i].values()), list(want.values()), atol=1e-4)
+
+
+def test_echo_with_max_tokens_0_returns_the_prompt_alone(server):
+    text = "The quick brown fox"
+    r = server.post("/v1/completions", {"model": server.base, "prompt": [text, "jumps"], "max_tokens": 0, "echo": True,
+                                        "logprobs": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["text"] for c in body["choices"]] == [text, "jumps"]
+    assert body["usage"]["completion_tokens"] == 0 and all(c["finish_reason"] == "length" for c in body["choices"])
+    ids = server.tokenize(text)
+    assert body["choices"][0]["logprobs"]["tokens"] == [server.detokenize([t]) for t in ids]
+    assert body["usage"]["prompt_tokens"] == len(ids) + len(server.tokenize("jumps"))
+    streamed = server.client().completions.create(model=server.base, prompt=text, max_tokens=3, echo=True, stream=True,
+                                                  temperature=0, extra_body={"ignore_eos": True})
+    whole = server.client().completions.create(model=server.base, prompt=text, max_tokens=3, echo=True, temperature=0,
+                                               extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text and whole.choices[0].text.startswith(text)
+
+
+def test_a_batch_of_8_prompts_answers_8_choices_in_order_each_as_the_prompt_alone(server):
+    prompts = [f"Prompt number {i}: " + "word " * i for i in range(8)]
+    alone = [server.client().completions.create(model="a1", prompt=p, max_tokens=6, temperature=0,
+                                                extra_body={"ignore_eos": True}) for p in prompts]
+    batch = server.client().completions.create(model="a1", prompt=prompts, max_tokens=6, temperature=0,
+                                               extra_body={"ignore_eos": True})
+    assert [c.index for c in batch.choices] == list(range(8))
+    assert [c.text for c in batch.choices] == [a.choices[0].text for a in alone]
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert batch.usage.completion_tokens == 48 and batch.system_fingerprint == alone[0].system_fingerprint
+    ids = server.post("/v1/completions", {"model": "a1", "prompt": [server.tokenize(p) for p in prompts[:3]],
+                                          "max_tokens": 6, "temperature": 0, "ignore_eos": True}).json()
+    assert [c["text"] for c in ids["choices"]] == [a.choices[0].text for a in alone[:3]]  # token-id lists alike
+    chunks = list(server.client().completions.create(model="a1", prompt=prompts[:3], max_tokens=6, temperature=0, stream=True,
+                                                     n=2, seed=5, extra_body={"ignore_eos": True}))
+    texts = collections.defaultdict(str)
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+    assert [texts[i] for i in range(6)] == [a.choices[0].text for a in alone[:3] for _ in range(2)]  # greedy: i * n + j
+
+
+def test_n_seeded_choices_are_the_same_alone_and_beside_a_busy_batch(server):
+    """n=4 with a seed, on both endpoints: four choices, not all alike, and the same four when the
+    request runs beside six other streams."""
+    client = server.client()
+
+    def ask():
+        c = client.completions.create(model="a0", prompt="Once upon a time", max_tokens=12, n=4, seed=77,
+                                      temperature=1.0, extra_body={"ignore_eos": True})
+        chat = client.chat.completions.create(model="a0", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, n=2,
+                                              seed=78, temperature=1.0, extra_body={"ignore_eos": True})
+        assert [x.index for x in c.choices] == [0, 1, 2, 3] and [x.index for x in chat.choices] == [0, 1]
+        assert c.usage.completion_tokens == 48 and chat.usage.completion_tokens == 16
+        return [x.text for x in c.choices], [x.message.content for x in chat.choices]
+
+    alone = ask()
+    assert len(set(alone[0])) > 1
+    with concurrent.futures.ThreadPoolExecutor(7) as pool:
+        busy = [pool.submit(client.completions.create, model=m, prompt=f"busy {i}", max_tokens=40, temperature=1.0,
+                            extra_body={"ignore_eos": True}) for i, m in enumerate(["a0", "a1", server.base] * 2)]
+        beside = pool.submit(ask).result()
+        assert all(b.result().usage.completion_tokens == 40 for b in busy)
+    assert beside == alone
+
+
+def test_batches_and_choices_count_against_the_limits_before_any_work(server):
+    """A batch is as many requests as it has prompts, and reserves max_tokens for every choice: over the
+    tenant's limits it is refused (429, never fits) before anything runs."""
+    before = httpx.get(f"{server.url}/v1/usage", headers={"Authorization": f"Bearer {server.keys['erin']}"}).json()
+    r = server.post("/v1/completions", {"model": server.base, "prompt": ["a", "b"], "max_tokens": 20, "n": 4}, user="erin")
+    assert r.status_code == 429 and "can never fit" in r.json()["error"]["message"], r.text
+    assert "+ max_tokens 160)" in r.json()["error"]["message"]  # 2 prompts x n=4 x 20
+    r = server.post("/v1/completions", {"model": server.base, "prompt": ["a"] * 5, "max_tokens": 1}, user="fay")
+    assert r.status_code == 429 and "Requested 5 (one per prompt)" in r.json()["error"]["message"], r.text
+    after = httpx.get(f"{server.url}/v1/usage", headers={"Authorization": f"Bearer {server.keys['erin']}"}).json()
+    assert after == before
+
+
+def test_lm_evaluation_harness_local_completions_agrees_with_its_hf_backend(server, tmp_path):
+    """lm-evaluation-harness, unchanged: its `local-completions` model (remote tokenizer from the app's
+    /tokenizer_info and /tokenize, loglikelihood requests as token-id batches with echo and logprobs)
+    against the app, and its `hf` backend on the same checkpoint: every choice's loglikelihood within
+    2e-3, the same greedy answers."""
+    from bench.lmeval import GEN_TASK, MC_TASK, compare, evaluate, write_tasks
+
+    tasks = write_tasks(tmp_path / "tasks")
+    ours = evaluate("local-completions", {"base_url": f"{server.url}/pair/v1/completions", "model": server.base,
+                                          "max_length": 512}, tasks, batch_size=4)
+    reference = evaluate("hf", {"pretrained": str(server.model_dir), "dtype": "float32"}, tasks)
+    result = compare(ours, reference)
+    assert result[MC_TASK]["loglikelihoods"] == 64 and result[MC_TASK]["max_abs_diff"] <= 2e-3, result
+    assert result[MC_TASK]["accuracy"] == result[MC_TASK]["reference_accuracy"]
+    assert result[GEN_TASK]["answers_equal"] == result[GEN_TASK]["items"] == 8, result
+
+
+def test_tokenize_detokenize_and_tokenizer_info(server):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(server.model_dir)
+    r = server.post("/tokenize", {"prompt": "Hello world", "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"count": len(tok("Hello world")["input_ids"]), "max_model_len": 512,
+                        "tokens": tok("Hello world")["input_ids"],
+                        "token_strs": [tok.decode([t]) for t in tok("Hello world")["input_ids"]]}
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = server.post("/tokenize", {"model": "a1", "messages": messages}).json()
+    cmpl = server.client().chat.completions.create(model="a1", messages=messages, max_tokens=1)
+    assert chat["count"] == cmpl.usage.prompt_tokens
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert chat["tokens"] == tok(text, add_special_tokens=False)["input_ids"]
+    assert server.post("/detokenize", {"tokens": chat["tokens"]}).json() == {"prompt": tok.decode(chat["tokens"])}
+    info = httpx.get(f"{server.url}/tokenizer_info", headers={"Authorization": f"Bearer {server.keys['alice']}"}).json()
+    assert info["eos_token"] == tok.eos_token and info["chat_template"] == tok.chat_template
+    for path, body, status, param in [("/tokenize", {"prompt": "x", "messages": messages}, 400, "prompt"),
+                                      ("/tokenize", {"model": "secret", "prompt": "x"}, 404, "model"),
+                                      ("/detokenize", {"tokens": [10**6]}, 400, "tokens")]:
+        r = server.post(path, body)
+        assert r.status_code == status and r.json()["error"]["param"] == param, r.text
 
 
 def test_32_concurrent_streams_over_4_adapters(server):
@@ -432,7 +606,10 @@ def test_tenants_see_their_own_and_shared_adapters(server):
     ({"model": "BASE", "prompt": "x", "temperature": "hot"}, 400, "temperature: Input should be a valid number"),
     ({"model": "BASE", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ({"model": "BASE", "prompt": "x", "top_p": 0}, 400, "top_p"),
-    ({"model": "BASE", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "BASE", "prompt": "x", "n": 9}, 400, "n (9) exceeds the 8 choices"),
+    ({"model": "BASE", "prompt": [[5], [5] * 600], "max_tokens": 8}, 400, "prompt 1 of 2 (600 tokens)"),
+    ({"model": "BASE", "prompt": ["x"] * 65}, 400, "65 prompts in one request, over this server's max_prompts of 64"),
+    ({"model": "BASE", "prompt": "x", "max_tokens": 0}, 400, "max_tokens: 0 returns nothing without echo"),
     ({"model": "BASE"}, 400, "prompt: Field required"),
     ({"model": "BASE", "prompt": [1, 99999]}, 400, "token ids must be in"),
     ({"model": "../etc", "prompt": "x"}, 400, "invalid adapter id"),
@@ -822,7 +999,7 @@ def _admit(tenants, tier, body, prompt_tokens, **args):
     a = AppArgs(**args)
     ingress = types.SimpleNamespace(args=a, limits=Limits(a.requests_per_minute, a.tokens_per_minute), tenants=tenants,
                                     metrics={"jaxlora_rate_limit_unchecked": _Recorder()})
-    call = Call("completions", body, tenant="alice", tier=tier, prompt_ids=[0] * prompt_tokens)
+    call = Call("completions", body, tenant="alice", tier=tier, prompts=[[0] * prompt_tokens])
     decision = asyncio.run(Ingress.func_or_class._admit(ingress, call))
     return decision, ingress.metrics["jaxlora_rate_limit_unchecked"].calls
 
@@ -869,7 +1046,7 @@ def test_rate_limits_fail_open_when_tenant_state_is_slow_or_unreachable():
         t0 = time.monotonic()
         decision, unchecked = _admit(tenants := _Tenants(call), Tier(), body, 3, rate_limit_timeout_s=0.05,
                                      requests_per_minute=10)
-        assert decision is None and time.monotonic() - t0 < 1.0 and tenants.asked == [("alice", Limits(10, None), 3, 7)]
+        assert decision is None and time.monotonic() - t0 < 1.0 and tenants.asked == [("alice", Limits(10, None), 3, 7, 1)]
         assert call.cancelled and unchecked == [(1.0, {"tenant": "alice"})]
     limiter = Limiter()
     limiter.admit("alice", Limits(1, None), 3, 7)
@@ -881,7 +1058,7 @@ def test_rate_limits_fail_open_when_tenant_state_is_slow_or_unreachable():
     chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}])
     _admit(tenants := _Tenants(_Call(None, delay=5.0)), Tier(tokens_per_minute=500), chat, 10, rate_limit_timeout_s=0.05,
            engine={"max_seq_len": 96})
-    assert tenants.asked == [("alice", Limits(None, 500), 10, 96 - 10)]
+    assert tenants.asked == [("alice", Limits(None, 500), 10, 96 - 10, 1)]
 
 
 def test_a_tiers_row_and_queue_limits_reach_the_engine():
