@@ -141,8 +141,13 @@ class LocalJaxLoRABackend:
     def stream(self, prompt: str | None = None, messages: Sequence[dict] | None = None, adapter: str | None = None,
                user: str = "local", stop: Sequence[str] = (), **sampling) -> Iterator[Chunk]:
         """Yields text chunks as tokens are produced; the last chunk carries finish_reason and usage.
-        Stopping early (closing the generator) cancels the request and frees its row."""
-        handle = self.submit(self.encode(prompt, messages), SamplingParams(**sampling), adapter, user)
+        Stopping early (closing the generator) cancels the request and frees its row. One choice, and
+        no prompt logprobs (`submit` gives those)."""
+        params = SamplingParams(**sampling)
+        if params.n != 1 or params.prompt_logprobs is not None:
+            raise InvalidRequest("stream and generate give one choice's text: use submit for n > 1 or prompt logprobs",
+                                 param="n" if params.n != 1 else "prompt_logprobs")
+        handle = self.submit(self.encode(prompt, messages), params, adapter, user)
         text = TextStream(self.tokenizer, stop)
         finished = False
         try:

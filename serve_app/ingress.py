@@ -480,8 +480,9 @@ class Ingress:
                             o.emitted = len(deltas[-1])
                     if isinstance(msg, Done):
                         deltas.append(o.text.finish())
-                        call.completion_tokens += (0 if prompt_only else msg.completion_tokens) - o.tokens
-                        o.tokens, o.ended, reason[0] = msg.completion_tokens, True, msg.reason
+                        counted = 0 if prompt_only else msg.completion_tokens  # the replica's count is final
+                        call.completion_tokens += counted - o.tokens
+                        o.tokens, o.ended, reason[0] = counted, True, msg.reason
                         continue
                     if msg.cached_tokens is not None:
                         call.cached[prompt] = msg.cached_tokens

@@ -1376,6 +1376,13 @@ def test_response_format_json_schema_answers_validate_and_stream_as_they_answer_
     text = client.completions.create(model=server.base, prompt="Who?", max_tokens=96, seed=5,
                                      extra_body={"response_format": fmt}).choices[0].text
     jsonschema.validate(json.loads(text), PERSON)
+    # n choices: each row its own matcher (the forked ones start where the prompt ends), each answer valid
+    several = client.chat.completions.create(model=server.base, messages=[{"role": "user", "content": "Who?"}], n=3,
+                                             max_tokens=96, seed=9, temperature=1.0, response_format=fmt)
+    assert [c.finish_reason for c in several.choices] == ["stop"] * 3
+    for c in several.choices:
+        jsonschema.validate(json.loads(c.message.content), PERSON)
+    assert len({c.message.content for c in several.choices}) > 1
 
 
 # Short: the tiny model's tokenizer spends about a token a character on JSON, and its context is 512.
