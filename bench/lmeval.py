@@ -5,7 +5,7 @@
 Writes two small tasks of its own (`dataset_path: json`, no download): `jaxlora_mc`, multiple
 choice, which lm-evaluation-harness scores with loglikelihood requests (token ids, `echo`,
 `logprobs: 1`, `max_tokens: 1`, the answer's tokens read back from the prompt's logprobs), and
-`jaxlora_gen`, generate_until (greedy, up to a newline). It runs them through the app's
+`jaxlora_gen`, generate_until (greedy, up to a blank line or the next question). It runs them through the app's
 /v1/completions with the harness's `local-completions` model (unchanged; its remote tokenizer reads
 the app's /tokenizer_info and /tokenize) and through the harness's `hf` backend (transformers) on
 the same checkpoint, then prints JSON: each task's accuracy both ways, the largest and mean
@@ -71,10 +71,11 @@ def write_tasks(out: Path) -> Path:
     (out / f"{GEN_TASK}.yaml").write_text(
         f"task: {GEN_TASK}\n{common}dataset_kwargs:\n  data_files:\n    test: {gen}\noutput_type: generate_until\n"
         "doc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
-        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 8\n  do_sample: false\n  temperature: 0.0\n"
+        "generation_kwargs:\n  until: [\"\\n\\n\", \"Question:\"]\n  max_gen_toks: 12\n  do_sample: false\n"
+        "  temperature: 0.0\n"
         "filter_list:\n  - name: strip\n    filter:\n      - function: regex\n        regex_pattern: '^\\s*(.*?)\\s*$'\n"
         "      - function: take_first\n"
-        "metric_list:\n  - metric: exact_match\n    ignore_case: true\n")
+        "metric_list:\n  - metric: exact_match\n    ignore_case: true\n    ignore_punctuation: true\n")
     return out
 
 
