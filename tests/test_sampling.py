@@ -20,7 +20,7 @@ import torch
 
 from jaxlora.engine import Engine, compile_count
 from jaxlora.errors import InvalidRequest
-from jaxlora.sampling import MAX_LOGIT_BIAS, RowSampling, SamplingParams, TokenHistory, sample
+from jaxlora.sampling import MAX_LOGIT_BIAS, RowSampling, SamplingParams, TokenHistory, first_argmax, sample
 from jaxlora.scheduler import Scheduler
 from tests.engine_fixtures import build_tiny_engine, collect
 from tests.hf_models import load_reference
@@ -448,3 +448,18 @@ def test_the_key_uses_all_of_the_seed_and_the_index():
     assert len(set(base)) >= 5  # all 64 rows share seed and logits: only the index varies
     assert base == sequence(seed)
     assert sequence(seed + 2**32) != base and sequence(seed + 1) != base
+
+
+def test_first_argmax_is_argmax_ties_and_masked_rows_included():
+    """The sampler's argmax (two plain reductions, for speed) picks what jnp.argmax picks: the first
+    of equal maxima, index 0 of a row masked to -inf everywhere, a lone allowed token."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, size=(64, 49152)).astype(np.float32)  # many ties
+    x[1] = -np.inf
+    x[2, :] = -np.inf
+    x[2, 40000] = 1.5
+    x[3] = rng.standard_normal(49152)
+    x[4, :7] = 9.0
+    got = np.asarray(jax.jit(first_argmax)(jnp.asarray(x)))
+    assert got.dtype == np.int32 and got.tolist() == np.argmax(x, axis=-1).tolist()
+    assert got[1] == 0 and got[2] == 40000 and got[4] == 0
