@@ -369,7 +369,9 @@ class Ingress:
         if not limits:
             return None
         # Each choice of each prompt may generate max_tokens (without it, the rest of the context): reserve that.
-        max_tokens = sum(call.body.n * self.args.engine.check_request(len(p), call.body.token_limit()) for p in call.prompts)
+        limit = call.body.token_limit()
+        max_tokens = call.body.n * sum(self.args.engine.default_max_tokens(len(p)) if limit is None else limit
+                                       for p in call.prompts)
         pending = self.tenants.admit.remote(call.tenant, limits, call.prompt_tokens, max_tokens, len(call.prompts))
         try:
             decision = await asyncio.wait_for(pending, self.args.rate_limit_timeout_s)
